@@ -1,0 +1,112 @@
+"""Dataset validation (``medmodal data check``) and conversion between layouts (``medmodal data convert``)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medmodal.data.case import Case, CaseRecord, DataError, DatasetInfo
+from medmodal.data.formats import FORMATS, open_dataset, write_dataset
+from medmodal.data.io import DataErrors, inspect_case, read_case
+
+__all__ = ["Problem", "check_dataset", "convert_dataset"]
+
+
+@dataclass
+class Problem:
+    """One problem found in a dataset.
+
+    Args:
+        case_id: the case it concerns, or ``None`` for the dataset as a whole.
+        path: the file it concerns, or ``None``.
+        message: what is wrong and what to do; warnings start with ``"warning:"``.
+    """
+
+    case_id: str | None
+    path: Path | None
+    message: str
+
+    @property
+    def is_warning(self) -> bool:
+        return self.message.startswith("warning:")
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _progress(records: list[CaseRecord], enabled: bool) -> Iterable[CaseRecord]:
+    if not enabled:
+        return records
+    from rich.progress import track
+
+    return track(records, description="checking cases", total=len(records))
+
+
+def check_dataset(
+    path: Path | str, format: str = "auto", *, progress: bool = False
+) -> tuple[DatasetInfo | None, list[CaseRecord], list[Problem]]:
+    """Read every case of a dataset and collect all problems instead of stopping at the first.
+
+    Problems: layout errors, duplicate case ids, cases with no modality, unreadable or truncated files,
+    NaN/inf voxels, images (and labels) on different grids, unknown modalities, non-integer or undeclared label
+    values; warnings for label maps that hold only background.
+
+    Args:
+        path: dataset folder, ``dataset.json`` or manifest file.
+        format: one of :data:`~medmodal.data.formats.FORMATS` or ``"auto"``.
+        progress: show a progress bar.
+
+    Returns:
+        ``(info, records, problems)``; ``info`` is ``None`` (and ``records`` empty) if the layout itself
+        could not be read.
+    """
+    path = Path(path)
+    try:
+        info, records = open_dataset(path, format)
+    except DataErrors as err:
+        return None, [], [Problem(case_id, file, message) for case_id, file, message in err.problems]
+    except DataError as err:
+        return None, [], [Problem(None, path, str(err))]
+    problems = [
+        Problem(case_id, None, f"case id {case_id!r} appears {n} times; case ids must be unique")
+        for case_id, n in Counter(r.case_id for r in records).items()
+        if n > 1
+    ]
+    for record in _progress(records, progress):
+        case, errors = inspect_case(record, info)
+        problems += [Problem(record.case_id, file, str(err)) for file, err in errors]
+        if case is not None and case.label is not None and not np.any(case.label.array):
+            problems.append(Problem(record.case_id, record.label, (
+                f"warning: case {record.case_id!r}: label {record.label} holds only background (0); "
+                "check it is the right file, or drop it to make the case unlabelled"
+            )))
+    return info, records, problems
+
+
+def _read_all(records: list[CaseRecord], info: DatasetInfo) -> Iterator[Case]:
+    for record in records:
+        yield read_case(record, info)
+
+
+def convert_dataset(
+    src: Path | str, dst: Path | str, *, to: str, src_format: str = "auto", overwrite: bool = False
+) -> Path:
+    """Read every case of ``src`` and write it to ``dst`` in the layout ``to`` (one of ``FORMATS``).
+
+    Cases are streamed one at a time; ``dst`` only appears once every case has been read and written, so a
+    bad case leaves nothing behind. Run :func:`check_dataset` first to see every problem at once.
+
+    Returns:
+        ``dst``.
+    """
+    if to not in FORMATS:
+        raise DataError(f"unknown target format {to!r}; use one of {', '.join(FORMATS)}")
+    src, dst = Path(src), Path(dst)
+    if dst.resolve() == src.resolve() or (src.is_file() and dst.resolve() == src.parent.resolve()):
+        raise DataError(f"{dst}: is the source dataset; write the converted dataset to another folder")
+    info, records = open_dataset(src, src_format)
+    return write_dataset(_read_all(records, info), dst, info, format=to, overwrite=overwrite)
