@@ -1,0 +1,231 @@
+"""Where a recipe's data comes from, and the Lightning data module over the preprocessed cache.
+
+The cache is built once in ``prepare_data`` (one process per node, as Lightning guarantees), then every rank
+memory-maps it in ``setup``; training patches come from :class:`~medmodal.data.sampling.PatchDataset`,
+validation uses whole cases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader
+
+from medmodal.data.case import CaseRecord, DataError, DatasetInfo
+from medmodal.engine.recipe import DataConfig, PhantomConfig
+
+log = logging.getLogger("medmodal")
+
+
+def cache_root() -> Path:
+    """``$MEDMODAL_CACHE`` or ``~/.cache/medmodal``: generated phantoms and preprocessed arrays."""
+    return Path(os.environ.get("MEDMODAL_CACHE", Path.home() / ".cache" / "medmodal")).expanduser()
+
+
+def _key(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def phantom_dir(cfg: PhantomConfig) -> Path:
+    """The cached location of the phantom data set described by ``cfg``."""
+    return cache_root() / "phantom" / f"{cfg.spatial_dims}d-{cfg.cases}c-{_key(cfg.model_dump(mode='json'))}"
+
+
+def ensure_phantom(cfg: PhantomConfig, *, progress: bool = False) -> Path:
+    """Write the phantom described by ``cfg`` unless it is already in the cache; return its folder."""
+    from medmodal.data.phantom import write_phantom
+
+    root = phantom_dir(cfg)
+    done = root / ".complete"
+    if not done.is_file():
+        log.info("generating the synthetic phantom (%d cases, %dD) in %s", cfg.cases, cfg.spatial_dims, root)
+        write_phantom(
+            root,
+            cases=cfg.cases,
+            seed=cfg.seed,
+            spatial_dims=cfg.spatial_dims,
+            size=cfg.size,
+            spacing=tuple(cfg.spacing) if cfg.spacing else None,
+            missing_rate=cfg.missing_rate,
+            layout="brats",
+            overwrite=True,
+            progress=progress,
+        )
+        done.touch()
+    return root
+
+
+@dataclass
+class DataSource:
+    """A resolved data set: its info, the modality order to train on, and where its cache lives."""
+
+    info: DatasetInfo
+    modalities: tuple[str, ...]
+    dataset_dir: Path | None
+    format: str
+    phantom: PhantomConfig | None
+    cache_dir: Path
+    target_spacing: tuple[float, ...] | None
+
+    def records(self) -> tuple[DatasetInfo, list[CaseRecord]]:
+        from medmodal.data.formats import open_dataset
+
+        root = self.dataset_dir if self.phantom is None else ensure_phantom(self.phantom)
+        assert root is not None
+        return open_dataset(root, format=self.format if self.phantom is None else "brats")
+
+
+def resolve_source(cfg: DataConfig) -> DataSource:
+    """Read what a recipe's ``data`` section points at (cheap: no image is decoded)."""
+    from medmodal.data.phantom import phantom_info
+
+    if cfg.path is None:
+        info = phantom_info()
+        source_key: Any = cfg.phantom.model_dump(mode="json")
+        dataset_dir = None
+    else:
+        from medmodal.data.formats import open_dataset
+
+        if not cfg.path.exists():
+            raise DataError(f"data.path: {cfg.path} does not exist")
+        info, _ = open_dataset(cfg.path, format=cfg.format)
+        source_key = str(cfg.path.resolve())
+        dataset_dir = cfg.path
+    modalities = tuple(cfg.modalities) if cfg.modalities else tuple(info.modalities)
+    info.check_modalities(modalities, where="data.modalities")
+    spacing = tuple(float(s) for s in cfg.target_spacing) if cfg.target_spacing else None
+    cache_dir = cfg.cache_dir or cache_root() / "preprocessed" / _key(
+        {"source": source_key, "modalities": modalities, "spacing": spacing}
+    )
+    return DataSource(
+        info=info,
+        modalities=modalities,
+        dataset_dir=dataset_dir,
+        format=cfg.format,
+        phantom=cfg.phantom if cfg.path is None else None,
+        cache_dir=cache_dir,
+        target_spacing=spacing,
+    )
+
+
+def prepare_cache(source: DataSource, *, progress: bool = False) -> Any:
+    """Build (or reuse) the preprocessed cache of ``source``; returns the :class:`CacheIndex`."""
+    from medmodal.data.cache import build_cache
+
+    info, records = source.records()
+    info = DatasetInfo(
+        name=info.name, modalities=source.modalities, labels=info.labels, regions=info.regions,
+        synthetic=info.synthetic,
+    )
+    return build_cache(records, info, source.cache_dir, target_spacing=source.target_spacing, progress=progress)
+
+
+def split_cases(case_ids: list[str], *, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic train/validation split of sorted ids (at least one case on each side)."""
+    ids = sorted(case_ids)
+    if len(ids) < 2:
+        raise DataError(f"need at least 2 labelled cases to split into training and validation, got {len(ids)}")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_val = min(len(ids) - 1, max(1, round(val_fraction * len(ids))))
+    val = sorted(ids[i] for i in order[:n_val])
+    train = sorted(ids[i] for i in order[n_val:])
+    return train, val
+
+
+class CacheDataModule(L.LightningDataModule):
+    """Patches from the cached training cases; whole validation cases.
+
+    Args:
+        source: the resolved data set.
+        patch_size: training patch size, one entry per spatial axis.
+        batch_size: patches per step (per process).
+        steps_per_epoch: batches in one (virtual) epoch; validation runs after each.
+        foreground_fraction: share of patches centred on foreground (nnU-Net: 1/3).
+        num_workers: DataLoader workers.
+        val_fraction: share of labelled cases held out for validation.
+        seed: split and sampling seed.
+    """
+
+    def __init__(
+        self,
+        *,
+        source: DataSource,
+        patch_size: tuple[int, ...],
+        batch_size: int,
+        steps_per_epoch: int,
+        foreground_fraction: float = 1 / 3,
+        num_workers: int = 1,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> None:
+        super().__init__()
+        self.source = source
+        self.patch_size = tuple(patch_size)
+        self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
+        self.foreground_fraction, self.num_workers = foreground_fraction, num_workers
+        self.val_fraction, self.seed, self.progress = val_fraction, seed, progress
+        self.index: Any = None
+        self.train_ids: list[str] = []
+        self.val_ids: list[str] = []
+
+    def prepare_data(self) -> None:
+        prepare_cache(self.source, progress=self.progress)
+
+    def setup(self, stage: str | None = None) -> None:
+        from medmodal.data.cache import CacheIndex
+
+        self.index = CacheIndex.load(self.source.cache_dir)
+        labelled = [c.case_id for c in self.index.cases if "label" in c.paths]
+        if len(labelled) < len(self.index.cases):
+            log.info("%d unlabelled case(s) are not used for supervised training",
+                     len(self.index.cases) - len(labelled))
+        self.train_ids, self.val_ids = split_cases(labelled, val_fraction=self.val_fraction, seed=self.seed)
+
+    def _loader(self, dataset: Any, batch_size: int, shuffle: bool) -> DataLoader:
+        from medmodal.data.sampling import make_collate
+
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=make_collate(self.source.modalities),
+            persistent_workers=False,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        from medmodal.data.sampling import PatchDataset
+
+        dataset = PatchDataset(
+            index=self.index.subset(self.train_ids),
+            patch_size=self.patch_size,
+            samples_per_epoch=self.batch_size * self.steps_per_epoch,
+            foreground_fraction=self.foreground_fraction,
+            seed=self.seed,
+        )
+        return self._loader(dataset, self.batch_size, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        from medmodal.data.sampling import WholeCaseDataset
+
+        return self._loader(WholeCaseDataset(index=self.index.subset(self.val_ids)), 1, shuffle=False)
+
+
+class EpochSeeder(L.Callback):
+    """Tell the patch sampler the epoch so that each epoch draws new patches."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loader = trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(trainer.current_epoch)

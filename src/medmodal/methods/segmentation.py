@@ -1,0 +1,158 @@
+"""The multi-modal segmentation training system with random modality dropout (the "zero-fill" baseline).
+
+A Lightning system in the sense of "systems vs models": it receives its network and owns everything about
+training — the loss, the modality-dropout sampler (seeded per rank, its state checkpointed), the optimiser and
+schedule, and validation by sliding-window inference. The network is any registered one taking
+``(image, available)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from monai.metrics import compute_dice
+from torch import nn
+
+from medmodal.data.case import Batch
+from medmodal.evaluation.inference import predict_subsets
+from medmodal.losses.segmentation import RegionDiceBCELoss
+from medmodal.transforms import drop_modalities, labels_to_regions, sample_modality_subsets
+
+
+class SegmentationSystem(L.LightningModule):
+    """Train a multi-modal segmentation network on random modality subsets.
+
+    Args:
+        network: ``forward(image (B, M, *S), available (B, M)) -> logits (B, R, *S)``.
+        regions: region name → label values (BraTS ``{"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}``); one
+            sigmoid output channel per region.
+        modality_dropout: probability that a training sample sees a random non-empty subset of its modalities.
+        roi_size: sliding-window size for validation (the patch size).
+        optimizer, lr, weight_decay, momentum: ``"adamw"`` or ``"sgd"`` (Nesterov) and its settings.
+        schedule: ``"poly"`` (nnU-Net, exponent 0.9), ``"cosine"`` or ``"constant"`` over ``max_steps``.
+        max_steps: total optimiser steps (for the schedule).
+        lambda_dice, lambda_bce: loss weights.
+        overlap, sw_batch_size: sliding-window settings for validation.
+        seed: seeds the modality-dropout generator (offset by the global rank).
+        channels_last: use the channels-last memory format for 3D (1.3-1.7x faster Conv3d on CPU).
+    """
+
+    def __init__(
+        self,
+        *,
+        network: nn.Module,
+        regions: Mapping[str, Sequence[int]],
+        modality_dropout: float = 0.5,
+        roi_size: Sequence[int],
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        lr: float = 3e-3,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.99,
+        schedule: Literal["poly", "cosine", "constant"] = "poly",
+        max_steps: int = 1000,
+        lambda_dice: float = 1.0,
+        lambda_bce: float = 1.0,
+        overlap: float = 0.25,
+        sw_batch_size: int = 2,
+        seed: int = 0,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.channels_last = channels_last
+        self.network = network
+        self.regions = {k: tuple(int(x) for x in v) for k, v in regions.items()}
+        self.modality_dropout = modality_dropout
+        self.roi_size = tuple(int(s) for s in roi_size)
+        self.optimizer_name = optimizer
+        self.lr, self.weight_decay, self.momentum = lr, weight_decay, momentum
+        self.schedule, self.max_steps = schedule, max_steps
+        self.loss_fn = RegionDiceBCELoss(lambda_dice=lambda_dice, lambda_bce=lambda_bce)
+        self.overlap, self.sw_batch_size = overlap, sw_batch_size
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    # -- randomness -----------------------------------------------------------------------------------------
+    @property
+    def generator(self) -> torch.Generator:
+        if self._generator is None:
+            rank = self.global_rank if self._trainer is not None else 0
+            self._generator = torch.Generator().manual_seed(self.seed * 1_000_003 + rank)
+        return self._generator
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["modality_dropout_rng"] = self.generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "modality_dropout_rng" in checkpoint:
+            self.generator.set_state(checkpoint["modality_dropout_rng"])
+
+    def setup(self, stage: str) -> None:
+        if self.channels_last and self.network_is_3d:
+            self.network.to(memory_format=torch.channels_last_3d)
+
+    @property
+    def network_is_3d(self) -> bool:
+        return len(self.roi_size) == 3
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        if self.channels_last and self.network_is_3d and self.training:
+            batch.image = batch.image.contiguous(memory_format=torch.channels_last_3d)
+        return batch
+
+    # -- steps ----------------------------------------------------------------------------------------------
+    def forward(self, image: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+        return self.network(image, available)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        if batch.label is None:
+            raise ValueError(f"training needs labelled cases; unlabelled: {batch.case_id}")
+        keep = sample_modality_subsets(batch.available, p=self.modality_dropout, generator=self.generator)
+        batch = drop_modalities(batch, keep)
+        logits = self.network(batch.image, batch.available)
+        loss = self.loss_fn(logits, labels_to_regions(batch.label, self.regions))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        self.log("train/n_modalities", batch.available.sum(1).float().mean(), batch_size=len(batch))
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        if batch.label is None:
+            return
+        dice = []
+        for i in range(len(batch)):
+            logits = predict_subsets(
+                self.network,
+                batch.image[i : i + 1],
+                batch.available[i : i + 1],
+                roi_size=self.roi_size,
+                overlap=self.overlap,
+                sw_batch_size=self.sw_batch_size,
+            )
+            pred = (logits.sigmoid() > 0.5).float()
+            target = labels_to_regions(batch.label[i : i + 1], self.regions)
+            dice.append(compute_dice(pred, target, include_background=True, ignore_empty=False))
+        d = torch.cat(dice).mean(0)
+        for name, value in zip(self.regions, d, strict=True):
+            self.log(f"val/dice_{name}", value, sync_dist=True, batch_size=len(batch))
+        self.log("val/dice_mean", d.mean(), sync_dist=True, prog_bar=True, batch_size=len(batch))
+
+    # -- optimisation ---------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        params = self.network.parameters()
+        if self.optimizer_name == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(
+                params, lr=self.lr, momentum=self.momentum, nesterov=True, weight_decay=self.weight_decay
+            )
+        else:
+            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        total = max(1, self.max_steps)
+        if self.schedule == "poly":
+            fn = lambda s: max(0.0, 1 - min(s, total) / total) ** 0.9  # noqa: E731
+        elif self.schedule == "cosine":
+            fn = lambda s: 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(s, total) / total)).item())  # noqa: E731
+        else:
+            fn = lambda s: 1.0  # noqa: E731
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

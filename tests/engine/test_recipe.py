@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import pytest
+
+from medmodal.engine.recipe import RecipeError, builtin_recipe_path, dump_recipe, load_recipe, recipe_from_dict
+
+
+@pytest.mark.parametrize("name", ["quickstart", "quickstart_fast", "phantom_2d", "brats_unet"])
+def test_builtin_recipes_validate(name: str) -> None:
+    recipe = load_recipe(builtin_recipe_path(name))
+    assert recipe.name == name
+    # the resolved recipe round-trips through YAML
+    assert recipe_from_dict(__import__("yaml").safe_load(dump_recipe(recipe))) == recipe
+
+
+def test_typo_names_the_field(tmp_path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("train:\n  max_step: 10\n")
+    with pytest.raises(RecipeError, match=r"r.yaml: train.max_step: unknown field"):
+        load_recipe(path)
+
+
+def test_bad_values_and_overrides(tmp_path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("data:\n  patch_size: [32, 32]\n")
+    with pytest.raises(RecipeError, match="patch_size has 2 sizes but the data is 3D"):
+        load_recipe(path)
+    recipe = load_recipe(path, overrides={"data.patch_size": [16, 16, 16], "train.max_steps": 7})
+    assert recipe.train.max_steps == 7
+    with pytest.raises(RecipeError, match="train.lr"):
+        load_recipe(path, overrides={"data.patch_size": [16, 16, 16], "train.lr": -1})
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match="no built-in recipe 'nope'"):
+        builtin_recipe_path("nope")
+    (tmp_path / "bad.yaml").write_text("data: [1, 2\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(tmp_path / "bad.yaml")

@@ -1,0 +1,75 @@
+"""The training engine: run folder contents, refusal to overwrite, resume after an interruption, 2D and 3D."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from medmodal.engine.recipe import recipe_from_dict
+from medmodal.engine.run import RunError, load_network
+from medmodal.engine.train import train
+
+
+class Crash(L.Callback):
+    """Simulates a killed run: raises once training reaches ``at`` steps."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step >= self.at:
+            raise KeyboardInterrupt
+
+
+class FirstStep(L.Callback):
+    def __init__(self) -> None:
+        self.first: int | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        if self.first is None:
+            self.first = trainer.global_step
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_train_writes_a_complete_run_folder(tmp_path, tiny_recipe_dict, dims: int) -> None:
+    run = train(recipe_from_dict(tiny_recipe_dict(dims)), tmp_path / "run")
+    for f in ("recipe.yaml", "split.json", "log.txt", "metrics.csv", "checkpoints/last.ckpt",
+              "weights/model.safetensors", "weights/model.json"):
+        assert (run / f).is_file(), f
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["train"]) == 4 and len(split["val"]) == 2 and not set(split["train"]) & set(split["val"])
+    names = {row["name"] for row in csv.DictReader((run / "metrics.csv").open())}
+    assert {"train/loss", "val/dice_WT", "val/dice_ET", "val/dice_mean"} <= names
+    net = load_network(run / "weights")
+    shape = (16, 16, 16) if dims == 3 else (24, 24)
+    assert net(torch.zeros(2, 4, *shape), torch.ones(2, 4, dtype=torch.bool)).shape == (2, 3, *shape)
+    assert not list(run.rglob("*.tmp")), "temporary files left behind"
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
+def test_existing_run_is_not_overwritten(tmp_path, tiny_recipe) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "precious.txt").write_text("results")
+    with pytest.raises(RunError, match="--resume.*--overwrite"):
+        train(tiny_recipe, tmp_path / "run")
+    assert (tmp_path / "run" / "precious.txt").exists()
+    with pytest.raises(RunError, match="nothing to resume"):
+        train(None, tmp_path / "run", resume=True)
+
+
+def test_interrupted_run_resumes_and_finishes(tmp_path, tiny_recipe) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(RunError, match="interrupted at step 4.*--resume"):
+        train(tiny_recipe, run, callbacks=[Crash(at=4)])
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4
+    first = FirstStep()
+    train(None, run, resume=True, callbacks=[first])
+    assert first.first == 4, "the resumed run restarted instead of continuing"
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+    steps = [int(r["step"]) for r in csv.DictReader((run / "metrics.csv").open()) if r["name"] == "val/dice_mean"]
+    assert steps == [3, 6]
