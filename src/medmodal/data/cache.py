@@ -325,7 +325,7 @@ def _read_index(root: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: corrupt cache index ({err}); delete the folder and rebuild") from err
     version = doc.get("params", {}).get("format_version")

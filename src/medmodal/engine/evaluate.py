@@ -32,7 +32,7 @@ def evaluation_cases(run_dir: Path, recipe: Recipe, *, split: str, progress: boo
     split_file = run_dir / "split.json"
     if not split_file.is_file():
         raise RunError(f"{split_file}: not found; evaluate a finished run or pass --split all")
-    ids = json.loads(split_file.read_text())[split]
+    ids = json.loads(split_file.read_text(encoding="utf-8"))[split]
     return list(index.subset(ids).cases), source
 
 

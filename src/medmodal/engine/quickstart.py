@@ -23,7 +23,7 @@ log = logging.getLogger("medmodal")
 def _last_metrics(metrics_csv: Path) -> dict[str, float]:
     last: dict[str, float] = {}
     if metrics_csv.is_file():
-        with metrics_csv.open() as f:
+        with metrics_csv.open(encoding="utf-8") as f:
             for row in csv.DictReader(f):
                 last[row["name"]] = float(row["value"])
     return last
@@ -55,7 +55,7 @@ def run_quickstart(out: Path, *, fast: bool = False, overwrite: bool = False) ->
     t_total = time.perf_counter() - t0
 
     metrics = _last_metrics(run_dir / "metrics.csv")
-    eval_md = (out / "eval" / "report.md").read_text()
+    eval_md = (out / "eval" / "report.md").read_text(encoding="utf-8")
     ph = recipe.data.phantom
     header = [
         "# medmodal quickstart",

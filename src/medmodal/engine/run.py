@@ -45,7 +45,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
@@ -79,7 +79,7 @@ def load_network(folder: Path) -> nn.Module:
     for p in (spec_path, weights_path):
         if not p.is_file():
             raise RunError(f"{p}: not found; is this a finished medmodal run folder? (train it first)")
-    spec = json.loads(spec_path.read_text())
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
     network = create_network(spec["name"], **spec["kwargs"])
     network.load_state_dict(load_file(str(weights_path)))
     return network.eval()
@@ -161,7 +161,7 @@ class MetricsCSV(L.Callback):
         if not rows:
             return
         new = not self.path.exists()
-        with self.path.open("a", newline="") as f:
+        with self.path.open("a", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             if new:
                 w.writerow(["step", "name", "value"])

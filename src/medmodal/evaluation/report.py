@@ -51,7 +51,7 @@ def write_rows(rows: Sequence[SubsetResult | SummaryRow], path: Path) -> Path:
 
 def read_rows(path: Path) -> list[SubsetResult]:
     """Read a per-case CSV written by :func:`write_rows`."""
-    with path.open() as f:
+    with path.open(encoding="utf-8") as f:
         return [
             SubsetResult(
                 model=r["model"], case_id=r["case_id"], subset=r["subset"], n_modalities=int(r["n_modalities"]),

@@ -107,7 +107,7 @@ def _read_sidecar(root: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: is not valid JSON ({err}); fix or delete it") from err
     if not isinstance(data, dict):
@@ -138,7 +138,7 @@ def _read_metadata(root: Path, records: dict[str, CaseRecord]) -> None:
     path = root / METADATA
     if not path.is_file():
         return
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "case_id" not in reader.fieldnames:
             raise DataError(f"{path}: needs a header with a 'case_id' column (and 'target' and/or 'report')")
@@ -209,11 +209,11 @@ def write_brats(
                 label = case.label.array
                 write_image(case.label, folder / f"{case.case_id}_seg.nii.gz", dtype=compact_int_dtype(label))
             rows.append((case.case_id, "" if case.target is None else str(case.target), case.report or ""))
-        with (stage / METADATA).open("w", newline="") as f:
+        with (stage / METADATA).open("w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["case_id", "target", "report"])
             writer.writerows(rows)
         sidecar = {"name": info.name, "synthetic": info.synthetic, "modalities": list(info.modalities),
                    "labels": list(info.labels), "regions": {k: list(v) for k, v in info.regions.items()}}
-        (stage / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+        (stage / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
     return root

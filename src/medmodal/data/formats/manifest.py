@@ -92,7 +92,7 @@ class _Reader:
 
 
 def _read_csv(path: Path) -> tuple[DatasetInfo, list[CaseRecord]]:
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in reader.fieldnames or []]
         columns = {h: canonical_modality(h) for h in header if h not in _RESERVED}
@@ -111,7 +111,7 @@ def _read_csv(path: Path) -> tuple[DatasetInfo, list[CaseRecord]]:
 
 def _read_json(path: Path) -> tuple[DatasetInfo, list[CaseRecord]]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
         modalities = tuple(canonical_modality(str(m)) for m in data["modalities"])
         cases = data["cases"]
         info = DatasetInfo(
@@ -203,7 +203,7 @@ def write_manifest(records: Sequence[CaseRecord], path: Path | str, info: Datase
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{path.name}.tmp-{os.getpid()}"
     try:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -39,7 +39,7 @@ def _load_json(path: Path) -> dict:
             "(see nnU-Net's dataset_format.md), or use a BraTS folder or a CSV/JSON manifest"
         )
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: is not valid JSON ({err}); fix the file") from err
     if not isinstance(data, dict):
@@ -230,6 +230,6 @@ def write_nnunet(
                          "label_values": {str(i): v for v, i in lut.items()},
                          "regions": {k: list(v) for k, v in info.regions.items()}},
         }
-        (stage / DATASET_JSON).write_text(json.dumps(dataset, indent=2) + "\n")
+        (stage / DATASET_JSON).write_text(json.dumps(dataset, indent=2) + "\n", encoding="utf-8")
     return root
 
