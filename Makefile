@@ -40,7 +40,7 @@ test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
 bench: install
-	$(BIN)/python benchmarks/data_pipeline.py
+	$(BIN)/python benchmarks/data_pipeline.py --cases 8 --size 64 --patch 48 --iters 40 --repeats 5 --steps 20 --out .bench/data_pipeline
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -59,7 +59,7 @@ def evaluate_run(
     name = model_name or recipe.model.name
     rows = evaluate_subsets(
         network, cases, modalities=source.modalities, regions=dict(source.info.regions),
-        roi_size=recipe.data.patch_size, overlap=recipe.eval.overlap, sw_batch_size=recipe.eval.sw_batch_size,
+        roi_size=recipe.eval_roi_size, overlap=recipe.eval.overlap, sw_batch_size=recipe.eval.sw_batch_size,
         subsets=subsets, model_name=name, progress=progress,
     )
     if not rows:

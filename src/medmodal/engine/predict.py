@@ -81,7 +81,7 @@ def predict_run(
         logits = predict_subsets(
             network, torch.from_numpy(np.ascontiguousarray(image))[None],
             torch.from_numpy(np.asarray(available, dtype=bool))[None],
-            roi_size=recipe.data.patch_size, overlap=recipe.eval.overlap, sw_batch_size=recipe.eval.sw_batch_size,
+            roi_size=recipe.eval_roi_size, overlap=recipe.eval.overlap, sw_batch_size=recipe.eval.sw_batch_size,
         )
         label = regions_to_labels(logits.sigmoid() > 0.5, info.regions)[0, 0].numpy().astype(np.uint8)
         restored = restore_to_input_grid(label, geometry, order=0).astype(np.uint8)

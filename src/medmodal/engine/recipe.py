@@ -85,6 +85,7 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
+    roi_size: list[int] | None = None  # sliding-window size for evaluation/prediction; None = data.patch_size
     overlap: float = Field(0.25, ge=0.0, lt=1.0)
     sw_batch_size: int = Field(2, ge=1)
     max_cases: int | None = None
@@ -106,7 +107,14 @@ class Recipe(_Section):
         dims = self.spatial_dims
         if len(self.data.patch_size) != dims:
             raise ValueError(f"data.patch_size has {len(self.data.patch_size)} sizes but the data is {dims}D")
+        if self.eval.roi_size is not None and len(self.eval.roi_size) != dims:
+            raise ValueError(f"eval.roi_size has {len(self.eval.roi_size)} sizes but the data is {dims}D")
         return self
+
+    @property
+    def eval_roi_size(self) -> list[int]:
+        """Sliding-window size at evaluation and prediction time."""
+        return self.eval.roi_size or self.data.patch_size
 
     @property
     def spatial_dims(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import signal
@@ -53,7 +54,7 @@ def build_system(recipe: Recipe, modalities: Sequence[str], regions: dict) -> tu
         network=network,
         regions=regions,
         modality_dropout=m.modality_dropout,
-        roi_size=recipe.data.patch_size,
+        roi_size=recipe.eval_roi_size,
         optimizer=t.optimizer,
         lr=t.lr,
         weight_decay=t.weight_decay,
@@ -135,7 +136,7 @@ def train(
     multi = t.devices * t.num_nodes > 1
     trainer = L.Trainer(
         max_steps=t.max_steps,
-        max_epochs=-1,
+        max_epochs=math.ceil(t.max_steps / min(t.val_every_steps, t.max_steps)),
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
