@@ -182,3 +182,13 @@ def test_quickstart_fast_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "qs" / "eval" / "dice_heatmap.png").is_file()
     code, text = invoke("quickstart", "--fast", "--out", tmp_path / "qs")
     assert code == 2 and "--overwrite" in text
+
+
+@pytest.mark.slow
+def test_full_quickstart_learns(tmp_path: Path) -> None:
+    """The main job as a user runs it (about 6 minutes): the all-modality WT Dice must show real learning."""
+    code, text = invoke("quickstart", "--out", tmp_path / "qs")
+    assert code == 0, text
+    summary = (tmp_path / "qs" / "eval" / "summary.csv").read_text().splitlines()
+    row = next(r for r in summary if r.split(",")[1] == "t1+t1c+t2+flair" and r.split(",")[3] == "WT")
+    assert float(row.split(",")[5]) > 0.7, row
