@@ -12,7 +12,6 @@ import SimpleITK as sitk
 
 from medmodal.data.case import CaseRecord, DataError, DatasetInfo, Volume
 from medmodal.data.io import (
-    RemappedDatasetInfo,
     check_same_grid,
     inspect_case,
     read_case,
@@ -227,7 +226,7 @@ def test_remapped_labels(tmp_path: Path, io_make_case) -> None:
     stored = np.searchsorted([0, 1, 2, 4], case.label.array).astype(np.uint8)  # 0, 1, 2, 3
     record = _write_case(tmp_path, case)
     write_image(Volume(stored, case.label.affine), record.label)
-    info = RemappedDatasetInfo(name="x", modalities=("t1", "t1c", "t2", "flair"), label_map={0: 0, 1: 1, 2: 2, 3: 4})
+    info = DatasetInfo(name="x", modalities=("t1", "t1c", "t2", "flair"), label_map={0: 0, 1: 1, 2: 2, 3: 4})
     np.testing.assert_array_equal(read_case(record, info).label.array, case.label.array)
     with pytest.raises(DataError, match=r"value\(s\) \[3\]"):
         read_case(record, DatasetInfo(name="x", modalities=info.modalities))

@@ -131,6 +131,8 @@ class DatasetInfo:
         labels: the label values that may appear in segmentation maps (0 = background).
         regions: evaluation regions, each a tuple of label values (BraTS: WT, TC, ET).
         synthetic: True for the generated phantom; every report that uses it says so.
+        label_map: value stored in the label files → label value, for layouts that store other values than
+            ``labels`` (nnU-Net needs consecutive 0..K-1, so BraTS 4 is stored as 3); ``None`` = stored as is.
     """
 
     name: str
@@ -138,6 +140,7 @@ class DatasetInfo:
     labels: tuple[int, ...] = BRATS_LABELS
     regions: dict[str, tuple[int, ...]] = field(default_factory=lambda: dict(BRATS_REGIONS))
     synthetic: bool = False
+    label_map: dict[int, int] | None = None
 
     def check_modalities(self, names: Sequence[str], *, where: str) -> None:
         """Raise :class:`DataError` naming ``where`` if any of ``names`` is not one of this dataset's modalities."""

@@ -14,7 +14,6 @@ import tempfile
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -30,7 +29,6 @@ __all__ = [
     "READ_EXTENSIONS",
     "WRITE_EXTENSIONS",
     "DataErrors",
-    "RemappedDatasetInfo",
     "check_same_grid",
     "compact_int_dtype",
     "inspect_case",
@@ -65,17 +63,6 @@ class DataErrors(DataError):
             f"  - {line}" for line in lines
         )
         super().__init__(text)
-
-
-@dataclass
-class RemappedDatasetInfo(DatasetInfo):
-    """A :class:`DatasetInfo` whose label files store other values than ``labels`` (e.g. nnU-Net's 0..K-1).
-
-    Args:
-        label_map: value stored in the label files → medmodal label value; :func:`read_case` applies it.
-    """
-
-    label_map: dict[int, int] = field(default_factory=dict)
 
 
 def _extension(path: Path) -> str:
@@ -350,7 +337,7 @@ def _as_label(volume: Volume, info: DatasetInfo, case_id: str) -> Volume:
     elif array.dtype.kind not in "iub":
         raise DataError(f"case {case_id!r}: label {volume.where} has unsupported dtype {array.dtype}")
     values = np.unique(array).astype(np.int64)
-    if isinstance(info, RemappedDatasetInfo) and info.label_map:
+    if info.label_map:
         unmapped = sorted(set(values.tolist()) - set(info.label_map))
         if unmapped:
             raise DataError(
@@ -417,7 +404,7 @@ def read_case(record: CaseRecord, info: DatasetInfo) -> Case:
     """Read every present modality and the label of ``record`` and validate them against ``info``.
 
     Images become ``float32`` arrays ``(X, Y[, Z])``; the label becomes a compact integer array on the same
-    grid, with values in ``info.labels`` (a :class:`RemappedDatasetInfo` maps stored values first).
+    grid, with values in ``info.labels`` (``info.label_map`` maps stored values first).
 
     Raises:
         DataError: the first problem found (unknown modality, all modalities missing, unreadable file,

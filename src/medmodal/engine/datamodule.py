@@ -7,6 +7,7 @@ validation uses whole cases.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -121,10 +122,7 @@ def prepare_cache(source: DataSource, *, progress: bool = False) -> Any:
     from medmodal.data.cache import build_cache
 
     info, records = source.records()
-    info = DatasetInfo(
-        name=info.name, modalities=source.modalities, labels=info.labels, regions=info.regions,
-        synthetic=info.synthetic,
-    )
+    info = dataclasses.replace(info, modalities=source.modalities)
     return build_cache(records, info, source.cache_dir, target_spacing=source.target_spacing, progress=progress)
 
 

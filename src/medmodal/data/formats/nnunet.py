@@ -8,7 +8,7 @@ file is missing has that modality missing (a medmodal extension: nnU-Net itself 
 
 nnU-Net wants consecutive label values, so :func:`write_nnunet` stores the sorted ``info.labels`` as
 ``0..K-1`` and records the original values (and targets, reports, regions, the synthetic flag) under the
-``"medmodal"`` key; :func:`read_nnunet` returns a :class:`~medmodal.data.io.RemappedDatasetInfo` that maps
+``"medmodal"`` key; :func:`read_nnunet` returns a :class:`DatasetInfo` whose ``label_map`` maps
 them back when the label files are read.
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 
 from medmodal.data.case import BRATS_LABELS, Case, CaseRecord, DataError, DatasetInfo, Volume
 from medmodal.data.formats.brats import canonical_modality, check_case_id
-from medmodal.data.io import RemappedDatasetInfo, compact_int_dtype, staged_output_dir, write_image
+from medmodal.data.io import compact_int_dtype, staged_output_dir, write_image
 
 __all__ = ["read_nnunet", "write_nnunet"]
 
@@ -133,7 +133,7 @@ def read_nnunet(root: Path | str) -> tuple[DatasetInfo, list[CaseRecord]]:
         root: the dataset folder (``Dataset001_Name``) or its ``dataset.json``.
 
     Returns:
-        The dataset info (a :class:`RemappedDatasetInfo` when the stored label values differ from the original
+        The dataset info (with a ``label_map`` when the stored label values differ from the original
         ones) and the records of ``imagesTr`` (with their ``labelsTr`` file) and ``imagesTs`` (unlabelled).
     """
     root = Path(root)
@@ -163,10 +163,8 @@ def read_nnunet(root: Path | str) -> tuple[DatasetInfo, list[CaseRecord]]:
             setattr(records[case_id], attr, None if value is None else convert(value))
     kwargs = dict(name=str(meta.get("name", root.name)), modalities=tuple(channels.values()), labels=labels,
                   regions=regions, synthetic=bool(extras.get("synthetic", False)))
-    if any(k != v for k, v in label_map.items()):
-        info: DatasetInfo = RemappedDatasetInfo(**kwargs, label_map=label_map)
-    else:
-        info = DatasetInfo(**kwargs)
+    remapped = any(k != v for k, v in label_map.items())
+    info = DatasetInfo(**kwargs, label_map=label_map if remapped else None)
     return info, sorted(records.values(), key=lambda r: r.case_id)
 
 
