@@ -209,3 +209,15 @@ def test_open_dataset_with_explicit_format(tmp_path, io_make_case, io_brats_info
     with pytest.raises(DataError, match=r"dataset\.json: not found"):
         open_dataset(tmp_path / "b", "nnunet")
     assert isinstance(open_dataset(tmp_path / "b")[1][0], CaseRecord)
+
+
+def test_invalid_json_metadata_names_the_file(tmp_path: Path) -> None:
+    from medmodal.data.formats import open_dataset
+
+    (tmp_path / "nn").mkdir()
+    (tmp_path / "nn" / "dataset.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(DataError, match=r"dataset.json: is not valid JSON"):
+        open_dataset(tmp_path / "nn", format="nnunet")
+    (tmp_path / "nn" / "dataset.json").write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(DataError, match=r"dataset.json: must hold a JSON object with 'channel_names'"):
+        open_dataset(tmp_path / "nn", format="nnunet")

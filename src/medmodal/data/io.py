@@ -8,6 +8,7 @@ whose message names the file and says what to do.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -63,6 +64,22 @@ class DataErrors(DataError):
             f"  - {line}" for line in lines
         )
         super().__init__(text)
+
+
+def read_json_object(path: Path, *, expected: str) -> dict:
+    """Read a JSON file that must hold an object; :class:`DataError` naming the file otherwise.
+
+    Args:
+        path: the file.
+        expected: what the object should contain, for the error message (e.g. ``"'channel_names' and 'labels'"``).
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: is not valid JSON ({err}); fix the file") from err
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: must hold a JSON object with {expected}")
+    return data
 
 
 def _extension(path: Path) -> str:

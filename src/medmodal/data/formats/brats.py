@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from medmodal.data.case import BRATS_MODALITIES, Case, CaseRecord, DataError, DatasetInfo
-from medmodal.data.io import compact_int_dtype, staged_output_dir, write_image
+from medmodal.data.io import compact_int_dtype, read_json_object, staged_output_dir, write_image
 
 __all__ = ["MODALITY_ALIASES", "canonical_modality", "check_case_id", "is_brats_case_folder", "read_brats",
            "write_brats"]
@@ -106,13 +106,7 @@ def _read_sidecar(root: Path) -> dict:
     path = root / SIDECAR
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: is not valid JSON ({err}); fix or delete it") from err
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: must hold a JSON object like {{\"name\": ..., \"synthetic\": false}}")
-    return data
+    return read_json_object(path, expected="keys like 'name' and 'synthetic' (or delete the file)")
 
 
 def _info_from_sidecar(meta: dict, root: Path) -> DatasetInfo:

@@ -23,7 +23,7 @@ import numpy as np
 
 from medmodal.data.case import BRATS_LABELS, Case, CaseRecord, DataError, DatasetInfo, Volume
 from medmodal.data.formats.brats import canonical_modality, check_case_id
-from medmodal.data.io import compact_int_dtype, staged_output_dir, write_image
+from medmodal.data.io import compact_int_dtype, read_json_object, staged_output_dir, write_image
 
 __all__ = ["read_nnunet", "write_nnunet"]
 
@@ -38,13 +38,7 @@ def _load_json(path: Path) -> dict:
             f"{path}: not found; an nnU-Net v2 raw dataset has dataset.json next to imagesTr/ and labelsTr/ "
             "(see nnU-Net's dataset_format.md), or use a BraTS folder or a CSV/JSON manifest"
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: is not valid JSON ({err}); fix the file") from err
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: must hold a JSON object with 'channel_names', 'labels' and 'file_ending'")
-    return data
+    return read_json_object(path, expected="'channel_names', 'labels' and 'file_ending'")
 
 
 def _channels(meta: dict, path: Path) -> dict[int, str]:
