@@ -32,8 +32,8 @@ def _last_metrics(metrics_csv: Path) -> dict[str, float]:
 def run_quickstart(out: Path, *, fast: bool = False, overwrite: bool = False) -> Path:
     """Run the main job into ``out`` and return the path of ``out/report.md``.
 
-    An interrupted quickstart (a checkpoint but no report) resumes where it stopped; a finished one is kept
-    unless ``overwrite``.
+    An interrupted quickstart resumes where it stopped (training from its last checkpoint; a finished training
+    is only evaluated); a finished quickstart is kept unless ``overwrite``.
     """
     out = Path(out)
     report = out / "report.md"
@@ -44,8 +44,10 @@ def run_quickstart(out: Path, *, fast: bool = False, overwrite: bool = False) ->
     if fast:
         recipe.train.progress = False
     t0 = time.perf_counter()
-    resumable = (run_dir / "checkpoints" / "last.ckpt").is_file() and not (run_dir / "weights").is_dir()
-    if resumable and not overwrite:
+    trained = (run_dir / "split.json").is_file() and (run_dir / "weights" / "model.safetensors").is_file()
+    if trained and not overwrite:
+        log.info("training in %s is finished; evaluating it", run_dir)
+    elif (run_dir / "checkpoints" / "last.ckpt").is_file() and not overwrite:
         log.info("resuming the interrupted quickstart in %s", run_dir)
         train(None, run_dir, resume=True)
     else:

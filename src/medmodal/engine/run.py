@@ -104,8 +104,17 @@ def setup_run_folder(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
 
 
 def attach_log_file(run_dir: Path) -> logging.Handler:
-    """Send medmodal's and Lightning's log records to ``run_dir/log.txt`` (appending)."""
-    handler = logging.FileHandler(run_dir / "log.txt")
+    """Send medmodal's and Lightning's log records to ``run_dir/log.txt`` (appending).
+
+    The handler of a previous run in the same process is removed first, so each run logs only into its own file.
+    """
+    for name in ("medmodal", "lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        for h in [h for h in lg.handlers if getattr(h, "_medmodal_run_log", False)]:
+            lg.removeHandler(h)
+            h.close()
+    handler = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
+    handler._medmodal_run_log = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     for name in ("medmodal", "lightning.pytorch", "lightning.fabric"):
         lg = logging.getLogger(name)
@@ -177,15 +186,20 @@ class MetricsCSV(L.Callback):
             self._write(trainer, "val/")
 
 
-class CheckpointOnInterrupt(L.Callback):
-    """Save ``last.ckpt`` when training stops on an exception (Ctrl-C included), so ``--resume`` loses nothing.
+class LastCheckpoint(L.Callback):
+    """Keep ``last.ckpt`` at the newest state: at the end of training, and when it stops on an exception.
 
-    Single-process only: in DDP one failing rank cannot join the collective a checkpoint needs; there the
-    periodic checkpoints are the resume points.
+    Lightning's periodic checkpoints miss the final steps when ``max_steps`` is not a multiple of their period,
+    and a Ctrl-C would lose everything since the last one. The exception save is single-process only: in DDP
+    one failing rank cannot join the collective a checkpoint needs; there the periodic checkpoints are the resume
+    points.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.save_checkpoint(self.path)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if trainer.world_size == 1 and trainer.global_step > 0:
@@ -209,6 +223,14 @@ class SafetensorsWeights(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer, pl_module)
+
+
+class StepProgressBar(L.pytorch.callbacks.RichProgressBar):
+    """Rich progress bar whose label counts optimiser steps (training is bounded by steps, not epochs)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        return f"step {trainer.global_step}/{trainer.max_steps} (epoch {current_epoch})"
 
 
 class RankMetrics(L.Callback):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import threading
@@ -17,11 +16,12 @@ import torch
 from medmodal.engine.datamodule import CacheDataModule, EpochSeeder, resolve_source
 from medmodal.engine.recipe import Recipe, RecipeError, dump_recipe, load_recipe
 from medmodal.engine.run import (
-    CheckpointOnInterrupt,
+    LastCheckpoint,
     MetricsCSV,
     RankMetrics,
     RunError,
     SafetensorsWeights,
+    StepProgressBar,
     atomic_write_text,
     attach_log_file,
     quiet_third_party,
@@ -124,7 +124,7 @@ def train(
             dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
             every_n_train_steps=t.checkpoint_every_steps, save_last=True, save_top_k=0,
         ),
-        CheckpointOnInterrupt(ckpt_dir / "last.ckpt"),
+        LastCheckpoint(ckpt_dir / "last.ckpt"),
         SafetensorsWeights(run_dir / "weights", name=recipe.model.name, kwargs=kwargs),
         MetricsCSV(run_dir / "metrics.csv"),
         RankMetrics(run_dir / "logs"),
@@ -132,11 +132,11 @@ def train(
         *callbacks,
     ]
     if t.progress:
-        cbs.append(L.pytorch.callbacks.RichProgressBar(leave=True))
+        cbs.append(StepProgressBar(leave=True))
     multi = t.devices * t.num_nodes > 1
     trainer = L.Trainer(
         max_steps=t.max_steps,
-        max_epochs=math.ceil(t.max_steps / min(t.val_every_steps, t.max_steps)),
+        max_epochs=-1,  # max_steps ends training; an epoch is val_every_steps batches
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,

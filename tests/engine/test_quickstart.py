@@ -1,0 +1,31 @@
+"""An interrupted quickstart continues where it stopped instead of starting again."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from medmodal.engine.quickstart import run_quickstart
+from medmodal.engine.recipe import builtin_recipe_path, load_recipe
+from medmodal.engine.run import RunError
+from medmodal.engine.train import train
+
+
+class Crash(L.Callback):
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step >= 10:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_quickstart_resumes(tmp_path) -> None:
+    recipe = load_recipe(builtin_recipe_path("quickstart_fast"))
+    recipe.train.progress = False
+    with pytest.raises(RunError, match="interrupted"):
+        train(recipe, tmp_path / "qs" / "run", callbacks=[Crash()])
+    report = run_quickstart(tmp_path / "qs", fast=True)
+    assert report.is_file() and "synthetic phantom" in report.read_text(encoding="utf-8")
+    log = (tmp_path / "qs" / "run" / "log.txt").read_text(encoding="utf-8")
+    assert "resuming from" in log
+    ckpt = torch.load(tmp_path / "qs" / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == recipe.train.max_steps
