@@ -160,6 +160,14 @@ def test_grid_errors_name_the_case_and_file(tmp_path) -> None:
     case.label = Volume(case.label.array, np.diag([2.0, 1, 1, 1]), path=tmp_path / "seg.nii.gz")
     with pytest.raises(DataError, match=r"seg\.nii\.gz.*not aligned"):
         preprocess_case(case, MODALITIES, target_spacing=None)
-    case = make_case((17, 18, 19), affine=np.eye(4))
-    with pytest.raises(DataError, match="not in"):
-        preprocess_case(case, ("t1", "t2"), target_spacing=None)
+
+
+def test_modalities_outside_the_selection_are_left_out() -> None:
+    from medmodal.data.phantom import make_phantom_case
+
+    case = make_phantom_case(case_id="sel", seed=0, size=17)
+    image, _, available, _ = preprocess_case(case, ("flair", "t1"), target_spacing=None)
+    assert image.shape[0] == 2 and available.tolist() == [True, True]
+    del case.images["flair"], case.images["t1"]
+    with pytest.raises(DataError, match="none of the selected modalities"):
+        preprocess_case(case, ("flair", "t1"), target_spacing=None)

@@ -24,8 +24,11 @@ def test_nnunet_layout_labels_come_back_as_brats_values(tmp_path) -> None:
 
 def test_modality_subset_and_unknown_names(tmp_path) -> None:
     root = write_phantom(tmp_path / "b", cases=2, seed=2, size=20)
-    source = resolve_source(DataConfig(path=root, modalities=["flair", "t1c"], patch_size=[16, 16, 16]))
+    source = resolve_source(DataConfig(path=root, modalities=["flair", "t1c"], patch_size=[16, 16, 16],
+                                       cache_dir=tmp_path / "cache"))
     assert source.modalities == ("flair", "t1c")
+    index = prepare_cache(source)  # the other two modalities are left out, not an error
+    assert index.cases[0].image().shape[0] == 2 and index.cases[0].available.tolist() == [True, True]
     with pytest.raises(DataError, match="data.modalities.*'pd'"):
         resolve_source(DataConfig(path=root, modalities=["pd"], patch_size=[16, 16, 16]))
     with pytest.raises(DataError, match="does not exist"):

@@ -16,6 +16,7 @@ Steps of :func:`preprocess_case`, in order (2D and 3D share the code path; ``S``
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -224,17 +225,22 @@ def preprocess_case(
 
     Args:
         case: the case; its images (and label) must share one grid.
-        modalities: the dataset's modality order (the ``M`` axis).
+        modalities: the modality order of the ``M`` axis; images of other modalities are left out (training
+            on a subset of a dataset's modalities).
         target_spacing: voxel size in mm per *canonical* (RAS) axis, or ``None`` to keep the spacing.
 
     Returns:
         ``image (M, *S) float32`` (zeros for missing modalities), ``label (*S) uint8`` or ``None``,
         ``available (M,) bool`` and the :class:`CaseGeometry` that :func:`restore_to_input_grid` inverts.
     """
+    kept = {m: v for m, v in case.images.items() if m in modalities}
+    if not kept:
+        raise DataError(
+            f"case {case.case_id!r}: has none of the selected modalities {list(modalities)} "
+            f"(it has {list(case.images)}); select other modalities or leave the case out"
+        )
+    case = dataclasses.replace(case, images=kept)
     ref = case.reference
-    unknown = [m for m in case.images if m not in modalities]
-    if unknown:
-        raise DataError(f"case {case.case_id!r}: modality(ies) {unknown} are not in {list(modalities)}")
     for name, vol in case.images.items():
         _check_grid(case, vol, ref, f"modality {name!r}")
     if case.label is not None:

@@ -123,6 +123,11 @@ def prepare_cache(source: DataSource, *, progress: bool = False) -> Any:
 
     info, records = source.records()
     info = dataclasses.replace(info, modalities=source.modalities)
+    # Training on a subset of the modalities: the other files are not even read.
+    records = [
+        dataclasses.replace(r, images={m: p for m, p in r.images.items() if m in source.modalities})
+        for r in records
+    ]
     return build_cache(records, info, source.cache_dir, target_spacing=source.target_spacing, progress=progress)
 
 
