@@ -180,6 +180,7 @@ def test_quickstart_fast_end_to_end(tmp_path: Path) -> None:
     assert "synthetic phantom" in report.lower()
     assert report.count("\n| t1") >= 8  # the 15 subset rows (8 contain t1 first)
     assert (tmp_path / "qs" / "eval" / "dice_heatmap.png").is_file()
+    assert (tmp_path / "qs" / "training_curves.png").is_file() and "training_curves.png" in report
     code, text = invoke("quickstart", "--fast", "--out", tmp_path / "qs")
     assert code == 2 and "--overwrite" in text
 

@@ -80,3 +80,13 @@ def test_report_files(tmp_path) -> None:
     assert "| t1+flair | 0.700 ± 0.141 |" in table
     png = plot_heatmap(summary, tmp_path / "h.png", title="test")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_training_curves_figure(tmp_path) -> None:
+    from medmodal.evaluation.report import plot_training_curves
+
+    csv_path = tmp_path / "metrics.csv"
+    csv_path.write_text("step,name,value\n10,train/loss,1.5\n20,train/loss,1.1\n20,val/dice_WT,0.4\n"
+                        "20,val/dice_mean,0.3\n40,val/dice_WT,0.6\n", encoding="utf-8")
+    png = plot_training_curves(csv_path, tmp_path / "curves.png", title="t")
+    assert png.read_bytes()[:4] == b"\x89PNG"

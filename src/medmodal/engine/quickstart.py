@@ -16,6 +16,7 @@ from medmodal.engine.evaluate import evaluate_run
 from medmodal.engine.recipe import builtin_recipe_path, load_recipe
 from medmodal.engine.run import RunError, atomic_write_text
 from medmodal.engine.train import train
+from medmodal.evaluation.report import plot_training_curves
 
 log = logging.getLogger("medmodal")
 
@@ -57,6 +58,8 @@ def run_quickstart(out: Path, *, fast: bool = False, overwrite: bool = False) ->
     t_total = time.perf_counter() - t0
 
     metrics = _last_metrics(run_dir / "metrics.csv")
+    plot_training_curves(run_dir / "metrics.csv", out / "training_curves.png",
+                         title="quickstart training (synthetic phantom)")
     eval_md = (out / "eval" / "report.md").read_text(encoding="utf-8")
     ph = recipe.data.phantom
     header = [
@@ -74,6 +77,8 @@ def run_quickstart(out: Path, *, fast: bool = False, overwrite: bool = False) ->
         f"- time: training {t_train / 60:.1f} min, total {t_total / 60:.1f} min on {torch.get_num_threads()} "
         f"CPU thread(s), {platform.processor() or platform.machine()}; {date.today().isoformat()}",
         f"- run folder: `{run_dir}` (recipe, metrics.csv, checkpoints, weights); full tables in `eval/`",
+        "",
+        "![training curves](training_curves.png)",
         "",
     ]
     body = eval_md.split("\n", 1)[1].replace("](dice_heatmap.png)", "](eval/dice_heatmap.png)")

@@ -130,6 +130,7 @@ _NOISE = (
     "isinstance(treespec, LeafSpec)",  # internal deprecation inside Lightning
     "overridden `on_after_batch_transfer`",  # intended: the system moves channels-last batches
     "always_return_as_numpy",  # MONAI-internal deprecation in its HD95 helper
+    "`weights_only` was not set",  # Lightning loading our own checkpoint on resume
 )
 
 

@@ -131,6 +131,38 @@ def plot_heatmap(summary: Sequence[SummaryRow], path: Path, *, title: str) -> Pa
     return path
 
 
+def plot_training_curves(metrics_csv: Path, path: Path, *, title: str) -> Path:
+    """Training loss and validation Dice against optimiser steps, from a run's long-format ``metrics.csv``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    with metrics_csv.open(encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            series[row["name"]].append((int(row["step"]), float(row["value"])))
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(9, 3.2), constrained_layout=True)
+    for name, ax in (("train/loss", ax_loss),):
+        if series.get(name):
+            steps, values = zip(*sorted(series[name]), strict=True)
+            ax.plot(steps, values, lw=1)
+    ax_loss.set(xlabel="step", ylabel="training loss (Dice + BCE)")
+    for name in sorted(k for k in series if k.startswith("val/dice_")):
+        steps, values = zip(*sorted(series[name]), strict=True)
+        ax_dice.plot(steps, values, marker="o", ms=3, lw=1, label=name.removeprefix("val/dice_"))
+    ax_dice.set(xlabel="step", ylabel="validation Dice (all modalities)", ylim=(0, 1))
+    if ax_dice.lines:
+        ax_dice.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def markdown_table(summary: Sequence[SummaryRow]) -> str:
     """Subsets as rows, ``model region`` as columns, cells ``mean ± std`` Dice."""
     models = list(dict.fromkeys(s.model for s in summary))
