@@ -93,6 +93,11 @@ def test_train_evaluate_predict(trained_run: Path, phantom: Path, tmp_path: Path
     report = (trained_run / "eval" / "report.md").read_text()
     assert "synthetic phantom" in report.lower() and "t1+t1c+t2+flair" in report
     assert (trained_run / "eval" / "dice_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    code, text = invoke("evaluate", trained_run)
+    assert code == 2 and "--overwrite" in text
+    code, text = invoke("evaluate", trained_run, "--overwrite", "--split", "all")
+    assert code == 0, text
+    assert len((trained_run / "eval" / "subsets.csv").read_text().splitlines()) == 1 + 6 * 15 * 3
 
     code, text = invoke("predict", trained_run, "--data", phantom, "--out", tmp_path / "pred")
     assert code == 0, text
@@ -122,6 +127,25 @@ def test_predict_single_case_on_an_oblique_permuted_grid(trained_run: Path, phan
     seg = nib.load(tmp_path / "p" / "oblique_seg.nii.gz")
     ref = nib.load(tmp_path / "flair.nii.gz")
     assert seg.shape == ref.shape and np.allclose(seg.affine, ref.affine)
+
+
+def test_predict_from_nrrd_and_mha_lands_on_their_grids(trained_run: Path, phantom: Path, tmp_path: Path) -> None:
+    import SimpleITK as sitk
+
+    from medmodal.data.io import read_image
+
+    args = []
+    for mod, ext in (("t2", ".nrrd"), ("flair", ".mha")):
+        img = sitk.ReadImage(str(phantom / "phantom_005" / f"phantom_005_{mod}.nii.gz"))
+        img.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))  # rotated in-plane
+        img.SetOrigin((4.0, -2.0, 7.5))
+        sitk.WriteImage(img, str(tmp_path / f"{mod}{ext}"))
+        args += ["--image", f"{mod}={tmp_path / f'{mod}{ext}'}"]
+    code, text = invoke("predict", trained_run, *args, "--case-id", "itk", "--out", tmp_path / "p")
+    assert code == 0, text
+    seg = nib.load(tmp_path / "p" / "itk_seg.nii.gz")
+    ref = read_image(tmp_path / "t2.nrrd")
+    assert seg.shape == ref.shape and np.allclose(seg.affine, ref.affine, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -44,13 +44,18 @@ def evaluate_run(
     subsets: Sequence[Sequence[str]] | None = None,
     model_name: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> list[SubsetResult]:
     """Evaluate ``run_dir``'s network on ``split`` under every modality subset; writes ``out_dir``.
 
     Outputs: ``subsets.csv`` (case × subset × region: Dice, HD95), ``summary.csv`` (mean ± std over cases),
-    ``report.md`` and ``dice_heatmap.png``. Returns the per-case rows.
+    ``report.md`` and ``dice_heatmap.png``. Returns the per-case rows. An existing evaluation in ``out_dir`` is
+    replaced only if ``overwrite``.
     """
     run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "eval"
+    if (out_dir / "report.md").exists() and not overwrite:
+        raise RunError(f"{out_dir}: holds an evaluation already; pass --overwrite or choose another --out")
     recipe = load_recipe(run_dir / "recipe.yaml")
     network = load_network(run_dir / "weights")
     cases, source = evaluation_cases(run_dir, recipe, split=split, progress=progress)
@@ -64,7 +69,6 @@ def evaluate_run(
     )
     if not rows:
         raise RunError(f"no labelled case to evaluate in split {split!r} of {run_dir}")
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "eval"
     write_evaluation(rows, out_dir, title=f"{recipe.name}: Dice per modality subset",
                      synthetic=source.info.synthetic, details=[f"run: `{run_dir}`", f"split: {split}"])
     return rows

@@ -54,7 +54,7 @@ def run_quickstart(out: Path, *, fast: bool = False, overwrite: bool = False) ->
     else:
         train(recipe, run_dir, overwrite=True)
     t_train = time.perf_counter() - t0
-    rows = evaluate_run(run_dir, out_dir=out / "eval", progress=not fast)
+    rows = evaluate_run(run_dir, out_dir=out / "eval", progress=not fast, overwrite=True)
     t_total = time.perf_counter() - t0
 
     metrics = _last_metrics(run_dir / "metrics.csv")
