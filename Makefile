@@ -41,6 +41,7 @@ test-slow: install
 
 bench: install
 	$(BIN)/python benchmarks/data_pipeline.py --cases 8 --size 64 --patch 48 --iters 40 --repeats 5 --steps 20 --out .bench/data_pipeline
+	$(BIN)/python benchmarks/train_step.py --patch 48 --batch 2 --steps 12 --repeats 3
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
