@@ -55,3 +55,17 @@ def test_regions_round_trip_brats_labels() -> None:
     assert reg.shape == (1, 3, 7, 1)
     assert reg[0, :, 3, 0].tolist() == [1, 1, 1]  # ET is inside TC inside WT
     assert torch.equal(regions_to_labels(reg.bool(), regions), label)
+
+
+def test_lr_schedules() -> None:
+    import math
+
+    from medmodal.methods.segmentation import lr_factor
+
+    assert lr_factor(0, schedule="poly", total=100) == 1.0
+    assert lr_factor(100, schedule="poly", total=100) == 0.0
+    assert math.isclose(lr_factor(50, schedule="cosine", total=100), 0.5)
+    assert lr_factor(500, schedule="cosine", total=100) == 0.0  # clamped after the end
+    assert lr_factor(7, schedule="constant", total=100) == 1.0
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_factor(1, schedule="step", total=10)

@@ -8,6 +8,8 @@ schedule, and validation by sliding-window inference. The network is any registe
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -20,6 +22,19 @@ from medmodal.data.case import Batch
 from medmodal.evaluation.inference import predict_subsets
 from medmodal.losses.segmentation import RegionDiceBCELoss
 from medmodal.transforms import drop_modalities, labels_to_regions, sample_modality_subsets
+
+
+def lr_factor(step: int, *, schedule: str, total: int) -> float:
+    """Learning-rate multiplier at ``step`` of ``total``: ``"poly"`` (nnU-Net, exponent 0.9), ``"cosine"``
+    (to zero) or ``"constant"``."""
+    frac = min(step, total) / total
+    if schedule == "poly":
+        return (1.0 - frac) ** 0.9
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"unknown schedule {schedule!r}; expected poly, cosine or constant")
 
 
 class SegmentationSystem(L.LightningModule):
@@ -147,12 +162,7 @@ class SegmentationSystem(L.LightningModule):
             )
         else:
             opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        total = max(1, self.max_steps)
-        if self.schedule == "poly":
-            fn = lambda s: max(0.0, 1 - min(s, total) / total) ** 0.9  # noqa: E731
-        elif self.schedule == "cosine":
-            fn = lambda s: 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(s, total) / total)).item())  # noqa: E731
-        else:
-            fn = lambda s: 1.0  # noqa: E731
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, functools.partial(lr_factor, schedule=self.schedule, total=max(1, self.max_steps))
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
