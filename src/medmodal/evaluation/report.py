@@ -97,13 +97,28 @@ def _grid(summary: Sequence[SummaryRow], model: str) -> tuple[list[str], list[st
     return subsets, regions, grid
 
 
-def plot_heatmap(summary: Sequence[SummaryRow], path: Path, *, title: str) -> Path:
-    """Mean Dice per subset (rows) × region (columns), one panel per model, annotated; saved as PNG."""
+def _pyplot():  # matplotlib.pyplot, imported lazily with the file-only Agg backend
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_figure(fig, path: Path) -> Path:
+    """Save ``fig`` as PNG at ``path`` atomically (temporary file + rename) and close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    _pyplot().close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_heatmap(summary: Sequence[SummaryRow], path: Path, *, title: str) -> Path:
+    """Mean Dice per subset (rows) × region (columns), one panel per model, annotated; saved as PNG."""
+    plt = _pyplot()
     models = list(dict.fromkeys(s.model for s in summary))
     n_sub = len({s.subset for s in summary})
     fig, axes = plt.subplots(1, len(models), figsize=(2.2 + 1.6 * len(models) * 1.6, 1.2 + 0.38 * n_sub),
@@ -123,21 +138,12 @@ def plot_heatmap(summary: Sequence[SummaryRow], path: Path, *, title: str) -> Pa
     if im is not None:
         fig.colorbar(im, ax=axes[0].tolist(), label="mean Dice", shrink=0.8)
     fig.suptitle(title, fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_training_curves(metrics_csv: Path, path: Path, *, title: str) -> Path:
     """Training loss and validation Dice against optimiser steps, from a run's long-format ``metrics.csv``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     with metrics_csv.open(encoding="utf-8") as f:
         for row in csv.DictReader(f):
@@ -155,12 +161,7 @@ def plot_training_curves(metrics_csv: Path, path: Path, *, title: str) -> Path:
     if ax_dice.lines:
         ax_dice.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save_figure(fig, path)
 
 
 def markdown_table(summary: Sequence[SummaryRow]) -> str:
