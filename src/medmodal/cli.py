@@ -180,7 +180,7 @@ def train(
     from medmodal.engine.train import train as train_fn
 
     if resume is not None:
-        run = train_fn(None, resume, resume=True)  # type: ignore[arg-type]
+        run = train_fn(None, resume, resume=True)
     else:
         overrides = _parse_sets(set_)
         if devices is not None:

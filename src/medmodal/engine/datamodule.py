@@ -117,17 +117,18 @@ def resolve_source(cfg: DataConfig) -> DataSource:
     )
 
 
+def select_modalities(record: CaseRecord, modalities: tuple[str, ...]) -> CaseRecord:
+    """``record`` with only the files of ``modalities``: a model trained on a subset never reads the others."""
+    return dataclasses.replace(record, images={m: p for m, p in record.images.items() if m in modalities})
+
+
 def prepare_cache(source: DataSource, *, progress: bool = False) -> Any:
     """Build (or reuse) the preprocessed cache of ``source``; returns the :class:`CacheIndex`."""
     from medmodal.data.cache import build_cache
 
     info, records = source.records()
     info = dataclasses.replace(info, modalities=source.modalities)
-    # Training on a subset of the modalities: the other files are not even read.
-    records = [
-        dataclasses.replace(r, images={m: p for m, p in r.images.items() if m in source.modalities})
-        for r in records
-    ]
+    records = [select_modalities(r, source.modalities) for r in records]
     return build_cache(records, info, source.cache_dir, target_spacing=source.target_spacing, progress=progress)
 
 

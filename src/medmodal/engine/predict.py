@@ -18,7 +18,7 @@ import torch
 from rich.progress import track
 
 from medmodal.data.case import CaseRecord, DataError, DatasetInfo, Volume
-from medmodal.engine.datamodule import resolve_source
+from medmodal.engine.datamodule import resolve_source, select_modalities
 from medmodal.engine.recipe import load_recipe
 from medmodal.engine.run import load_network
 from medmodal.evaluation.inference import predict_subsets
@@ -67,7 +67,7 @@ def predict_run(
         out = outputs[rec.case_id]
         try:
             info.check_modalities(list(rec.images), where=f"case {rec.case_id}")
-            case = read_case(replace(rec, label=None), info)
+            case = read_case(replace(select_modalities(rec, modalities), label=None), info)
             image, _, available, geometry = preprocess_case(
                 case, modalities, target_spacing=source.target_spacing
             )
