@@ -159,6 +159,7 @@ class MetricsCSV(L.Callback):
     def __init__(self, path: Path, *, every_n_steps: int = 10) -> None:
         self.path = path
         self.every_n_steps = every_n_steps
+        self._last_train_step = -1
 
     def _write(self, trainer: L.Trainer, prefix: str) -> None:
         if trainer.global_rank != 0:
@@ -177,13 +178,18 @@ class MetricsCSV(L.Callback):
                 w.writerow(["step", "name", "value"])
             w.writerows(rows)
 
+    def _write_train(self, trainer: L.Trainer) -> None:
+        if trainer.global_step != self._last_train_step:
+            self._write(trainer, "train/")
+            self._last_train_step = trainer.global_step
+
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.global_step % self.every_n_steps == 0:
-            self._write(trainer, "train/")
+            self._write_train(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._write(trainer, "train/" if trainer.global_step % self.every_n_steps else "~")
+            self._write_train(trainer)  # so every validation row has the training loss beside it
             self._write(trainer, "val/")
 
 
