@@ -1,4 +1,4 @@
-"""The ``medmodal`` command: quickstart, data tools, train, evaluate, predict.
+"""The ``medmodal`` command: quickstart, data tools, train, evaluate, predict, register, fuse.
 
 Every command exits 0 on success, 2 on a user error (bad data, recipe, run folder) with a one-paragraph
 message that names the file or field, and 1 on an unexpected failure.
@@ -6,16 +6,16 @@ message that names the file or field, and 1 on an unexpected failure.
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import typer
-from rich.console import Console
 
+from medmodal.commands import fusion as _fusion_commands
+from medmodal.commands import registration as _registration_commands
+from medmodal.commands.common import console, err_console, user_errors
 from medmodal.data.case import DataError
 from medmodal.engine.recipe import RecipeError
 from medmodal.engine.run import RunError
@@ -29,25 +29,6 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Generate, validate and convert data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-
-err_console = Console(stderr=True)
-console = Console()
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def user_errors(fn: F) -> F:
-    """Turn the library's user-facing errors into a red message and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (DataError, RecipeError, RunError, FileNotFoundError, FileExistsError) as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=2) from None
-
-    return wrapper  # type: ignore[return-value]
-
 
 def _setup_logging(verbose: bool) -> None:
     from medmodal.engine.run import quiet_third_party
@@ -239,6 +220,11 @@ def predict(
         records = records_from_images(pairs, case_id=case_id)
     written = predict_run(run, records, out, overwrite=overwrite)
     console.print(f"[bold green]wrote[/] {len(written)} segmentation(s) to {out}")
+
+
+# -- commands defined next to their method (medmodal.commands.*) ----------------------------------------------
+_registration_commands.add_commands(app)
+_fusion_commands.add_commands(app)
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ silently ignored setting. ``load_recipe`` turns validation errors into :class:`R
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -59,11 +59,64 @@ class ModelConfig(_Section):
     kwargs: dict[str, Any] = {"channels": [16, 32, 64, 128]}
 
 
-class MethodConfig(_Section):
+class ZeroFillMethod(_Section):
+    """The zero-fill baseline: missing modalities are zero channels; random modality dropout in training."""
+
     name: Literal["zero_fill"] = "zero_fill"
     modality_dropout: float = Field(0.5, ge=0.0, le=1.0)
     lambda_dice: float = 1.0
     lambda_bce: float = 1.0
+
+
+class ShaSpecPhase(_Section):
+    """One training phase: ``steps`` optimiser steps seeing all modalities (``full``) or random subsets."""
+
+    steps: int = Field(ge=1)
+    sampler: Literal["full", "random"] = "random"
+
+
+class ShaSpecMethod(_Section):
+    """ShaSpec (Wang et al., CVPR 2023): shared + specific encoders, DAO and DCO auxiliary losses.
+
+    Defaults follow the paper where it is explicit (``../shared/methods/shaspec.md`` §2.5); the released
+    code's behaviour is one switch away.
+    """
+
+    name: Literal["shaspec"] = "shaspec"
+    task: Literal["segmentation", "classification"] = "segmentation"
+    alpha: float = Field(0.1, ge=0.0)  # distribution alignment (DAO) weight
+    beta: float = Field(0.02, ge=0.0)  # domain classification (DCO) weight
+    dao_form: Literal["l1_pairs", "mse_pairs", "kl_softmax_pairs"] = "l1_pairs"
+    dao_pairs: Literal["cyclic", "all"] = "cyclic"
+    aux_on_missing: bool = False
+    subset_sampler: Literal["by_size", "uniform"] = "by_size"
+    sample_per: Literal["sample", "batch"] = "sample"
+    dedicated: list[str] | None = None  # a fixed modality subset: "dedicated" training and evaluation
+    phases: list[ShaSpecPhase] | None = None  # None: random subsets throughout
+    lambda_dice: float = 1.0
+    lambda_bce: float = 1.0
+
+    @field_validator("dedicated")
+    @classmethod
+    def _non_empty(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("dedicated must name at least one modality (or be left out)")
+        return v
+
+
+class DeepStapleMethod(_Section):
+    """DeepSTAPLE (Weihsbach et al., WBIR 2022): one learnable data parameter per registered label."""
+
+    name: Literal["deepstaple"] = "deepstaple"
+    dp_update: Literal["ool", "inline"] = "ool"
+    risk_regularization: bool = True
+    fixed_weighting: Literal["log_fg", "off"] = "log_fg"
+    dp_loss_class_weights: bool = False
+    dp_lr: float = Field(0.1, gt=0)
+    class_weight_exponent: float = Field(0.35, ge=0)
+
+
+MethodConfig = Annotated[ZeroFillMethod | ShaSpecMethod | DeepStapleMethod, Field(discriminator="name")]
 
 
 class TrainConfig(_Section):
@@ -98,7 +151,7 @@ class Recipe(_Section):
     seed: int = 0
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
-    method: MethodConfig = MethodConfig()
+    method: MethodConfig = Field(default_factory=ZeroFillMethod)
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
 
@@ -109,6 +162,10 @@ class Recipe(_Section):
             raise ValueError(f"data.patch_size has {len(self.data.patch_size)} sizes but the data is {dims}D")
         if self.eval.roi_size is not None and len(self.eval.roi_size) != dims:
             raise ValueError(f"eval.roi_size has {len(self.eval.roi_size)} sizes but the data is {dims}D")
+        phases = getattr(self.method, "phases", None)
+        if phases and sum(p.steps for p in phases) != self.train.max_steps:
+            total = " + ".join(str(p.steps) for p in phases)
+            raise ValueError(f"method.phases last {total} steps but train.max_steps is {self.train.max_steps}")
         return self
 
     @property

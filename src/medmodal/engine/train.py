@@ -42,7 +42,7 @@ def network_kwargs(recipe: Recipe, modalities: Sequence[str], n_regions: int) ->
     return {**shared, **recipe.model.kwargs}
 
 
-def build_system(recipe: Recipe, modalities: Sequence[str], regions: dict) -> tuple[SegmentationSystem, dict]:
+def build_system(recipe: Recipe, modalities: Sequence[str], regions: dict) -> tuple[L.LightningModule, dict]:
     """The training system of ``recipe`` with a freshly initialised network; also returns the network kwargs."""
     kwargs = network_kwargs(recipe, modalities, len(regions))
     try:
@@ -50,10 +50,9 @@ def build_system(recipe: Recipe, modalities: Sequence[str], regions: dict) -> tu
     except (KeyError, TypeError, ValueError) as err:
         raise RecipeError(f"model: {err}") from None
     t, m = recipe.train, recipe.method
-    system = SegmentationSystem(
+    common = dict(
         network=network,
         regions=regions,
-        modality_dropout=m.modality_dropout,
         roi_size=recipe.eval_roi_size,
         optimizer=t.optimizer,
         lr=t.lr,
@@ -68,7 +67,36 @@ def build_system(recipe: Recipe, modalities: Sequence[str], regions: dict) -> tu
         seed=recipe.seed,
         channels_last=t.channels_last,
     )
-    return system, kwargs
+    if m.name == "zero_fill":
+        return SegmentationSystem(modality_dropout=m.modality_dropout, **common), kwargs
+    raise RecipeError(f"method.name: {m.name!r} cannot be trained on cases by this engine")
+
+
+def build_training(recipe: Recipe) -> tuple[L.LightningModule, L.LightningDataModule, dict]:
+    """System, data module and network kwargs of ``recipe``, dispatched on ``method.name``.
+
+    The data module exposes ``train_ids`` and ``val_ids`` once set up (written to ``split.json``).
+    """
+    if recipe.method.name == "deepstaple":
+        from medmodal.engine.deepstaple import build_deepstaple
+
+        return build_deepstaple(recipe)
+    source = resolve_source(recipe.data)
+    regions = dict(source.info.regions)
+    system, kwargs = build_system(recipe, source.modalities, regions)
+    t = recipe.train
+    data = CacheDataModule(
+        source=source,
+        patch_size=tuple(recipe.data.patch_size),
+        batch_size=recipe.data.batch_size,
+        steps_per_epoch=min(t.val_every_steps, t.max_steps),
+        foreground_fraction=recipe.data.foreground_fraction,
+        num_workers=recipe.data.num_workers,
+        val_fraction=recipe.data.val_fraction,
+        seed=recipe.seed,
+        progress=t.progress,
+    )
+    return system, data, kwargs
 
 
 def train(
@@ -100,21 +128,8 @@ def train(
         torch.set_num_threads(recipe.train.threads)
     L.seed_everything(recipe.seed, workers=True, verbose=False)
 
-    source = resolve_source(recipe.data)
-    regions = dict(source.info.regions)
-    system, kwargs = build_system(recipe, source.modalities, regions)
+    system, data, kwargs = build_training(recipe)
     t = recipe.train
-    data = CacheDataModule(
-        source=source,
-        patch_size=tuple(recipe.data.patch_size),
-        batch_size=recipe.data.batch_size,
-        steps_per_epoch=min(t.val_every_steps, t.max_steps),
-        foreground_fraction=recipe.data.foreground_fraction,
-        num_workers=recipe.data.num_workers,
-        val_fraction=recipe.data.val_fraction,
-        seed=recipe.seed,
-        progress=t.progress,
-    )
     if not resume and not _is_ddp_child():
         atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
 
