@@ -54,4 +54,4 @@ def create_network(name: str, **kwargs: Any) -> nn.Module:
 
 def _import_builtin() -> None:
     # Importing the modules runs their @register_network decorators.
-    from medmodal.networks import unet  # noqa: F401
+    from medmodal.networks import shaspec, unet  # noqa: F401

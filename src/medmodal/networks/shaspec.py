@@ -1,0 +1,445 @@
+"""ShaSpec: shared-specific feature modelling for missing modalities (Wang et al., *Multi-modal Learning with
+Missing Modality via Shared-Specific Feature Modelling*, CVPR 2023, arXiv 2307.14126).
+
+Every available modality ``m`` is encoded twice: by a **shared** encoder E_sha (one set of weights for all
+modalities, giving ``r_m``) and by its own **specific** encoder E_spec[m] (giving ``s_m``). A fusion conv P,
+shared by all modalities, adds a residual: ``f_m = r_m + P([r_m, s_m])`` (paper Eq. 3). A missing slot is
+filled from the shared features of the available ones (Eq. 4). The M slots are concatenated, so every task
+head sees a fixed width ``M·C`` whatever is missing. This module is the generic, dimension-agnostic
+("unet") backbone of ``shared/methods/shaspec.md`` §2.2; the losses live in :mod:`medmodal.losses.shaspec`.
+
+Paper-versus-released-code switches (spec §2.5; the default is the paper's intent):
+
+* ``missing_fill``: ``"mean"`` of the available ``r_j`` (Eq. 4) or ``"first"`` available ``r_j`` in modality
+  order. The released code uses the first modality of its drawn subset list, which it *shuffles* in random
+  mode, so there it is a random available modality; a training system can emulate that by permuting.
+* ``skip_fill``: skips of a missing slot are the ``"mean"`` of the available slots' shared skips [ours], or
+  the shared skips of an encoded zero image (``"zero_input"``, the code; needs ``missing_input="zero"``).
+* ``missing_input``: missing modalities are not encoded at all (``"skip"``), or zero images are encoded
+  (``"zero"``, the code: then the specific/shared features of missing slots exist for auxiliary losses).
+
+With every modality present, the three switches have no effect (tested exactly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from monai.networks.blocks.dynunet_block import UnetOutBlock, UnetUpBlock
+from torch import nn
+
+from medmodal.networks.registry import register_network
+from medmodal.networks.unet import UNetEncoder, crop_to, mask_missing, pad_to_multiple
+
+MissingFill = Literal["mean", "first"]
+SkipFill = Literal["mean", "zero_input"]
+MissingInput = Literal["skip", "zero"]
+
+
+@dataclass
+class ShaSpecFeatures:
+    """What :meth:`ShaSpecNet.encode` computes once and :meth:`ShaSpecNet.decode` may decode many times.
+
+    Attributes:
+        shared: per encoder level ``(B, M, C_l, *S_l)`` shared-encoder features at the padded size; the last
+            is the bottleneck ``r``. Zeros for slots that were not encoded.
+        specific: ``(B, M, C, *s)`` specific bottleneck features ``s``; zeros where not encoded.
+        encoded: ``(B, M) bool``, the slots that went through the encoders.
+        size: the unpadded spatial size ``S`` of the input.
+        zero_shared: with ``skip_fill="zero_input"`` only: per level ``(C_l, *S_l)`` shared features of an
+            all-zero image (the released code's skips for a missing slot), else ``None``.
+    """
+
+    shared: list[torch.Tensor]
+    specific: torch.Tensor
+    encoded: torch.Tensor
+    size: tuple[int, ...]
+    zero_shared: list[torch.Tensor] | None = None
+
+
+@dataclass
+class ShaSpecOutput:
+    """Outputs of :meth:`ShaSpecNet.decode` (``s`` is the bottleneck size of the padded input).
+
+    Attributes:
+        logits: ``(B, out_channels, *S)`` segmentation logits, or ``None`` without a decoder.
+        class_logits: ``(B, num_classes)``, or ``None`` without a classification head.
+        shared: ``(B, M, C, *s)`` raw shared bottleneck features ``r`` (for the DAO loss).
+        specific: ``(B, M, C, *s)`` specific bottleneck features ``s``.
+        fused: ``(B, M, C, *s)`` fused slots ``f`` (missing slots filled).
+        domain_logits: ``(B, M, M)``; row ``m`` = the DCO head's modality logits for slot ``m`` (meaningless
+            for slots that were not encoded).
+        available: ``(B, M) bool`` the availability this output was decoded under.
+    """
+
+    logits: torch.Tensor | None
+    class_logits: torch.Tensor | None
+    shared: torch.Tensor
+    specific: torch.Tensor
+    fused: torch.Tensor
+    domain_logits: torch.Tensor
+    available: torch.Tensor
+
+
+def _conv_cls(spatial_dims: int) -> type[nn.Conv2d] | type[nn.Conv3d]:
+    return nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+
+
+def _bcast(mask: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``(B, M)`` → ``(B, M, 1, ..., 1)`` with ``ndim`` dimensions in all."""
+    return mask.reshape(*mask.shape, *([1] * (ndim - mask.ndim)))
+
+
+def _rows(mask: torch.Tensor) -> list[int]:
+    return [int(i) for i in torch.nonzero(mask).flatten()]
+
+
+class ShaSpecDecoder(nn.Module):
+    """U-Net decoder over the M concatenated slots.
+
+    The bottleneck input is the M fused slots concatenated, ``(B, M·C, *s)``; the first up block takes that
+    width directly (its transposed conv maps ``M·C → C_{L-2}``, as the released code's first transposed conv
+    takes the 4×256 concatenation), so no extra reduction layer is needed. At every skip level the M slots'
+    shared skips ``(B, M·C_l, *S_l)`` are reduced by a bias-free 1×1 conv to ``C_l`` (a bias would be
+    redundant before the up block's conv + norm) and enter a MONAI ``UnetUpBlock``.
+
+    Shapes: ``bottleneck (B, M·C, *s)``, ``skips`` list of ``(B, M·C_l, *S_l)`` (highest resolution first)
+    → ``(B, out_channels, *S_padded)``.
+    """
+
+    def __init__(
+        self, *, spatial_dims: int, channels: Sequence[int], num_slots: int, out_channels: int, norm: str
+    ) -> None:
+        super().__init__()
+        channels = tuple(int(c) for c in channels)
+        conv = _conv_cls(spatial_dims)
+        act = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
+        self.skip_reduce = nn.ModuleList(conv(num_slots * c, c, kernel_size=1, bias=False) for c in channels[:-1])
+        levels = list(reversed(range(len(channels) - 1)))  # the up block of level i outputs channels[i]
+        self.ups = nn.ModuleList(
+            UnetUpBlock(
+                spatial_dims,
+                num_slots * channels[i + 1] if i == levels[0] else channels[i + 1],
+                channels[i],
+                kernel_size=3,
+                stride=1,
+                upsample_kernel_size=2,
+                norm_name=norm,
+                act_name=act,
+            )
+            for i in levels
+        )
+        self.head = UnetOutBlock(spatial_dims, channels[0], out_channels)
+
+    def forward(self, bottleneck: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = bottleneck
+        levels = reversed(range(len(skips)))
+        for up, i in zip(self.ups, levels, strict=True):
+            x = up(x, self.skip_reduce[i](skips[i]))
+        return self.head(x)
+
+
+@register_network("shaspec")
+class ShaSpecNet(nn.Module):
+    """ShaSpec (Wang et al., CVPR 2023) with a U-Net backbone, 2D or 3D.
+
+    Args:
+        spatial_dims: 2 or 3.
+        modalities: modality names in the batch's channel order (keys of the specific encoders).
+        out_channels: segmentation output channels; 0 = no decoder (classification only).
+        channels: encoder widths per stage; the bottleneck width is ``C = channels[-1]``.
+        num_classes: classes of the classification head (paper: GAP, concat, FC-ReLU-dropout-FC); 0 = none.
+        cls_hidden: hidden width of the classification head.
+        cls_dropout: dropout of the classification head.
+        norm: MONAI norm name of the encoder/decoder blocks.
+        missing_fill, skip_fill, missing_input: paper-vs-code switches, see the module docstring.
+
+    Shapes: ``image (B, M, *S)``, ``available (B, M) bool`` → :meth:`forward` gives ``(B, out_channels, *S)``
+    logits (or ``(B, num_classes)`` without a decoder); :meth:`forward_features` gives a :class:`ShaSpecOutput`.
+    """
+
+    def __init__(
+        self,
+        *,
+        spatial_dims: int,
+        modalities: Sequence[str],
+        out_channels: int,
+        channels: Sequence[int] = (16, 32, 64, 128),
+        num_classes: int = 0,
+        cls_hidden: int = 64,
+        cls_dropout: float = 0.5,
+        norm: str = "instance",
+        missing_fill: MissingFill = "mean",
+        skip_fill: SkipFill = "mean",
+        missing_input: MissingInput = "skip",
+    ) -> None:
+        super().__init__()
+        self.modalities = tuple(modalities)
+        _validate(
+            spatial_dims,
+            self.modalities,
+            out_channels,
+            num_classes,
+            cls_hidden,
+            cls_dropout,
+            missing_fill,
+            skip_fill,
+            missing_input,
+        )
+        self.spatial_dims = spatial_dims
+        self.missing_fill = missing_fill
+        self.skip_fill = skip_fill
+        self.missing_input = missing_input
+        self.shared_encoder = UNetEncoder(spatial_dims=spatial_dims, in_channels=1, channels=channels, norm=norm)
+        self.channels = self.shared_encoder.channels
+        self.specific_encoders = nn.ModuleDict(
+            {m: UNetEncoder(spatial_dims=spatial_dims, in_channels=1, channels=channels, norm=norm) for m in modalities}
+        )
+        num_mod, width = len(self.modalities), self.channels[-1]
+        # P: one conv shared by all modalities, 2C → C, no bias, no norm, no activation (spec §2.2).
+        self.fusion = _conv_cls(spatial_dims)(2 * width, width, kernel_size=3, padding=1, bias=False)
+        self.decoder = (
+            ShaSpecDecoder(
+                spatial_dims=spatial_dims,
+                channels=self.channels,
+                num_slots=num_mod,
+                out_channels=out_channels,
+                norm=norm,
+            )
+            if out_channels > 0
+            else None
+        )
+        self.cls_head = (
+            nn.Sequential(
+                nn.Linear(num_mod * width, cls_hidden),
+                nn.ReLU(inplace=True),
+                nn.Dropout(cls_dropout),
+                nn.Linear(cls_hidden, num_classes),
+            )
+            if num_classes > 0
+            else None
+        )
+        self.domain_head = nn.Linear(width, num_mod)  # DCO classifier g
+        # Parameters that `forward`'s output alone does not reach (used by the training system's losses).
+        aux = ["domain_head."]
+        if self.decoder is not None and self.cls_head is not None:
+            aux.append("cls_head.")
+        self.auxiliary_parameter_prefixes: tuple[str, ...] = tuple(aux)
+
+    # ------------------------------------------------------------------ checks
+    def _check_input(self, image: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+        num_mod = len(self.modalities)
+        if image.ndim != self.spatial_dims + 2 or image.shape[1] != num_mod:
+            raise ValueError(f"expected image (B, {num_mod}, *{self.spatial_dims}D), got {tuple(image.shape)}")
+        return self._check_available(available, image.shape[0])
+
+    def _check_available(self, available: torch.Tensor, batch: int) -> torch.Tensor:
+        if tuple(available.shape) != (batch, len(self.modalities)):
+            raise ValueError(
+                f"available must be (B, M) = {(batch, len(self.modalities))}, got {tuple(available.shape)}"
+            )
+        available = available.to(torch.bool)
+        empty = _rows(~available.any(1))
+        if empty:
+            raise ValueError(f"every sample needs at least one available modality; sample(s) {empty} have none")
+        return available
+
+    # ------------------------------------------------------------------ encode
+    def encode(self, image: torch.Tensor, available: torch.Tensor) -> ShaSpecFeatures:
+        """Run the shared and specific encoders on the slots to encode.
+
+        With ``missing_input="skip"`` only the available ``(sample, modality)`` pairs are gathered (missing
+        channels are never read); with ``"zero"`` every pair is, missing ones as zero images. The shared
+        encoder runs **once** on all gathered pairs ``(N, 1, *S)``; each specific encoder runs once on the
+        samples where its modality is encoded. Inputs are zero-padded to a multiple of ``2**(L-1)``.
+
+        Args:
+            image: ``(B, M, *S)``.
+            available: ``(B, M) bool``, at least one True per row.
+        """
+        available = self._check_input(image, available)
+        if self.missing_input == "zero":
+            image = mask_missing(image, available)
+            encoded = torch.ones_like(available)
+        else:
+            encoded = available
+        batch, num_mod = encoded.shape
+        b_idx, m_idx = torch.nonzero(encoded, as_tuple=True)
+        x, size = pad_to_multiple(image[b_idx, m_idx].unsqueeze(1), self.shared_encoder.divisor)
+        with_zero = self.skip_fill == "zero_input"
+        if with_zero:  # one extra all-zero image in the same batched call (instance norm is per sample)
+            x = torch.cat([x, x.new_zeros((1, *x.shape[1:]))])
+        feats = self.shared_encoder(x)
+        zero_shared = [f[-1] for f in feats] if with_zero else None
+        if with_zero:
+            feats = [f[:-1] for f in feats]
+        shared = [f.new_zeros((batch, num_mod, *f.shape[1:])).index_put((b_idx, m_idx), f) for f in feats]
+        pieces = []
+        for m, name in enumerate(self.modalities):
+            rows = torch.nonzero(encoded[:, m]).flatten()
+            if rows.numel() == 0:
+                continue  # E_spec[m] is never called when no sample has modality m
+            xm, _ = pad_to_multiple(image[rows, m].unsqueeze(1), self.shared_encoder.divisor)
+            pieces.append((rows, m, self.specific_encoders[name](xm)[-1]))
+        bottleneck = shared[-1]
+        specific = bottleneck.new_zeros(bottleneck.shape)
+        for rows, m, s in pieces:
+            specific = specific.index_put((rows, torch.full_like(rows, m)), s)
+        return ShaSpecFeatures(shared=shared, specific=specific, encoded=encoded, size=size, zero_shared=zero_shared)
+
+    # ------------------------------------------------------------------ decode
+    def _fill(self, feat: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+        """Per-sample fill ``(B, C, *s)`` for missing slots from ``feat (B, M, C, *s)``'s available slots."""
+        if self.missing_fill == "first":
+            first = available.to(torch.uint8).argmax(1)  # the first True in modality order
+            return feat[torch.arange(feat.shape[0], device=feat.device), first]
+        return _slot_mean(feat, available)
+
+    def decode(self, features: ShaSpecFeatures, available: torch.Tensor) -> ShaSpecOutput:
+        """Fuse the slots under ``available`` and run the heads.
+
+        Present slot ``m``: ``f_m = r_m + P([r_m, s_m])`` (paper Eq. 3); missing slot: the ``missing_fill`` of
+        the available ``r_j`` (Eq. 4). Skips of missing slots follow ``skip_fill``.
+
+        Args:
+            features: from :meth:`encode`.
+            available: ``(B, M) bool``, a subset of ``features.encoded`` with at least one True per row.
+        """
+        encoded = features.encoded
+        available = self._check_available(available, encoded.shape[0])
+        bad = _rows((available & ~encoded).any(1))
+        if bad:
+            raise ValueError(f"available must be a subset of features.encoded; not so for sample(s) {bad}")
+        r, s = features.shared[-1], features.specific
+        batch, num_mod = available.shape
+        b_idx, m_idx = torch.nonzero(available, as_tuple=True)
+        r_present = r[b_idx, m_idx]
+        f_present = r_present + self.fusion(torch.cat([r_present, s[b_idx, m_idx]], dim=1))
+        present = r.new_zeros(r.shape).index_put((b_idx, m_idx), f_present)
+        fused = torch.where(_bcast(available, r.ndim), present, self._fill(r, available).unsqueeze(1))
+
+        logits = None
+        if self.decoder is not None:
+            skips = []
+            for level, feat in enumerate(features.shared[:-1]):
+                if self.skip_fill == "zero_input":
+                    if features.zero_shared is None:
+                        raise ValueError("skip_fill='zero_input' needs features encoded by this network")
+                    fill = features.zero_shared[level].unsqueeze(0)
+                else:
+                    fill = _slot_mean(feat, available)
+                filled = torch.where(_bcast(available, feat.ndim), feat, fill.unsqueeze(1))
+                skips.append(filled.reshape(batch, num_mod * feat.shape[2], *feat.shape[3:]))
+            bottleneck = fused.reshape(batch, num_mod * fused.shape[2], *fused.shape[3:])
+            logits = crop_to(self.decoder(bottleneck, skips), features.size)
+
+        pooled = fused.flatten(3).mean(3)  # GAP of every slot: (B, M, C)
+        class_logits = self.cls_head(pooled.reshape(batch, -1)) if self.cls_head is not None else None
+        domain_logits = self.domain_head(s.flatten(3).mean(3))  # (B, M, M)
+        return ShaSpecOutput(
+            logits=logits,
+            class_logits=class_logits,
+            shared=r,
+            specific=s,
+            fused=fused,
+            domain_logits=domain_logits,
+            available=available,
+        )
+
+    def decode_subsets(self, features: ShaSpecFeatures, masks: torch.Tensor) -> ShaSpecOutput:
+        """Decode every sample under each of K availability masks in one batched decode.
+
+        Encode once, decode K times: this is what makes the all-subset evaluation cheap.
+
+        Args:
+            features: from :meth:`encode` on a batch of B samples.
+            masks: ``(K, M) bool``; each must be a subset of every sample's ``encoded`` slots.
+
+        Returns:
+            A :class:`ShaSpecOutput` of batch ``B·K``, sample-major: index ``b·K + k`` is sample b under mask k.
+        """
+        batch, num_mod = features.encoded.shape
+        if masks.ndim != 2 or masks.shape[1] != num_mod:
+            raise ValueError(f"masks must be (K, {num_mod}), got {tuple(masks.shape)}")
+        masks = masks.to(device=features.encoded.device, dtype=torch.bool)
+        empty = _rows(~masks.any(1))
+        if empty:
+            raise ValueError(f"every mask needs at least one available modality; mask(s) {empty} have none")
+        k = masks.shape[0]
+
+        def rep(t: torch.Tensor) -> torch.Tensor:
+            return t.repeat_interleave(k, dim=0)
+
+        expanded = ShaSpecFeatures(
+            shared=[rep(f) for f in features.shared],
+            specific=rep(features.specific),
+            encoded=rep(features.encoded),
+            size=features.size,
+            zero_shared=features.zero_shared,
+        )
+        return self.decode(expanded, masks.repeat(batch, 1))
+
+    # ------------------------------------------------------------------ forward
+    def forward_features(self, image: torch.Tensor, available: torch.Tensor) -> ShaSpecOutput:
+        """``decode(encode(image, available), available)``: every output the training system needs."""
+        return self.decode(self.encode(image, available), available)
+
+    def forward(self, image: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+        """``image (B, M, *S)``, ``available (B, M) bool`` → segmentation logits ``(B, out_channels, *S)``, or
+        class logits ``(B, num_classes)`` when there is no decoder."""
+        out = self.forward_features(image, available)
+        return out.logits if out.logits is not None else out.class_logits
+
+
+def _slot_mean(feat: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+    """Mean over the available slots: ``feat (B, M, C, *s)``, ``available (B, M)`` → ``(B, C, *s)``."""
+    mask = _bcast(available, feat.ndim)
+    total = torch.where(mask, feat, torch.zeros((), dtype=feat.dtype, device=feat.device)).sum(1)
+    count = available.sum(1).to(feat.dtype)
+    return total / count.reshape(-1, *([1] * (total.ndim - 1)))
+
+
+def _validate(
+    spatial_dims: int,
+    modalities: tuple[str, ...],
+    out_channels: int,
+    num_classes: int,
+    cls_hidden: int,
+    cls_dropout: float,
+    missing_fill: str,
+    skip_fill: str,
+    missing_input: str,
+) -> None:
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if not modalities:
+        raise ValueError("modalities must name at least one modality")
+    if len(set(modalities)) != len(modalities):
+        raise ValueError(f"modality names must be unique, got {modalities}")
+    if any(not m or "." in m for m in modalities):
+        raise ValueError(f"modality names must be non-empty and contain no '.', got {modalities}")
+    if out_channels < 0 or num_classes < 0:
+        raise ValueError(f"out_channels and num_classes must be >= 0, got {out_channels} and {num_classes}")
+    if out_channels == 0 and num_classes == 0:
+        raise ValueError("out_channels=0 (no decoder) needs num_classes > 0: the network would have no output")
+    if num_classes > 0 and cls_hidden < 1:
+        raise ValueError(f"cls_hidden must be >= 1, got {cls_hidden}")
+    if not 0.0 <= cls_dropout < 1.0:
+        raise ValueError(f"cls_dropout must be in [0, 1), got {cls_dropout}")
+    if missing_fill not in ("mean", "first"):
+        raise ValueError(f"missing_fill must be 'mean' or 'first', got {missing_fill!r}")
+    if skip_fill not in ("mean", "zero_input"):
+        raise ValueError(f"skip_fill must be 'mean' or 'zero_input', got {skip_fill!r}")
+    if missing_input not in ("skip", "zero"):
+        raise ValueError(f"missing_input must be 'skip' or 'zero', got {missing_input!r}")
+    if skip_fill == "zero_input" and missing_input != "zero":
+        raise ValueError("skip_fill='zero_input' (encoded zero images) requires missing_input='zero'")
+
+
+@register_network("shaspec_tiny")
+def shaspec_tiny(*, spatial_dims: int, modalities: Sequence[str], out_channels: int) -> ShaSpecNet:
+    """A two-stage, 4/8-channel :class:`ShaSpecNet` for tests."""
+    return ShaSpecNet(spatial_dims=spatial_dims, modalities=modalities, out_channels=out_channels, channels=(4, 8))
