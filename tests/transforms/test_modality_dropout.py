@@ -69,3 +69,48 @@ def test_lr_schedules() -> None:
     assert lr_factor(7, schedule="constant", total=100) == 1.0
     with pytest.raises(ValueError, match="unknown schedule"):
         lr_factor(1, schedule="step", total=10)
+
+
+def test_by_size_sampler_matches_the_released_code_frequencies() -> None:
+    # ShaSpec's released sampler: k ~ U{1..4}, then a uniform k-subset: P(full) = 1/4, singles 1/16,
+    # pairs 1/24, triples 1/16 (spec invariant 6), within 3 sigma over 1e5 draws; never empty.
+    from math import comb
+
+    n = 100_000
+    g = torch.Generator().manual_seed(1)
+    keep = sample_modality_subsets(torch.ones(n, 4, dtype=torch.bool), p=1.0, sampler="by_size", generator=g)
+    codes = (keep.long() * torch.tensor([1, 2, 4, 8])).sum(1)
+    counts = torch.bincount(codes, minlength=16).double()
+    assert counts[0] == 0
+    sizes = torch.tensor([bin(c).count("1") for c in range(16)])
+    for code in range(1, 16):
+        prob = 0.25 / comb(4, int(sizes[code]))
+        sigma = (n * prob * (1 - prob)) ** 0.5
+        assert abs(counts[code] - n * prob) < 3 * sigma, (code, counts[code], n * prob)
+
+
+def test_uniform_sampler_frequencies_within_three_sigma() -> None:
+    n = 100_000
+    g = torch.Generator().manual_seed(2)
+    keep = sample_modality_subsets(torch.ones(n, 4, dtype=torch.bool), p=1.0, sampler="uniform", generator=g)
+    counts = torch.bincount((keep.long() * torch.tensor([1, 2, 4, 8])).sum(1), minlength=16).double()
+    prob = 1 / 15
+    sigma = (n * prob * (1 - prob)) ** 0.5
+    assert counts[0] == 0
+    assert ((counts[1:] - n * prob).abs() < 3 * sigma).all()
+
+
+def test_by_size_respects_availability_and_per_batch_shares_one_subset() -> None:
+    g = torch.Generator().manual_seed(4)
+    available = torch.tensor([[True, False, True, True], [False, True, False, False]]).repeat(500, 1)
+    keep = sample_modality_subsets(available, p=1.0, sampler="by_size", generator=g)
+    assert keep.any(1).all() and not (keep & ~available).any()
+    assert torch.equal(keep[1::2], available[1::2])  # a single available modality is always kept
+    full = torch.ones(6, 4, dtype=torch.bool)
+    for _ in range(20):
+        kb = sample_modality_subsets(full, p=1.0, sampler="by_size", per="batch", generator=g)
+        assert (kb == kb[0]).all() and kb[0].any()
+    with pytest.raises(ValueError, match="every sample of the batch"):
+        sample_modality_subsets(available[:2], p=1.0, per="batch")
+    with pytest.raises(ValueError, match="unknown subset sampler"):
+        sample_modality_subsets(full, p=1.0, sampler="bysize")  # type: ignore[arg-type]

@@ -28,6 +28,7 @@ from medmodal.engine.run import (
     setup_run_folder,
 )
 from medmodal.methods.segmentation import SegmentationSystem
+from medmodal.methods.shaspec import ShaSpecSystem
 from medmodal.networks.registry import create_network
 
 log = logging.getLogger("medmodal")
@@ -35,10 +36,17 @@ log = logging.getLogger("medmodal")
 
 def network_kwargs(recipe: Recipe, modalities: Sequence[str], n_regions: int) -> dict:
     """Constructor arguments of the recipe's network: the shared vocabulary plus ``model.kwargs``."""
-    shared = {"spatial_dims": recipe.spatial_dims, "modalities": list(modalities), "out_channels": n_regions}
+    classification = getattr(recipe.method, "task", "segmentation") == "classification"
+    shared = {
+        "spatial_dims": recipe.spatial_dims,
+        "modalities": list(modalities),
+        "out_channels": 0 if classification else n_regions,
+    }
     clash = sorted(set(shared) & set(recipe.model.kwargs))
     if clash:
         raise RecipeError(f"model.kwargs: {clash} are set from the data; remove them from the recipe")
+    if classification and int(recipe.model.kwargs.get("num_classes", 0)) < 2:
+        raise RecipeError("model.kwargs.num_classes: a classification task needs num_classes >= 2")
     return {**shared, **recipe.model.kwargs}
 
 
@@ -69,6 +77,16 @@ def build_system(recipe: Recipe, modalities: Sequence[str], regions: dict) -> tu
     )
     if m.name == "zero_fill":
         return SegmentationSystem(modality_dropout=m.modality_dropout, **common), kwargs
+    if m.name == "shaspec":
+        try:
+            system = ShaSpecSystem(
+                task=m.task, alpha=m.alpha, beta=m.beta, dao_form=m.dao_form, dao_pairs=m.dao_pairs,
+                aux_on_missing=m.aux_on_missing, subset_sampler=m.subset_sampler, sample_per=m.sample_per,
+                dedicated=m.dedicated, phases=[(p.steps, p.sampler) for p in m.phases or []], **common,
+            )
+        except ValueError as err:
+            raise RecipeError(f"method: {err}") from None
+        return system, kwargs
     raise RecipeError(f"method.name: {m.name!r} cannot be trained on cases by this engine")
 
 

@@ -1,0 +1,159 @@
+"""The ShaSpec training system (Wang et al., *Multi-modal Learning with Missing Modality via Shared-Specific
+Feature Modelling*, CVPR 2023).
+
+Loss: ``L = L_task + alpha * L_dao + beta * L_dco`` (alpha = 0.1, beta = 0.02 in paper and code), the task being
+region segmentation (soft Dice + BCE on WT/TC/ET) or classification (cross-entropy). Missing modalities during
+training come from a subset sampler:
+
+* **non-dedicated** training (one model for every subset): a random non-empty subset per sample (or per batch,
+  as the released code), drawn ``by_size`` (the code) or ``uniform``ly; optionally after a full-modality
+  warm-up phase — the released recipe trains 80k iterations with all modalities, then 100k with random subsets,
+  and the author advises the warm-up (billhhh/ShaSpec#4, #7);
+* **dedicated** training: one fixed subset, for training and evaluation.
+
+The network is any model with ShaSpec's ``forward_features(image, available)`` (see
+:class:`medmodal.networks.shaspec.ShaSpecNet`); the system owns everything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medmodal.data.case import Batch
+from medmodal.losses.shaspec import DaoForm, DaoPairs, dao_loss, dco_loss
+from medmodal.methods.segmentation import SegmentationSystem
+from medmodal.transforms import drop_modalities, labels_to_regions, sample_modality_subsets
+
+
+class ShaSpecSystem(SegmentationSystem):
+    """Train a ShaSpec network for segmentation or classification with missing modalities.
+
+    Args:
+        network: a ShaSpec network (``forward_features`` returning logits, class logits, shared, specific and
+            domain logits; ``modalities``; ``missing_input``).
+        regions: region name → label values (segmentation channels).
+        task: ``"segmentation"`` or ``"classification"`` (uses the case's integer ``target``).
+        alpha, beta: weights of the distribution-alignment (DAO) and domain-classification (DCO) losses.
+        dao_form, dao_pairs: see :func:`medmodal.losses.shaspec.dao_loss`.
+        aux_on_missing: also apply DAO/DCO to missing (zero-encoded) modalities, as the released code does;
+            needs a network built with ``missing_input="zero"``.
+        subset_sampler, sample_per: how random subsets are drawn
+            (:func:`medmodal.transforms.sample_modality_subsets`).
+        dedicated: a fixed subset of modality names (dedicated training) or ``None`` (non-dedicated).
+        phases: ``[(steps, "full" | "random"), ...]`` in order; ``None`` means random subsets throughout.
+        **kwargs: optimisation and validation settings of :class:`SegmentationSystem`.
+    """
+
+    def __init__(
+        self,
+        *,
+        network: nn.Module,
+        regions: Mapping[str, Sequence[int]],
+        task: Literal["segmentation", "classification"] = "segmentation",
+        alpha: float = 0.1,
+        beta: float = 0.02,
+        dao_form: DaoForm = "l1_pairs",
+        dao_pairs: DaoPairs = "cyclic",
+        aux_on_missing: bool = False,
+        subset_sampler: Literal["by_size", "uniform"] = "by_size",
+        sample_per: Literal["sample", "batch"] = "sample",
+        dedicated: Sequence[str] | None = None,
+        phases: Sequence[tuple[int, str]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(network=network, regions=regions, modality_dropout=1.0, **kwargs)
+        if not hasattr(network, "forward_features"):
+            raise ValueError(f"ShaSpec needs a ShaSpec network (with forward_features); got {type(network).__name__}")
+        if aux_on_missing and getattr(network, "missing_input", "skip") != "zero":
+            raise ValueError("aux_on_missing needs a network built with missing_input='zero' (as the released code)")
+        if task not in ("segmentation", "classification"):
+            raise ValueError(f"task must be segmentation or classification, got {task!r}")
+        self.task = task
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.dao_form, self.dao_pairs = dao_form, dao_pairs
+        self.aux_on_missing = aux_on_missing
+        self.subset_sampler, self.sample_per = subset_sampler, sample_per
+        modalities = tuple(network.modalities)
+        self.dedicated_mask: torch.Tensor | None = None
+        if dedicated is not None:
+            unknown = sorted(set(dedicated) - set(modalities))
+            if unknown or not dedicated:
+                raise ValueError(
+                    f"dedicated subset {list(dedicated)}: unknown {unknown}; choose from {list(modalities)}"
+                )
+            self.dedicated_mask = torch.tensor([m in dedicated for m in modalities], dtype=torch.bool)
+        self.phases = [(int(n), str(kind)) for n, kind in (phases or [])]
+        for _, kind in self.phases:
+            if kind not in ("full", "random"):
+                raise ValueError(f"phase sampler must be full or random, got {kind!r}")
+
+    # -- which modalities a training sample sees ----------------------------------------------------------
+    def phase_at(self, step: int) -> str:
+        """``"full"`` or ``"random"``: the subset sampler in force at optimiser step ``step``."""
+        end = 0
+        for n, kind in self.phases:
+            end += n
+            if step < end:
+                return kind
+        return self.phases[-1][1] if self.phases else "random"
+
+    def training_keep(self, available: torch.Tensor, step: int) -> torch.Tensor:
+        """``(B, M) bool``: the modalities each sample of a training batch sees at ``step``."""
+        if self.dedicated_mask is not None:
+            keep = available & self.dedicated_mask.to(available.device)
+            if not bool(keep.any(1).all()):
+                raise ValueError("a training sample has none of the dedicated modalities")
+            return keep
+        if self.phase_at(step) == "full":
+            return available
+        return sample_modality_subsets(
+            available, p=1.0, sampler=self.subset_sampler, per=self.sample_per, generator=self.generator
+        )
+
+    # -- losses -------------------------------------------------------------------------------------------
+    def losses(self, batch: Batch, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Task, DAO, DCO and total loss of ``batch`` seen with modalities ``keep (B, M)``."""
+        out = self.network.forward_features(batch.image, keep)
+        if self.task == "segmentation":
+            if batch.label is None:
+                raise ValueError(f"segmentation training needs labelled cases; unlabelled: {batch.case_id}")
+            task = self.loss_fn(out.logits, labels_to_regions(batch.label, self.regions))
+        else:
+            if batch.target is None:
+                raise ValueError(f"classification training needs a target per case; missing in {batch.case_id}")
+            task = F.cross_entropy(out.class_logits, batch.target.long())
+        aux = torch.ones_like(keep) if self.aux_on_missing else keep
+        zero = task.new_zeros(())
+        dao = dao_loss(out.shared, aux, form=self.dao_form, pairs=self.dao_pairs) if self.alpha else zero
+        dco = dco_loss(out.domain_logits, aux) if self.beta else zero
+        return {"loss": task + self.alpha * dao + self.beta * dco, "task": task, "dao": dao, "dco": dco}
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        keep = self.training_keep(batch.available, self.global_step)
+        parts = self.losses(batch, keep)
+        n = len(batch)
+        self.log("train/loss", parts["loss"], prog_bar=True, batch_size=n)
+        for name in ("task", "dao", "dco"):
+            self.log(f"train/{name}", parts[name], batch_size=n)
+        self.log("train/n_modalities", keep.sum(1).float().mean(), batch_size=n)
+        return parts["loss"]
+
+    # -- validation ---------------------------------------------------------------------------------------
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        if self.dedicated_mask is not None:
+            batch = drop_modalities(batch, batch.available & self.dedicated_mask.to(batch.available.device))
+        if self.task == "segmentation":
+            return super().validation_step(batch, batch_idx)
+        if batch.target is None:
+            return None
+        logits = torch.cat(
+            [self.network(batch.image[i : i + 1], batch.available[i : i + 1]) for i in range(len(batch))]
+        )
+        acc = (logits.argmax(1) == batch.target.long()).float().mean()
+        self.log("val/accuracy", acc, sync_dist=True, prog_bar=True, batch_size=len(batch))
+        return None
