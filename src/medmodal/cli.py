@@ -181,13 +181,16 @@ def evaluate(
     out: Path | None = typer.Option(None, help="Output folder (default RUN/eval)."),
     split: str = typer.Option("val", help="val (the run's held-out cases) or all."),
     overwrite: bool = typer.Option(False, help="Replace an existing evaluation in --out."),
+    features: bool = typer.Option(
+        False, "--features", help="ShaSpec runs: also a t-SNE picture of shared vs specific features (features.png)."
+    ),
 ) -> None:
     """Dice and HD95 per region for every non-empty subset of modalities; CSV, report.md, heatmap."""
     from medmodal.engine.evaluate import evaluate_run
 
     if split not in ("val", "all"):
         raise RunError(f"--split: expected val or all, got {split!r}")
-    evaluate_run(run, out_dir=out, split=split, overwrite=overwrite)
+    evaluate_run(run, out_dir=out, split=split, overwrite=overwrite, features=features)
     console.print(f"[bold green]evaluated[/]: {(out or run / 'eval') / 'report.md'}")
 
 

@@ -34,14 +34,21 @@ def predict_subsets(
     roi_size: Sequence[int],
     overlap: float = 0.25,
     sw_batch_size: int = 1,
+    one_pass: bool = True,
 ) -> torch.Tensor:
     """Logits of one case under each of ``K`` availability masks, in a single sliding-window pass.
 
     Each window is read once and run through the network for every mask as one batch of ``n * K`` inputs,
     so the cost is one sliding-window sweep with a ``K`` times larger batch (never batch 1 on the CPU).
 
+    Networks that encode each modality separately (ShaSpec: ``encode`` + ``decode_subsets``) go further when
+    ``one_pass``: each window's modalities are encoded once, then fused and decoded under all ``K`` masks.
+    This gives the same logits as a forward per mask, because a modality's features do not depend on which
+    other modalities are present; ``one_pass=False`` runs that forward per mask (for comparison).
+
     Args:
-        network: ``forward(image (B, M, *S), available (B, M)) -> (B, R, *S)``.
+        network: ``forward(image (B, M, *S), available (B, M)) -> (B, R, *S)``; optionally ``encode(image,
+            available)`` and ``decode_subsets(features, masks (K, M))`` returning ``.logits (B * K, R, *S)``.
         image: ``(1, M, *S)`` one case.
         masks: ``(K, M) bool`` availability masks (each a subset of what the case has).
         roi_size: window size (the training patch size); smaller images are padded.
@@ -61,8 +68,14 @@ def predict_subsets(
     masks = masks.to(image.device)
     spatial = image.ndim - 2
 
+    union = masks.any(dim=0, keepdim=True)
+
     def predictor(x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
+        if one_pass and hasattr(network, "decode_subsets"):
+            features = network.encode(x, union.expand(n, m))
+            out = network.decode_subsets(features, masks).logits  # (n * K, R, *S), sample-major
+            return out.reshape(n, k * out.shape[1], *out.shape[2:])
         xx = x.unsqueeze(1).expand(n, k, *x.shape[1:]).reshape(n * k, *x.shape[1:])
         av = masks.unsqueeze(0).expand(n, k, m).reshape(n * k, m)
         out = network(xx, av)

@@ -34,7 +34,7 @@ class SummaryRow:
     hd95_undefined: int
 
 
-def write_rows(rows: Sequence[SubsetResult | SummaryRow], path: Path) -> Path:
+def write_rows(rows: Sequence, path: Path) -> Path:
     """Write dataclass rows as CSV (atomically)."""
     from medmodal.engine.run import atomic_write_text
 
