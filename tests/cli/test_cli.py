@@ -14,6 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from medmodal.cli import app
+from medmodal.engine.quickstart import read_summary
 
 runner = CliRunner()
 
@@ -203,17 +204,21 @@ def test_quickstart_fast_end_to_end(tmp_path: Path) -> None:
     report = (tmp_path / "qs" / "report.md").read_text()
     assert "synthetic phantom" in report.lower()
     assert report.count("\n| t1") >= 8  # the 15 subset rows (8 contain t1 first)
-    assert (tmp_path / "qs" / "eval" / "dice_heatmap.png").is_file()
-    assert (tmp_path / "qs" / "training_curves.png").is_file() and "training_curves.png" in report
+    assert "| ShaSpec − zero-fill U-Net |" in report  # the paired comparison
+    for name in ("dice_heatmap.png", "features.png", "training_curves_zero_fill.png", "training_curves_shaspec.png"):
+        assert (tmp_path / "qs" / name).is_file() and name in report, name
+    models = {r["model"] for r in read_summary(tmp_path / "qs" / "summary.csv")}
+    assert models == {"zero-fill U-Net", "ShaSpec"}
     code, text = invoke("quickstart", "--fast", "--out", tmp_path / "qs")
     assert code == 2 and "--overwrite" in text
 
 
 @pytest.mark.slow
 def test_full_quickstart_learns(tmp_path: Path) -> None:
-    """The main job as a user runs it (about 6 minutes): the all-modality WT Dice must show real learning."""
+    """The main job as a user runs it: both models, 3 seeds; the all-modality WT Dice must show real learning."""
     code, text = invoke("quickstart", "--out", tmp_path / "qs")
     assert code == 0, text
-    summary = (tmp_path / "qs" / "eval" / "summary.csv").read_text().splitlines()
-    row = next(r for r in summary if r.split(",")[1] == "t1+t1c+t2+flair" and r.split(",")[3] == "WT")
-    assert float(row.split(",")[5]) > 0.7, row
+    rows = read_summary(tmp_path / "qs" / "summary.csv")
+    for model in ("zero-fill U-Net", "ShaSpec"):
+        row = next(r for r in rows if r["model"] == model and r["subset"] == "t1+t1c+t2+flair" and r["region"] == "WT")
+        assert float(row["dice_mean"]) > 0.7, row

@@ -22,10 +22,10 @@ def test_interrupted_quickstart_resumes(tmp_path) -> None:
     recipe = load_recipe(builtin_recipe_path("quickstart_fast"))
     recipe.train.progress = False
     with pytest.raises(RunError, match="interrupted"):
-        train(recipe, tmp_path / "qs" / "run", callbacks=[Crash()])
+        train(recipe, tmp_path / "qs" / "runs" / "zero_fill_seed0", callbacks=[Crash()])
     report = run_quickstart(tmp_path / "qs", fast=True)
     assert report.is_file() and "synthetic phantom" in report.read_text(encoding="utf-8")
-    log = (tmp_path / "qs" / "run" / "log.txt").read_text(encoding="utf-8")
-    assert "resuming from" in log
-    ckpt = torch.load(tmp_path / "qs" / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    run = tmp_path / "qs" / "runs" / "zero_fill_seed0"
+    assert "resuming from" in (run / "log.txt").read_text(encoding="utf-8")
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == recipe.train.max_steps

@@ -1,4 +1,9 @@
-"""``medmodal quickstart``: phantom → train → evaluate every modality subset → ``report.md``."""
+"""``medmodal quickstart``: phantom → train ShaSpec and the zero-fill baseline over several seeds → evaluate
+every modality subset → one ``report.md`` with both models side by side.
+
+Each (model, seed) is an ordinary run folder under ``out/runs/``; an interrupted quickstart resumes the run
+it stopped in, and finished runs are only re-evaluated.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +11,111 @@ import csv
 import logging
 import platform
 import time
+from collections import defaultdict
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from medmodal.engine.datamodule import phantom_dir
-from medmodal.engine.evaluate import evaluate_run
-from medmodal.engine.recipe import builtin_recipe_path, load_recipe
-from medmodal.engine.run import RunError, atomic_write_text
+from medmodal.engine.evaluate import evaluate_run, evaluation_cases, write_feature_picture
+from medmodal.engine.recipe import Recipe, builtin_recipe_path, load_recipe
+from medmodal.engine.run import RunError, atomic_write_text, load_network
 from medmodal.engine.train import train
-from medmodal.evaluation.report import plot_training_curves
+from medmodal.evaluation.report import (
+    SYNTHETIC_NOTE,
+    SummaryRow,
+    markdown_table,
+    plot_heatmap,
+    plot_training_curves,
+    summarise,
+    write_rows,
+)
+from medmodal.evaluation.subsets import SubsetResult
 
 log = logging.getLogger("medmodal")
 
 
-def _last_metrics(metrics_csv: Path) -> dict[str, float]:
-    last: dict[str, float] = {}
-    if metrics_csv.is_file():
-        with metrics_csv.open(encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                last[row["name"]] = float(row["value"])
-    return last
+@dataclass(frozen=True)
+class QuickstartModel:
+    """One model of the comparison: a display name, a run-folder key and its built-in recipes."""
+
+    name: str
+    key: str
+    recipe: str
+    fast_recipe: str
+
+
+MODELS = (
+    QuickstartModel("zero-fill U-Net", "zero_fill", "quickstart", "quickstart_fast"),
+    QuickstartModel("ShaSpec", "shaspec", "quickstart_shaspec", "quickstart_shaspec_fast"),
+)
+SEEDS = (0, 1, 2)
+
+
+def _train_or_resume(recipe: Recipe, run_dir: Path, *, overwrite: bool) -> None:
+    trained = (run_dir / "split.json").is_file() and (run_dir / "weights" / "model.safetensors").is_file()
+    if trained and not overwrite:
+        log.info("training in %s is finished; evaluating it", run_dir)
+    elif (run_dir / "checkpoints" / "last.ckpt").is_file() and not overwrite:
+        log.info("resuming the interrupted quickstart run in %s", run_dir)
+        train(None, run_dir, resume=True)
+    else:
+        train(recipe, run_dir, overwrite=True)
+
+
+def summarise_over_seeds(rows: list[SubsetResult], seed_of: dict[str, int]) -> tuple[list[SummaryRow], dict]:
+    """Mean ± std **over seeds** of the per-seed mean Dice over cases, per (model, subset, region).
+
+    ``rows[i].model`` must be ``"<model>@<run>"``; ``seed_of`` maps that run tag to its seed. Also returns, per
+    model and region, the per-seed means over subsets (``{model: {region: {seed: value}}}``).
+    """
+    per_run = summarise(rows)
+    groups: dict[tuple[str, str, int, str], list[SummaryRow]] = defaultdict(list)
+    subset_means: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(dict))
+    for s in per_run:
+        model = s.model.split("@")[0]
+        groups[(model, s.subset, s.n_modalities, s.region)].append(s)
+        subset_means[model][s.region].setdefault(seed_of[s.model], []).append(s.dice_mean)
+    out = []
+    for (model, subset, n, region), ss in groups.items():
+        d = np.array([s.dice_mean for s in ss])
+        finite = np.array([s.hd95_median for s in ss if np.isfinite(s.hd95_median)])
+        out.append(SummaryRow(
+            model=model, subset=subset, n_modalities=n, region=region, n_cases=sum(s.n_cases for s in ss),
+            dice_mean=float(d.mean()), dice_std=float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+            hd95_median=float(np.median(finite)) if finite.size else float("nan"),
+            hd95_undefined=sum(s.hd95_undefined for s in ss),
+        ))
+    means = {m: {r: {seed: float(np.mean(v)) for seed, v in by_seed.items()} for r, by_seed in regions.items()}
+             for m, regions in subset_means.items()}
+    return out, means
+
+
+def _subset_mean_table(means: dict, models: list[str]) -> list[str]:
+    """Markdown: mean Dice over subsets per model and region, per seed and mean ± std, and the paired gain."""
+    regions = list(next(iter(means.values())))
+    seeds = sorted(next(iter(next(iter(means.values())).values())))
+    head = ["model"] + regions
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in models:
+        cells = []
+        for r in regions:
+            v = np.array([means[m][r][s] for s in seeds])
+            sd = f" ± {v.std(ddof=1):.3f}" if len(v) > 1 else ""
+            cells.append(f"{v.mean():.3f}{sd} ({', '.join(f'{x:.3f}' for x in v)})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if len(models) == 2:
+        a, b = models
+        cells = []
+        for r in regions:
+            diff = np.array([means[b][r][s] - means[a][r][s] for s in seeds])
+            sd = f" ± {diff.std(ddof=1):.3f}" if len(diff) > 1 else ""
+            cells.append(f"{diff.mean():+.3f}{sd} (better in {int((diff > 0).sum())} of {len(diff)} seeds)")
+        lines.append(f"| {b} − {a} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def run_quickstart(out: Path, *, fast: bool = False, overwrite: bool = False) -> Path:
@@ -38,49 +126,123 @@ def run_quickstart(out: Path, *, fast: bool = False, overwrite: bool = False) ->
     """
     out = Path(out)
     report = out / "report.md"
-    run_dir = out / "run"
     if report.exists() and not overwrite:
         raise RunError(f"{report}: a finished quickstart is there; pass --overwrite or choose another --out")
-    recipe = load_recipe(builtin_recipe_path("quickstart_fast" if fast else "quickstart"))
-    if fast:
-        recipe.train.progress = False
+    seeds = SEEDS[:1] if fast else SEEDS
     t0 = time.perf_counter()
-    trained = (run_dir / "split.json").is_file() and (run_dir / "weights" / "model.safetensors").is_file()
-    if trained and not overwrite:
-        log.info("training in %s is finished; evaluating it", run_dir)
-    elif (run_dir / "checkpoints" / "last.ckpt").is_file() and not overwrite:
-        log.info("resuming the interrupted quickstart in %s", run_dir)
-        train(None, run_dir, resume=True)
-    else:
-        train(recipe, run_dir, overwrite=True)
-    t_train = time.perf_counter() - t0
-    rows = evaluate_run(run_dir, out_dir=out / "eval", progress=not fast, overwrite=True)
+    rows: list[SubsetResult] = []
+    seed_of: dict[str, int] = {}
+    recipes: dict[str, Recipe] = {}
+    timings: dict[str, float] = defaultdict(float)
+    for model in MODELS:
+        for seed in seeds:
+            recipe = load_recipe(builtin_recipe_path(model.fast_recipe if fast else model.recipe),
+                                 overrides={"seed": seed})
+            recipe.train.progress = not fast
+            recipes[model.name] = recipe
+            run_dir = out / "runs" / f"{model.key}_seed{seed}"
+            log.info("quickstart: %s, seed %d", model.name, seed)
+            t = time.perf_counter()
+            _train_or_resume(recipe, run_dir, overwrite=overwrite)
+            timings[model.name] += time.perf_counter() - t
+            tag = f"{model.name}@{seed}"
+            seed_of[tag] = seed
+            rows += evaluate_run(run_dir, out_dir=run_dir / "eval", model_name=tag, progress=not fast,
+                                 overwrite=True)
     t_total = time.perf_counter() - t0
 
-    metrics = _last_metrics(run_dir / "metrics.csv")
-    plot_training_curves(run_dir / "metrics.csv", out / "training_curves.png",
-                         title="quickstart training (synthetic phantom)")
-    eval_md = (out / "eval" / "report.md").read_text(encoding="utf-8")
-    ph = recipe.data.phantom
-    header = [
-        "# medmodal quickstart",
+    names = [m.name for m in MODELS]
+    summary, means = summarise_over_seeds(rows, seed_of)
+    write_rows(rows, out / "subsets.csv")
+    write_rows(summary, out / "summary.csv")
+    plot_heatmap(summary, out / "dice_heatmap.png",
+                 title=f"mean Dice over {len(seeds)} seed(s), held-out phantom cases (synthetic)")
+    figures = []
+    for model in MODELS:
+        run_dir = out / "runs" / f"{model.key}_seed{seeds[0]}"
+        fig = out / f"training_curves_{model.key}.png"
+        plot_training_curves(run_dir / "metrics.csv", fig, title=f"{model.name}, seed {seeds[0]}")
+        figures.append(f"![{model.name} training]({fig.name})")
+    shaspec_run = out / "runs" / f"shaspec_seed{seeds[0]}"
+    rec = recipes["ShaSpec"]
+    cases, source = evaluation_cases(shaspec_run, rec, split="val", progress=False)
+    scores = write_feature_picture(load_network(shaspec_run / "weights"), cases, out,
+                                   modalities=source.modalities, roi_size=rec.eval_roi_size,
+                                   title="ShaSpec features of held-out phantom cases (seed 0)")
+    atomic_write_text(report, _report_text(recipes, names, summary, means, figures, scores, seeds=seeds,
+                                           n_cases=len({r.case_id for r in rows}), timings=timings,
+                                           t_total=t_total))
+    return report
+
+
+def _report_text(recipes, names, summary, means, figures, scores, *, seeds, n_cases, timings, t_total) -> str:
+    base = recipes[names[0]]
+    ph, tr = base.data.phantom, base.train
+    lines = [
+        "# medmodal quickstart: ShaSpec vs the zero-fill baseline with missing modalities",
         "",
-        f"Zero-fill multi-modal U-Net trained with random modality dropout on the **synthetic phantom** "
-        f"({ph.cases} cases, {ph.spatial_dims}D, {ph.size} voxels per axis, seed {ph.seed}; cached in "
-        f"`{phantom_dir(ph)}`), evaluated on {len({r.case_id for r in rows})} held-out cases under every "
-        "non-empty subset of {t1, t1c, t2, flair}.",
+        SYNTHETIC_NOTE,
         "",
-        f"- training: {recipe.train.max_steps} steps, batch {recipe.data.batch_size}, patch "
-        f"{'×'.join(map(str, recipe.data.patch_size))}, "
-        f"final train loss {metrics.get('train/loss', float('nan')):.3f}, "
-        f"final validation Dice (all modalities) {metrics.get('val/dice_mean', float('nan')):.3f}",
-        f"- time: training {t_train / 60:.1f} min, total {t_total / 60:.1f} min on {torch.get_num_threads()} "
-        f"CPU thread(s), {platform.processor() or platform.machine()}; {date.today().isoformat()}",
-        f"- run folder: `{run_dir}` (recipe, metrics.csv, checkpoints, weights); full tables in `eval/`",
-        "",
-        "![training curves](training_curves.png)",
+        f"Both models train on the same {ph.cases} phantom cases ({ph.spatial_dims}D, {ph.size} voxels per axis, "
+        f"cached in `{phantom_dir(ph)}`) with the same budget ({tr.max_steps} steps, batch "
+        f"{base.data.batch_size}, patch {'×'.join(map(str, base.data.patch_size))}) and are evaluated on the "
+        f"held-out cases of each seed's split under every non-empty subset of {{t1, t1c, t2, flair}}.",
         "",
     ]
-    body = eval_md.split("\n", 1)[1].replace("](dice_heatmap.png)", "](eval/dice_heatmap.png)")
-    atomic_write_text(report, "\n".join(header) + "\n## Dice per modality subset\n" + body)
-    return report
+    for name in names:
+        r = recipes[name]
+        lines.append(f"- **{name}**: `{r.model.name}` {r.model.kwargs}, method `{r.method.name}` "
+                     f"({_method_summary(r)}); training {timings[name] / 60:.1f} min for {len(seeds)} seed(s)")
+    lines += [
+        f"- seeds {list(seeds)} (each seed draws its own train/validation split, the same for both models); "
+        f"{n_cases} distinct held-out cases over all seeds",
+        f"- total time {t_total / 60:.1f} min on {torch.get_num_threads()} CPU thread(s), "
+        f"{platform.processor() or platform.machine()}; {date.today().isoformat()}",
+        "",
+        "## Mean Dice over the 15 subsets",
+        "",
+        "Mean ± std over seeds (per-seed values in brackets); the last row is the paired difference.",
+        "",
+        *_subset_mean_table(means, names),
+        "",
+        "## Dice per modality subset",
+        "",
+        "Each cell: mean over seeds of the mean Dice over held-out cases ± std over seeds.",
+        "",
+        "![Dice per subset](dice_heatmap.png)",
+        "",
+        markdown_table(summary),
+        "",
+        "## ShaSpec features",
+        "",
+        f"t-SNE of pooled bottleneck features of held-out windows. Silhouette score by modality: shared "
+        f"{scores['shared']:.3f}, specific {scores['specific']:.3f} (the paper's claim: shared features mix, "
+        "specific ones separate, i.e. shared well below specific).",
+        "",
+        "![ShaSpec features](features.png)",
+        "",
+        "## Training",
+        "",
+        *figures,
+        "",
+        "Run folders (recipe, metrics.csv, checkpoints, weights, per-run evaluation) are under `runs/`; "
+        "per-case rows in `subsets.csv`, the table above in `summary.csv`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _method_summary(recipe: Recipe) -> str:
+    m = recipe.method
+    if m.name == "zero_fill":
+        return f"modality dropout {m.modality_dropout}"
+    if m.name == "shaspec":
+        phases = ", ".join(f"{p.steps} {p.sampler}" for p in m.phases or []) or "random subsets throughout"
+        return f"α={m.alpha}, β={m.beta}, {m.subset_sampler} subsets per {m.sample_per}; phases: {phases}"
+    return m.name
+
+
+def read_summary(path: Path) -> list[dict[str, str]]:
+    """Rows of a quickstart ``summary.csv`` as dicts (for tests and scripts)."""
+    with path.open(encoding="utf-8") as f:
+        return list(csv.DictReader(f))
