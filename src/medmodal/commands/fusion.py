@@ -2,8 +2,104 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import typer
+from rich.table import Table
+
+from medmodal.commands.common import console, user_errors
+from medmodal.data.case import DataError
+
+if TYPE_CHECKING:
+    from medmodal.engine.fuse import FuseResult
+
+_METHODS = ("majority", "staple", "dp")
+_MAX_LABEL_COLUMNS = 8
 
 
 def add_commands(app: typer.Typer) -> None:
-    """Register this module's commands on ``app`` (placeholder until the command lands)."""
+    """Register ``fuse`` on ``app``."""
+    app.command("fuse")(fuse)
+
+
+@user_errors
+def fuse(
+    labels: list[Path] | None = typer.Argument(
+        None, metavar="LABEL...", show_default=False,
+        help="Label files to fuse, one per rater, on one grid (not with --method dp).",
+    ),
+    method: str = typer.Option(..., help="majority, staple or dp (DeepSTAPLE's data-parameter consensus)."),
+    out: Path = typer.Option(..., help="Fused label file; with --method dp an output folder."),
+    probability: Path | None = typer.Option(None, help="STAPLE: also write the probability map (float32) here."),
+    multilabel: bool | None = typer.Option(
+        None, "--multilabel/--binary", show_default=False,
+        help="Fuse label maps or 0/1 masks (default: binary when every value is 0 or 1).",
+    ),
+    max_iter: int = typer.Option(200, min=1, help="STAPLE's iteration limit."),
+    run: Path | None = typer.Option(None, help="--method dp: the DeepSTAPLE run folder whose θ weight the votes."),
+    overwrite: bool = typer.Option(False, help="Replace existing outputs."),
+) -> None:
+    """Fuse candidate labels (raters, registered atlases) into one: majority vote, STAPLE, or DP consensus.
+
+    STAPLE also writes <out>.staple.json with every rater's sensitivity/specificity (or confusion matrix).
+    """
+    if method not in _METHODS:
+        raise DataError(f"--method: expected one of {', '.join(_METHODS)}, got {method!r}")
+    if method == "dp":
+        if labels:
+            raise DataError("LABEL arguments are not used with --method dp: the candidate labels and their data "
+                            "parameters come from the run folder given with --run")
+        if run is None:
+            raise DataError("--method dp needs --run RUN, a trained DeepSTAPLE run folder")
+        if probability is not None or multilabel is not None:
+            raise DataError("--probability, --multilabel and --binary are not used with --method dp")
+        from medmodal.engine.deepstaple import write_dp_consensus
+
+        written = write_dp_consensus(run, out, overwrite=overwrite)
+        console.print(f"[bold green]wrote[/] {len(written)} DP consensus label(s) to {out}")
+        return
+    if run is not None:
+        raise DataError(f"--run is only used with --method dp (got --method {method})")
+    if not labels:
+        raise DataError(f"--method {method} needs the label files to fuse, e.g. "
+                        "`medmodal fuse a.nii.gz b.nii.gz c.nii.gz --method staple --out fused.nii.gz`")
+    from medmodal.engine.fuse import fuse_label_files
+
+    result = fuse_label_files(labels, method=method, out=out, overwrite=overwrite, probability_out=probability,
+                              multilabel=multilabel, max_iter=max_iter)
+    _print_summary(result)
+
+
+def _print_summary(result: FuseResult) -> None:
+    from medmodal.fusion import StapleResult
+
+    kind = "multi-label" if result.multilabel else "binary"
+    console.print(f"[bold green]fused[/] {len(result.paths)} {kind} label(s) by {result.method} → {result.out}")
+    console.print(f"grid {'×'.join(map(str, result.shape))}, {result.foreground_voxels} foreground voxel(s)")
+    s = result.staple
+    if s is None:
+        return
+    state = "converged" if s.converged else "[yellow]not converged[/] (raise --max-iter)"
+    table = Table(box=None, pad_edge=False)
+    table.add_column("rater", justify="right")
+    table.add_column("file")
+    if isinstance(s, StapleResult):
+        console.print(f"STAPLE: {s.iterations} iteration(s), {state}, prior g = {s.prior:.4g}")
+        table.add_column("sensitivity", justify="right")
+        table.add_column("specificity", justify="right")
+        for k, (path, p, q) in enumerate(zip(result.paths, s.sensitivity, s.specificity, strict=True), 1):
+            table.add_row(str(k), path.name, f"{float(p):.4f}", f"{float(q):.4f}")
+    else:
+        console.print(f"multi-label STAPLE: {s.iterations} iteration(s), {state}, "
+                      f"{int(s.undecided.sum())} undecided voxel(s) (label {s.undecided_label})")
+        agreement = s.confusion.diagonal(dim1=1, dim2=2)  # (K, L): P(rater says l | truth l)
+        labels = s.labels.tolist()
+        columns = [f"P({v}|{v})" for v in labels] if len(labels) <= _MAX_LABEL_COLUMNS else ["mean P(l|l)"]
+        for name in columns:
+            table.add_column(name, justify="right")
+        for k, (path, row) in enumerate(zip(result.paths, agreement, strict=True), 1):
+            cells = row.tolist() if len(labels) <= _MAX_LABEL_COLUMNS else [float(row.mean())]
+            table.add_row(str(k), path.name, *(f"{c:.4f}" for c in cells))
+    console.print(table)
+    console.print(f"per-rater estimates: {result.sidecar}")
