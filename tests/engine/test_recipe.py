@@ -5,12 +5,26 @@ import pytest
 from medmodal.engine.recipe import RecipeError, builtin_recipe_path, dump_recipe, load_recipe, recipe_from_dict
 
 
-@pytest.mark.parametrize("name", ["quickstart", "quickstart_fast", "phantom_2d", "brats_unet"])
+BUILTIN = sorted(p.stem for p in builtin_recipe_path("quickstart").parent.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", BUILTIN)
 def test_builtin_recipes_validate(name: str) -> None:
     recipe = load_recipe(builtin_recipe_path(name))
     assert recipe.name == name
     # the resolved recipe round-trips through YAML
     assert recipe_from_dict(__import__("yaml").safe_load(dump_recipe(recipe))) == recipe
+
+
+@pytest.mark.parametrize("name", [n for n in BUILTIN if "deepstaple" not in n])
+def test_builtin_recipes_build_their_network(name: str) -> None:
+    from medmodal.engine.train import network_kwargs
+    from medmodal.networks.registry import create_network
+
+    recipe = load_recipe(builtin_recipe_path(name))
+    mods = recipe.data.modalities or ["t1", "t1c", "t2", "flair"]
+    net = create_network(recipe.model.name, **network_kwargs(recipe, mods, 3))
+    assert sum(p.numel() for p in net.parameters()) > 0
 
 
 def test_typo_names_the_field(tmp_path) -> None:
