@@ -2,8 +2,49 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, cast
+
 import typer
+
+from medmodal.commands.common import console, user_errors
+from medmodal.data.case import DataError
+
+
+@user_errors
+def register(
+    atlases: Path = typer.Option(..., help="Labelled data set (BraTS, nnU-Net or manifest) to take labels from."),
+    targets: Path = typer.Option(..., help="Data set to put labels on (its own labels, if any, are only compared)."),
+    out: Path = typer.Option(..., help="Output folder: labels/<target>/<atlas>.nii.gz, manifest.csv."),
+    atlas_modality: str | None = typer.Option(None, help="Atlas image to register (default: the first shared)."),
+    target_modality: str | None = typer.Option(None, help="Target image to register; may be another contrast."),
+    transform: str = typer.Option("bspline", help="affine, bspline (cross-contrast) or demons (same contrast)."),
+    workers: int | None = typer.Option(None, min=1, help="Parallel pairs (default min(4, CPUs))."),
+    seed: int = typer.Option(0, min=0, help="Seed of the metric sampling (same seed, same result)."),
+    overwrite: bool = typer.Option(False, help="Replace the contents of a non-empty --out."),
+) -> None:
+    """Register every atlas onto every target (affine + B-spline/demons, mutual information) and warp the labels."""
+    from medmodal.engine.register import register_atlases
+    from medmodal.registration.sitk import TRANSFORMS
+
+    if transform not in TRANSFORMS:
+        raise DataError(f"--transform: expected one of {', '.join(TRANSFORMS)}, got {transform!r}")
+    summary = register_atlases(atlases, targets, out, atlas_modality=atlas_modality, target_modality=target_modality,
+                               transform=cast(Any, transform), workers=workers, overwrite=overwrite, progress=True,
+                               seed=seed)
+    n, failed = len(summary.pairs), len(summary.failed)
+    line = f"[bold green]registered[/] {n - failed} of {n} pair(s)"
+    if summary.median_seconds is not None:
+        line += f", median {summary.median_seconds:.1f} s per pair"
+    if summary.mean_dice is not None:
+        line += f", mean Dice to the targets' labels {summary.mean_dice:.3f}"
+    console.print(f"{line}; manifest at {summary.manifest}", highlight=False, soft_wrap=True)
+    if failed:
+        console.print(f"[yellow]{failed} of {n} pairs failed[/] (status=failed in the manifest):", highlight=False)
+        for pair in summary.failed[:10]:
+            console.print(f"  {pair.target} <- {pair.atlas}: {pair.error}", highlight=False, soft_wrap=True)
 
 
 def add_commands(app: typer.Typer) -> None:
-    """Register this module's commands on ``app`` (placeholder until the command lands)."""
+    """Add ``register`` to ``app``."""
+    app.command("register")(register)
