@@ -1,4 +1,4 @@
-"""The ``medmodal`` command: quickstart, data tools, train, evaluate, predict, register, fuse.
+"""The ``medmodal`` command: quickstart, data tools, train, evaluate, predict, register, fuse, experiment.
 
 Every command exits 0 on success, 2 on a user error (bad data, recipe, run folder) with a one-paragraph
 message that names the file or field, and 1 on an unexpected failure.
@@ -13,6 +13,7 @@ from typing import Any
 
 import typer
 
+from medmodal.commands import deepstaple as _deepstaple_commands
 from medmodal.commands import fusion as _fusion_commands
 from medmodal.commands import registration as _registration_commands
 from medmodal.commands.common import console, err_console, user_errors
@@ -228,6 +229,7 @@ def predict(
 # -- commands defined next to their method (medmodal.commands.*) ----------------------------------------------
 _registration_commands.add_commands(app)
 _fusion_commands.add_commands(app)
+_deepstaple_commands.add_commands(app)
 
 
 def main() -> None:

@@ -4,7 +4,6 @@ import pytest
 
 from medmodal.engine.recipe import RecipeError, builtin_recipe_path, dump_recipe, load_recipe, recipe_from_dict
 
-
 BUILTIN = sorted(p.stem for p in builtin_recipe_path("quickstart").parent.glob("*.yaml"))
 
 
