@@ -6,13 +6,14 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export OMP_NUM_THREADS ?= 2
 export MKL_NUM_THREADS ?= 2
 
-.PHONY: help install quickstart quickstart-fast test test-slow bench lint clean
+.PHONY: help install quickstart quickstart-fast test test-slow bench experiment-deepstaple lint clean
 
 help:
 	@echo "make quickstart   set up, then train + evaluate on the embedded synthetic phantom (report in runs/quickstart)"
 	@echo "make test         set up, then run the default test suite (< 15 min on 2 CPU cores)"
 	@echo "make test-slow    the slow tests (2-process DDP, full quickstart)"
 	@echo "make bench        the benchmarks under benchmarks/ (figures go to docs/benchmarks.md by hand)"
+	@echo "make experiment-deepstaple   DeepSTAPLE's experiments on the phantom (report in runs/deepstaple)"
 	@echo "make lint         ruff"
 
 $(BIN)/python:
@@ -42,6 +43,12 @@ test-slow: install
 bench: install
 	$(BIN)/python benchmarks/data_pipeline.py --cases 8 --size 64 --patch 48 --iters 40 --repeats 5 --steps 20 --out .bench/data_pipeline
 	$(BIN)/python benchmarks/train_step.py --patch 48 --batch 2 --steps 12 --repeats 3
+	$(BIN)/python benchmarks/shaspec.py --patch 32 --batch 2 --iters 200 --eval-size 48 --repeats 3
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/staple.py --size 128 --raters 10 --labels 3 --repeats 3
+	$(BIN)/python benchmarks/registration.py --size 48 --pairs 4 --repeats 2 --workers 0
+
+experiment-deepstaple: install
+	$(BIN)/medmodal experiment deepstaple --out runs/deepstaple
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

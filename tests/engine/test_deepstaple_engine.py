@@ -90,6 +90,17 @@ def test_dp_consensus_is_written_on_each_target_grid(trained_run: Path, tmp_path
     assert write_dp_consensus(trained_run, out, overwrite=True) == written
 
 
+def test_fuse_dp_command_writes_the_consensus(trained_run: Path, tmp_path: Path) -> None:
+    from medmodal.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["fuse", "--method", "dp", "--run", str(trained_run), "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "c").glob("*.nii.gz"))) == 6 and (tmp_path / "c" / "consensus.csv").is_file()
+    res = runner.invoke(app, ["fuse", "--method", "dp", "--run", str(trained_run), "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2, res.output
+
+
 def test_consensus_needs_a_finished_run(tmp_path: Path) -> None:
     with pytest.raises(RunError, match="data_parameters.csv"):
         write_dp_consensus(tmp_path, tmp_path / "out", overwrite=False)
