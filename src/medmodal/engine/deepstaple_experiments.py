@@ -32,6 +32,7 @@ from medmodal.engine.deepstaple import consensus_inputs
 from medmodal.engine.recipe import Recipe, recipe_from_dict
 from medmodal.engine.run import RunError, atomic_write_text
 from medmodal.engine.train import train
+from medmodal.evaluation.report import _pyplot, _save_figure
 
 log = logging.getLogger("medmodal")
 FUSIONS = ("dp", "staple", "majority", "random", "mean_all", "best")
@@ -183,23 +184,6 @@ def run_multi_atlas(out: Path, scale: Scale, *, seed: int) -> tuple[LabelQuality
 
 
 # -- tables and figures ---------------------------------------------------------------------------------------
-def _pyplot():  # pyplot with the file-only Agg backend, imported lazily
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    """Save ``fig`` as PNG atomically (temporary file + rename) and close it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    _pyplot().close(fig)
-    tmp.replace(path)
-    return path
 
 
 def _summary(q: LabelQuality) -> dict[str, tuple[float, float]]:
@@ -243,7 +227,7 @@ def plot_theta_vs_dice(results: dict[str, LabelQuality], path: Path, *, title: s
         ax.set(xlabel="true Dice of the label", ylabel="learned θ", title=f"{name}: Spearman {q.spearman:.2f}")
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return _save_figure(fig, path)
 
 
 def plot_fusion_strip(q: LabelQuality, path: Path, *, title: str) -> Path:
@@ -258,7 +242,7 @@ def plot_fusion_strip(q: LabelQuality, path: Path, *, title: str) -> Path:
     ax.set_xticks(range(1, len(FUSIONS) + 1), [FUSION_NAMES[k].replace(" (", "\n(") for k in FUSIONS], fontsize=7)
     ax.set(ylabel="Dice vs true label", ylim=(0, 1.02))
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return _save_figure(fig, path)
 
 
 def _registration_summary(manifest: Path) -> str:

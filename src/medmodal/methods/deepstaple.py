@@ -44,7 +44,7 @@ from medmodal.losses.data_parameters import (
     foreground_fraction,
     per_sample_cross_entropy,
 )
-from medmodal.methods.segmentation import lr_factor
+from medmodal.methods.segmentation import lr_factor, make_optimizer
 
 
 def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
@@ -251,13 +251,8 @@ class DeepStapleSystem(L.LightningModule):
 
     # -- optimisation ---------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        params = self.network.parameters()
-        if self.optimizer_name == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(
-                params, lr=self.lr, momentum=self.momentum, nesterov=True, weight_decay=self.weight_decay
-            )
-        else:
-            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        opt = make_optimizer(self.network.parameters(), name=self.optimizer_name, lr=self.lr,
+                             weight_decay=self.weight_decay, momentum=self.momentum)
         theta_opt = torch.optim.SparseAdam(self.data_parameters.parameters(), lr=self.dp_lr, betas=(0.9, 0.999))
         if self.lr_decay == "faithful":
             sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.ExponentialLR(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -35,6 +35,17 @@ def lr_factor(step: int, *, schedule: str, total: int) -> float:
     if schedule == "constant":
         return 1.0
     raise ValueError(f"unknown schedule {schedule!r}; expected poly, cosine or constant")
+
+
+def make_optimizer(
+    params: Iterable[nn.Parameter], *, name: str, lr: float, weight_decay: float, momentum: float
+) -> torch.optim.Optimizer:
+    """``"sgd"`` (Nesterov, as nnU-Net and ShaSpec) or ``"adamw"`` over ``params``."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; expected sgd or adamw")
 
 
 class SegmentationSystem(L.LightningModule):
@@ -155,13 +166,8 @@ class SegmentationSystem(L.LightningModule):
 
     # -- optimisation ---------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        params = self.network.parameters()
-        if self.optimizer_name == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(
-                params, lr=self.lr, momentum=self.momentum, nesterov=True, weight_decay=self.weight_decay
-            )
-        else:
-            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        opt = make_optimizer(self.network.parameters(), name=self.optimizer_name, lr=self.lr,
+                             weight_decay=self.weight_decay, momentum=self.momentum)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, functools.partial(lr_factor, schedule=self.schedule, total=max(1, self.max_steps))
         )
