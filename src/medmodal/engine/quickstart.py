@@ -205,6 +205,10 @@ def _report_text(recipes, names, summary, means, figures, scores, *, seeds, n_ca
         "",
         *_subset_mean_table(means, names),
         "",
+        "A region empty in both the prediction and the reference counts as Dice 1 (BraTS convention), so a model "
+        "that never predicts a region still scores the fraction of held-out cases without it; a column that is "
+        "the same for every subset is that floor, not skill. Check the per-seed values before reading a gain.",
+        "",
         "## Dice per modality subset",
         "",
         "Each cell: mean over seeds of the mean Dice over held-out cases ± std over seeds.",
