@@ -114,3 +114,15 @@ def test_by_size_respects_availability_and_per_batch_shares_one_subset() -> None
         sample_modality_subsets(available[:2], p=1.0, per="batch")
     with pytest.raises(ValueError, match="unknown subset sampler"):
         sample_modality_subsets(full, p=1.0, sampler="bysize")  # type: ignore[arg-type]
+
+
+def test_shaspec_star_post_processing_drops_small_et_only() -> None:
+    from medmodal.transforms import drop_small_region
+
+    pred = torch.zeros(2, 3, 6, 7, 8, dtype=torch.bool)
+    pred[:, 0, :3] = True  # WT
+    pred[0, 2, 0, 0, :3] = True  # 3 ET voxels: dropped with min 4
+    pred[1, 2, 0, :2, :] = True  # 16 ET voxels: kept
+    out = drop_small_region(pred, channel=2, min_voxels=4)
+    assert not out[0, 2].any() and torch.equal(out[1, 2], pred[1, 2])
+    assert torch.equal(out[:, :2], pred[:, :2]) and pred[0, 2].any()  # other regions and the input untouched

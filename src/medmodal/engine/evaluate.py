@@ -90,6 +90,8 @@ def evaluate_run(
     if subsets is None:
         subsets = default_subsets(recipe, source.modalities)
     details = [f"run: `{run_dir}`", f"split: {split} (local held-out cases of the run, not an online benchmark)"]
+    if recipe.eval.et_min_voxels:
+        details.append(f"post-processing (ShaSpec*): predicted ET under {recipe.eval.et_min_voxels} voxels → necrosis")
     if getattr(recipe.method, "task", "segmentation") == "classification":
         rows: list = evaluate_classification(network, cases, modalities=source.modalities, subsets=subsets,
                                              model_name=name)
@@ -101,7 +103,7 @@ def evaluate_run(
         rows = evaluate_subsets(
             network, cases, modalities=source.modalities, regions=dict(source.info.regions),
             roi_size=recipe.eval_roi_size, overlap=recipe.eval.overlap, sw_batch_size=recipe.eval.sw_batch_size,
-            subsets=subsets, model_name=name, progress=progress,
+            subsets=subsets, model_name=name, progress=progress, et_min_voxels=recipe.eval.et_min_voxels,
         )
         if not rows:
             raise RunError(f"no labelled case to evaluate in split {split!r} of {run_dir}")

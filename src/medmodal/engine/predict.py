@@ -22,7 +22,7 @@ from medmodal.engine.datamodule import resolve_source, select_modalities
 from medmodal.engine.recipe import load_recipe
 from medmodal.engine.run import load_network
 from medmodal.evaluation.inference import predict_subsets
-from medmodal.transforms import regions_to_labels
+from medmodal.transforms import drop_small_region, regions_to_labels
 
 log = logging.getLogger("medmodal")
 
@@ -83,7 +83,11 @@ def predict_run(
             torch.from_numpy(np.asarray(available, dtype=bool))[None],
             roi_size=recipe.eval_roi_size, overlap=recipe.eval.overlap, sw_batch_size=recipe.eval.sw_batch_size,
         )
-        label = regions_to_labels(logits.sigmoid() > 0.5, info.regions)[0, 0].numpy().astype(np.uint8)
+        pred = logits.sigmoid() > 0.5
+        if recipe.eval.et_min_voxels and "ET" in info.regions:
+            pred = drop_small_region(pred, channel=list(info.regions).index("ET"),
+                                     min_voxels=recipe.eval.et_min_voxels)
+        label = regions_to_labels(pred, info.regions)[0, 0].numpy().astype(np.uint8)
         restored = restore_to_input_grid(label, geometry, order=0).astype(np.uint8)
         write_image(Volume(restored, affine=geometry.original_affine), out)
         written.append(out)

@@ -192,6 +192,8 @@ class EvalConfig(_Section):
     overlap: float = Field(0.25, ge=0.0, lt=1.0)
     sw_batch_size: int = Field(2, ge=1)
     max_cases: int | None = None
+    # ShaSpec* post-processing: a predicted ET smaller than this many voxels becomes necrosis (released code: 500)
+    et_min_voxels: int | None = Field(None, ge=1)
 
 
 class Recipe(_Section):

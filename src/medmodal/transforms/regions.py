@@ -32,3 +32,18 @@ def regions_to_labels(
         own = sorted(sets[i] - inner) or sorted(sets[i])
         out[:, 0][regions_mask[:, i].bool()] = own[0]
     return out
+
+
+def drop_small_region(pred: torch.Tensor, *, channel: int, min_voxels: int) -> torch.Tensor:
+    """Clear region ``channel`` of every sample whose predicted region has fewer than ``min_voxels`` voxels.
+
+    The "ShaSpec*" post-processing (Wang et al., CVPR 2023; released ``postprocess.py``): an enhancing tumour
+    smaller than a threshold (500 voxels there) is relabelled as necrosis, i.e. removed from ET and kept in TC
+    and WT, which still contain it.
+
+    Shapes: ``pred (B, R, *S) bool`` → same (a copy).
+    """
+    out = pred.clone()
+    sizes = pred[:, channel].flatten(1).sum(1)
+    out[sizes < min_voxels, channel] = False
+    return out
