@@ -90,3 +90,11 @@ def compress_patterns(
 def expand(values: torch.Tensor, inverse: torch.Tensor | None) -> torch.Tensor:
     """Per-pattern ``values (U, ...)`` → per-voxel ``(N, ...)`` through :func:`compress_patterns`' inverse index."""
     return values if inverse is None else values[inverse]
+
+
+def check_em_settings(*, max_iter: int, tol: float) -> None:
+    """``ValueError`` unless ``max_iter >= 1`` and ``tol >= 0`` (NaN included)."""
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")

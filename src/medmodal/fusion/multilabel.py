@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medmodal.fusion._common import LabelStack, as_label_tensor, compress_patterns, expand
+from medmodal.fusion._common import LabelStack, as_label_tensor, check_em_settings, compress_patterns, expand
 
 __all__ = ["MultiLabelStapleResult", "multilabel_staple"]
 
@@ -143,10 +143,7 @@ def multilabel_staple(
             settings.
     """
     stack = as_label_tensor(labels, name="labels")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-    if not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
+    check_em_settings(max_iter=max_iter, tol=tol)
     k_raters, spatial = stack.shape[0], tuple(stack.shape[1:])
     values, index = _label_index(stack.reshape(k_raters, -1))
     n_labels = values.numel()

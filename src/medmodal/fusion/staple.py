@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medmodal.fusion._common import LabelStack, as_label_tensor, compress_patterns, expand
+from medmodal.fusion._common import LabelStack, as_label_tensor, check_em_settings, compress_patterns, expand
 
 __all__ = ["StapleResult", "staple"]
 
@@ -112,10 +112,7 @@ def staple(
             settings.
     """
     labels = as_label_tensor(masks, name="masks")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-    if not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
+    check_em_settings(max_iter=max_iter, tol=tol)
     k_raters, spatial = labels.shape[0], tuple(labels.shape[1:])
     decisions = (labels == foreground).reshape(k_raters, -1)
     patterns, counts, inverse = compress_patterns(decisions, base=2, compress=compress)
