@@ -129,6 +129,14 @@ def write_feature_picture(
     return scores
 
 
+def _report_head(rows: Sequence, *, title: str, synthetic: bool, details: Sequence[str]) -> list[str]:
+    """Markdown lines opening an evaluation report: title, synthetic-data note, details, cases and subsets."""
+    text = [f"# {title}", ""] + ([SYNTHETIC_NOTE, ""] if synthetic else [])
+    text += [f"- {d}" for d in details]
+    n_cases, n_subsets = len({r.case_id for r in rows}), len({r.subset for r in rows})
+    return text + [f"- cases: {n_cases}; subsets: {n_subsets}; date: {date.today().isoformat()}"]
+
+
 def write_classification(
     rows: Sequence[ClassificationResult], out_dir: Path, *, title: str, synthetic: bool, details: Sequence[str] = ()
 ) -> Path:
@@ -137,10 +145,8 @@ def write_classification(
     summary = summarise_classification(rows)
     write_rows(rows, out_dir / "subsets.csv")
     write_rows(summary, out_dir / "summary.csv")
-    text = [f"# {title}", ""] + ([SYNTHETIC_NOTE, ""] if synthetic else [])
-    text += [f"- {d}" for d in details]
-    text += [f"- cases: {len({r.case_id for r in rows})}; date: {date.today().isoformat()}", "",
-             classification_table(summary), ""]
+    text = _report_head(rows, title=title, synthetic=synthetic, details=details)
+    text += ["", classification_table(summary), ""]
     atomic_write_text(out_dir / "report.md", "\n".join(text))
     return out_dir / "report.md"
 
@@ -154,13 +160,8 @@ def write_evaluation(
     write_rows(rows, out_dir / "subsets.csv")
     write_rows(summary, out_dir / "summary.csv")
     plot_heatmap(summary, out_dir / "dice_heatmap.png", title=title + (" (synthetic phantom)" if synthetic else ""))
-    n_cases = len({r.case_id for r in rows})
-    text = [f"# {title}", ""]
-    if synthetic:
-        text += [SYNTHETIC_NOTE, ""]
-    text += [f"- {d}" for d in details]
+    text = _report_head(rows, title=title, synthetic=synthetic, details=details)
     text += [
-        f"- cases: {n_cases}; subsets: {len({r.subset for r in rows})}; date: {date.today().isoformat()}",
         "- Dice: mean ± std over cases; a region empty in both prediction and reference counts as Dice 1.",
         "- HD95 (mm) per case is in `subsets.csv`; medians are in `summary.csv`.",
         "",

@@ -46,7 +46,7 @@ class ClassificationSummary:
 @torch.no_grad()
 def class_logits_subsets(network: nn.Module, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """``(K, n_classes)`` logits of one whole case ``image (1, M, *S)`` under ``masks (K, M)``."""
-    k, m = masks.shape
+    k = masks.shape[0]
     if hasattr(network, "decode_subsets"):
         features = network.encode(image, masks.any(0, keepdim=True))
         return network.decode_subsets(features, masks).class_logits
