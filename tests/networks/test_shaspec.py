@@ -219,3 +219,13 @@ def test_bad_configurations_are_clear_errors(kw: dict, match: str) -> None:
     args = {"spatial_dims": 3, "modalities": MODS, "out_channels": 3, "channels": CH} | kw
     with pytest.raises(ValueError, match=match):
         ShaSpecNet(**args)
+
+
+def test_avgmax_pool_head_and_bad_pool() -> None:
+    net = make(2, out_channels=0, num_classes=3, cls_pool="avgmax")
+    assert net.cls_head[0].in_features == len(MODS) * CH[-1] * 2
+    with torch.no_grad():
+        assert net(image(2), torch.ones(2, len(MODS), dtype=torch.bool)).shape == (2, 3)
+    with pytest.raises(ValueError, match="cls_pool must be"):
+        make(2, out_channels=0, num_classes=3, cls_pool="max")
+

@@ -47,7 +47,14 @@ def network_kwargs(recipe: Recipe, modalities: Sequence[str], n_regions: int) ->
         raise RecipeError(f"model.kwargs: {clash} are set from the data; remove them from the recipe")
     if classification and int(recipe.model.kwargs.get("num_classes", 0)) < 2:
         raise RecipeError("model.kwargs.num_classes: a classification task needs num_classes >= 2")
-    return {**shared, **recipe.model.kwargs}
+    kw = recipe.model.kwargs
+    if classification and kw.get("norm", "instance") == "instance" and kw.get("cls_pool", "avg") == "avg":
+        log.warning(
+            "model.kwargs: classification with instance norm and an average-pooled head sees only the shape of "
+            "each feature's distribution (instance norm removes every sample's mean); on the phantom it learns a "
+            "constant class. Set model.kwargs.norm=batch or model.kwargs.cls_pool=avgmax (docs/shaspec.md)."
+        )
+    return {**shared, **kw}
 
 
 def build_system(recipe: Recipe, modalities: Sequence[str], regions: dict) -> tuple[L.LightningModule, dict]:
@@ -68,6 +75,7 @@ def build_system(recipe: Recipe, modalities: Sequence[str], regions: dict) -> tu
         momentum=t.momentum,
         schedule=t.schedule,
         max_steps=t.max_steps,
+        warmup_steps=t.warmup_steps,
         lambda_dice=m.lambda_dice,
         lambda_bce=m.lambda_bce,
         overlap=recipe.eval.overlap,
@@ -82,7 +90,8 @@ def build_system(recipe: Recipe, modalities: Sequence[str], regions: dict) -> tu
             system = ShaSpecSystem(
                 task=m.task, alpha=m.alpha, beta=m.beta, dao_form=m.dao_form, dao_pairs=m.dao_pairs,
                 aux_on_missing=m.aux_on_missing, subset_sampler=m.subset_sampler, sample_per=m.sample_per,
-                dedicated=m.dedicated, phases=[(p.steps, p.sampler) for p in m.phases or []], **common,
+                dedicated=m.dedicated, phases=[(p.steps, p.sampler) for p in m.phases or []],
+                phase_schedule=m.phase_schedule, **common,
             )
         except ValueError as err:
             raise RecipeError(f"method: {err}") from None

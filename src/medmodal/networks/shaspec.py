@@ -37,6 +37,7 @@ from medmodal.networks.unet import UNetEncoder, crop_to, mask_missing, pad_to_mu
 MissingFill = Literal["mean", "first"]
 SkipFill = Literal["mean", "zero_input"]
 MissingInput = Literal["skip", "zero"]
+ClsPool = Literal["avg", "avgmax"]
 
 
 @dataclass
@@ -154,7 +155,12 @@ class ShaSpecNet(nn.Module):
         num_classes: classes of the classification head (paper: GAP, concat, FC-ReLU-dropout-FC); 0 = none.
         cls_hidden: hidden width of the classification head.
         cls_dropout: dropout of the classification head.
-        norm: MONAI norm name of the encoder/decoder blocks.
+        cls_pool: how each fused slot is pooled for the classification head: ``"avg"`` (paper: GAP) or
+            ``"avgmax"`` (GAP and global max pooling, concatenated).
+        norm: MONAI norm name of the encoder/decoder blocks. With ``"instance"`` every bottleneck channel has
+            zero mean and unit variance per sample before its activation, so a GAP head only sees the *shape* of
+            each channel's distribution: on the 2D phantom it learns nothing (constant class). Classification
+            wants ``"batch"`` (the paper's small classification model) or ``cls_pool="avgmax"``.
         missing_fill, skip_fill, missing_input: paper-vs-code switches, see the module docstring.
 
     Shapes: ``image (B, M, *S)``, ``available (B, M) bool`` → :meth:`forward` gives ``(B, out_channels, *S)``
@@ -171,6 +177,7 @@ class ShaSpecNet(nn.Module):
         num_classes: int = 0,
         cls_hidden: int = 64,
         cls_dropout: float = 0.5,
+        cls_pool: ClsPool = "avg",
         norm: str = "instance",
         missing_fill: MissingFill = "mean",
         skip_fill: SkipFill = "mean",
@@ -185,10 +192,12 @@ class ShaSpecNet(nn.Module):
             num_classes,
             cls_hidden,
             cls_dropout,
+            cls_pool,
             missing_fill,
             skip_fill,
             missing_input,
         )
+        self.cls_pool = cls_pool
         self.spatial_dims = spatial_dims
         self.missing_fill = missing_fill
         self.skip_fill = skip_fill
@@ -214,7 +223,7 @@ class ShaSpecNet(nn.Module):
         )
         self.cls_head = (
             nn.Sequential(
-                nn.Linear(num_mod * width, cls_hidden),
+                nn.Linear(num_mod * width * (2 if cls_pool == "avgmax" else 1), cls_hidden),
                 nn.ReLU(inplace=True),
                 nn.Dropout(cls_dropout),
                 nn.Linear(cls_hidden, num_classes),
@@ -336,7 +345,10 @@ class ShaSpecNet(nn.Module):
             bottleneck = fused.reshape(batch, num_mod * fused.shape[2], *fused.shape[3:])
             logits = crop_to(self.decoder(bottleneck, skips), features.size)
 
-        pooled = fused.flatten(3).mean(3)  # GAP of every slot: (B, M, C)
+        flat = fused.flatten(3)
+        pooled = flat.mean(3)  # GAP of every slot: (B, M, C)
+        if self.cls_pool == "avgmax":
+            pooled = torch.cat([pooled, flat.amax(3)], dim=2)  # (B, M, 2C)
         class_logits = self.cls_head(pooled.reshape(batch, -1)) if self.cls_head is not None else None
         domain_logits = self.domain_head(s.flatten(3).mean(3))  # (B, M, M)
         return ShaSpecOutput(
@@ -409,6 +421,7 @@ def _validate(
     num_classes: int,
     cls_hidden: int,
     cls_dropout: float,
+    cls_pool: str,
     missing_fill: str,
     skip_fill: str,
     missing_input: str,
@@ -429,6 +442,8 @@ def _validate(
         raise ValueError(f"cls_hidden must be >= 1, got {cls_hidden}")
     if not 0.0 <= cls_dropout < 1.0:
         raise ValueError(f"cls_dropout must be in [0, 1), got {cls_dropout}")
+    if cls_pool not in ("avg", "avgmax"):
+        raise ValueError(f"cls_pool must be 'avg' or 'avgmax', got {cls_pool!r}")
     if missing_fill not in ("mean", "first"):
         raise ValueError(f"missing_fill must be 'mean' or 'first', got {missing_fill!r}")
     if skip_fill not in ("mean", "zero_input"):
