@@ -328,6 +328,8 @@ def build_deepstaple(recipe: Recipe) -> tuple[L.LightningModule, DeepStapleDataM
     single = sorted(tid for tid, c in counts.items() if c < 2)
     if single:
         log.warning("target(s) %s have one candidate label only: their consensus is that label", single[:5])
+    if t.warmup_steps:
+        raise RecipeError("train.warmup_steps: DeepSTAPLE uses the paper's step decay (method.lr_decay); remove it")
     kwargs = network_kwargs(recipe, label_set.modalities, 2)
     try:
         network = create_network(recipe.model.name, **kwargs)

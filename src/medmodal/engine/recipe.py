@@ -138,6 +138,7 @@ class ShaSpecMethod(_Section):
     sample_per: Literal["sample", "batch"] = "sample"
     dedicated: list[str] | None = None  # a fixed modality subset: "dedicated" training and evaluation
     phases: list[ShaSpecPhase] | None = None  # None: random subsets throughout
+    phase_schedule: Literal["continuous", "restart"] = "continuous"  # restart: each phase decays to 0 (code)
     lambda_dice: float = 1.0
     lambda_bce: float = 1.0
 
@@ -176,6 +177,7 @@ class TrainConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(0.99, ge=0, lt=1)
     schedule: Literal["poly", "cosine", "constant"] = "poly"
+    warmup_steps: int = Field(0, ge=0)  # linear warm-up of the learning rate
     val_every_steps: int = Field(100, ge=1)
     checkpoint_every_steps: int = Field(50, ge=1)
     devices: int = Field(1, ge=1)

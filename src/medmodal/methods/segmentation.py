@@ -8,7 +8,6 @@ schedule, and validation by sliding-window inference. The network is any registe
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -60,6 +59,7 @@ class SegmentationSystem(L.LightningModule):
         optimizer, lr, weight_decay, momentum: ``"adamw"`` or ``"sgd"`` (Nesterov) and its settings.
         schedule: ``"poly"`` (nnU-Net, exponent 0.9), ``"cosine"`` or ``"constant"`` over ``max_steps``.
         max_steps: total optimiser steps (for the schedule).
+        warmup_steps: linear learning-rate warm-up from ``lr / warmup_steps`` over the first steps (0 = none).
         lambda_dice, lambda_bce: loss weights.
         overlap, sw_batch_size: sliding-window settings for validation.
         seed: seeds the modality-dropout generator (offset by the global rank).
@@ -79,6 +79,7 @@ class SegmentationSystem(L.LightningModule):
         momentum: float = 0.99,
         schedule: Literal["poly", "cosine", "constant"] = "poly",
         max_steps: int = 1000,
+        warmup_steps: int = 0,
         lambda_dice: float = 1.0,
         lambda_bce: float = 1.0,
         overlap: float = 0.25,
@@ -95,6 +96,9 @@ class SegmentationSystem(L.LightningModule):
         self.optimizer_name = optimizer
         self.lr, self.weight_decay, self.momentum = lr, weight_decay, momentum
         self.schedule, self.max_steps = schedule, max_steps
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.warmup_steps = warmup_steps
         self.loss_fn = RegionDiceBCELoss(lambda_dice=lambda_dice, lambda_bce=lambda_bce)
         self.overlap, self.sw_batch_size = overlap, sw_batch_size
         self.seed = seed
@@ -141,6 +145,7 @@ class SegmentationSystem(L.LightningModule):
         loss = self.loss_fn(logits, labels_to_regions(batch.label, self.regions))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         self.log("train/n_modalities", batch.available.sum(1).float().mean(), batch_size=len(batch))
+        self.log_lr()
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -168,7 +173,18 @@ class SegmentationSystem(L.LightningModule):
     def configure_optimizers(self) -> Any:
         opt = make_optimizer(self.network.parameters(), name=self.optimizer_name, lr=self.lr,
                              weight_decay=self.weight_decay, momentum=self.momentum)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, functools.partial(lr_factor, schedule=self.schedule, total=max(1, self.max_steps))
-        )
+        def multiplier(step: int) -> float:
+            warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+            return warm * self.lr_multiplier(step)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, multiplier)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def lr_multiplier(self, step: int) -> float:
+        """Learning-rate multiplier at optimiser step ``step`` (the recipe's schedule over ``max_steps``)."""
+        return lr_factor(step, schedule=self.schedule, total=max(1, self.max_steps))
+
+    def log_lr(self) -> None:
+        """Log the current learning rate as ``train/lr`` (so schedules and their restarts show in metrics)."""
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)

@@ -26,7 +26,7 @@ from torch import nn
 
 from medmodal.data.case import Batch
 from medmodal.losses.shaspec import DaoForm, DaoPairs, dao_loss, dco_loss
-from medmodal.methods.segmentation import SegmentationSystem
+from medmodal.methods.segmentation import SegmentationSystem, lr_factor
 from medmodal.transforms import drop_modalities, labels_to_regions, sample_modality_subsets
 
 
@@ -46,6 +46,8 @@ class ShaSpecSystem(SegmentationSystem):
             (:func:`medmodal.transforms.sample_modality_subsets`).
         dedicated: a fixed subset of modality names (dedicated training) or ``None`` (non-dedicated).
         phases: ``[(steps, "full" | "random"), ...]`` in order; ``None`` means random subsets throughout.
+        phase_schedule: ``"continuous"`` (one schedule over all steps) or ``"restart"`` (each phase's schedule
+            ends at that phase's end, as the released code; see :meth:`lr_multiplier`).
         **kwargs: optimisation and validation settings of :class:`SegmentationSystem`.
     """
 
@@ -64,6 +66,7 @@ class ShaSpecSystem(SegmentationSystem):
         sample_per: Literal["sample", "batch"] = "sample",
         dedicated: Sequence[str] | None = None,
         phases: Sequence[tuple[int, str]] | None = None,
+        phase_schedule: Literal["continuous", "restart"] = "continuous",
         **kwargs: Any,
     ) -> None:
         super().__init__(network=network, regions=regions, modality_dropout=1.0, **kwargs)
@@ -91,6 +94,27 @@ class ShaSpecSystem(SegmentationSystem):
         for _, kind in self.phases:
             if kind not in ("full", "random"):
                 raise ValueError(f"phase sampler must be full or random, got {kind!r}")
+        if phase_schedule not in ("continuous", "restart"):
+            raise ValueError(f"phase_schedule must be continuous or restart, got {phase_schedule!r}")
+        self.phase_schedule = phase_schedule
+
+    # -- schedule -----------------------------------------------------------------------------------------
+    def lr_multiplier(self, step: int) -> float:
+        """The recipe's schedule; with ``phase_schedule="restart"`` each phase decays to zero at its own end.
+
+        ``restart`` reproduces the released code, which trains each phase as a new run whose schedule spans
+        iteration 0 to the end of that phase: phase 1 decays over its 80k steps, then phase 2 evaluates the
+        schedule over 180k at iteration 80k, so the learning rate jumps from ~0 back to
+        ``lr * (100/180)^0.9`` (about 0.59 lr) — a warm restart (spec §2.6).
+        """
+        if self.phase_schedule == "continuous" or not self.phases:
+            return super().lr_multiplier(step)
+        end = 0
+        for n, _ in self.phases:
+            end += n
+            if step < end:
+                break
+        return lr_factor(step, schedule=self.schedule, total=max(1, end))
 
     # -- which modalities a training sample sees ----------------------------------------------------------
     def phase_at(self, step: int) -> str:
@@ -141,6 +165,7 @@ class ShaSpecSystem(SegmentationSystem):
         for name in ("task", "dao", "dco"):
             self.log(f"train/{name}", parts[name], batch_size=n)
         self.log("train/n_modalities", keep.sum(1).float().mean(), batch_size=n)
+        self.log_lr()
         return parts["loss"]
 
     # -- validation ---------------------------------------------------------------------------------------
