@@ -46,6 +46,7 @@ bench: install
 	$(BIN)/python benchmarks/shaspec.py --patch 32 --batch 2 --iters 200 --eval-size 48 --repeats 3
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/staple.py --size 128 --raters 10 --labels 3 --repeats 3
 	$(BIN)/python benchmarks/registration.py --size 48 --pairs 4 --repeats 2 --workers 0
+	$(BIN)/python benchmarks/parallel_runs.py --recipe quickstart --steps 200 --runs 2 --repeats 2
 
 experiment-deepstaple: install
 	$(BIN)/medmodal experiment deepstaple --out runs/deepstaple

@@ -60,11 +60,14 @@ def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), help="Folder for the run, the evaluation and report.md."),
     fast: bool = typer.Option(False, "--fast", help="A tiny version (one seed, 20 steps), for smoke tests."),
     overwrite: bool = typer.Option(False, help="Replace a finished quickstart in --out."),
+    jobs: int | None = typer.Option(
+        None, help="Runs trained at once, each in its own process (default: one per CPU core; 1 = one by one)."
+    ),
 ) -> None:
     """Phantom → train ShaSpec and the zero-fill U-Net (3 seeds) → evaluate all 15 modality subsets → report."""
     from medmodal.engine.quickstart import run_quickstart
 
-    report = run_quickstart(out, fast=fast, overwrite=overwrite)
+    report = run_quickstart(out, fast=fast, overwrite=overwrite, jobs=jobs)
     console.print(f"[bold green]done[/]: report at {report}")
 
 

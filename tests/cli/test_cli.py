@@ -218,14 +218,15 @@ def test_full_quickstart_learns(tmp_path: Path) -> None:
     """The main job as a user runs it: both models, 3 seeds; the all-modality WT Dice must show real learning."""
     code, text = invoke("quickstart", "--out", tmp_path / "qs")
     assert code == 0, text
-    # Per seed: the 400-step budget leaves some seeds barely trained (measured: seed 1 for both models), so the
-    # check is that each model learns WT with all modalities on its best seed.
+    # Per seed, with all modalities (measured 2026-11-22, 800 steps): zero-fill WT 0.82 / 0.92 / 0.89, ShaSpec
+    # 0.81 / 0.00 / 0.91 (seed 1 collapses to "no tumour" at lr 0.005). The floor: the baseline learns WT on
+    # every seed, ShaSpec on at least two of three.
     rows = read_summary(tmp_path / "qs" / "subsets.csv")
-    for model in ("zero-fill U-Net", "ShaSpec"):
+    for model, need in (("zero-fill U-Net", 3), ("ShaSpec", 2)):
         per_seed: dict[str, list[float]] = {}
         for r in rows:
             if r["model"].startswith(model + "@") and r["subset"] == "t1+t1c+t2+flair" and r["region"] == "WT":
                 per_seed.setdefault(r["model"], []).append(float(r["dice"]))
         assert len(per_seed) == 3, per_seed.keys()
-        best = max(sum(v) / len(v) for v in per_seed.values())
-        assert best > 0.7, (model, per_seed)
+        learned = sum(sum(v) / len(v) > 0.7 for v in per_seed.values())
+        assert learned >= need, (model, per_seed)

@@ -23,9 +23,20 @@ def test_interrupted_quickstart_resumes(tmp_path) -> None:
     recipe.train.progress = False
     with pytest.raises(RunError, match="interrupted"):
         train(recipe, tmp_path / "qs" / "runs" / "zero_fill_seed0", callbacks=[Crash()])
-    report = run_quickstart(tmp_path / "qs", fast=True)
+    report = run_quickstart(tmp_path / "qs", fast=True, jobs=1)
     assert report.is_file() and "synthetic phantom" in report.read_text(encoding="utf-8")
     run = tmp_path / "qs" / "runs" / "zero_fill_seed0"
     assert "resuming from" in (run / "log.txt").read_text(encoding="utf-8")
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == recipe.train.max_steps
+
+
+def test_jobs_must_be_positive_and_default_to_the_cores(tmp_path) -> None:
+    import os
+
+    from medmodal.engine.quickstart import default_jobs
+
+    with pytest.raises(RunError, match="--jobs must be at least 1"):
+        run_quickstart(tmp_path / "qs", fast=True, jobs=0)
+    assert default_jobs(6) == min(6, len(os.sched_getaffinity(0)))
+    assert default_jobs(1) == 1

@@ -190,3 +190,18 @@ def test_warmup_ramps_the_learning_rate_linearly() -> None:
     assert lrs == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
     with pytest.raises(ValueError, match="warmup_steps"):
         _system(warmup_steps=-1)
+
+
+def test_classification_with_instance_norm_and_gap_warns(tiny_recipe_dict, caplog) -> None:
+    from medmodal.engine.train import network_kwargs
+
+    d = _shaspec_recipe(tiny_recipe_dict, dims=2, task="classification")
+    d["model"]["kwargs"]["num_classes"] = 2
+    with caplog.at_level("WARNING", logger="medmodal"):
+        network_kwargs(recipe_from_dict(d), MODS, 3)
+    assert "model.kwargs.norm=batch" in caplog.text
+    caplog.clear()
+    d["model"]["kwargs"]["norm"] = "batch"
+    with caplog.at_level("WARNING", logger="medmodal"):
+        network_kwargs(recipe_from_dict(d), MODS, 3)
+    assert not caplog.text

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import csv
 import logging
+import multiprocessing
+import os
 import platform
 import time
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -118,37 +121,79 @@ def _subset_mean_table(means: dict, models: list[str]) -> list[str]:
     return lines
 
 
-def run_quickstart(out: Path, *, fast: bool = False, overwrite: bool = False) -> Path:
+def default_jobs(n_runs: int) -> int:
+    """Runs trained at once by default: one per usable CPU core, at most ``n_runs``.
+
+    On 2 cores two single-thread runs side by side have 1.36× the throughput of the same two runs one after the
+    other with 2 threads each (``benchmarks/parallel_runs.py``, docs/benchmarks.md): small 3D networks use a
+    second thread poorly.
+    """
+    return max(1, min(n_runs, len(os.sched_getaffinity(0))))
+
+
+@dataclass(frozen=True)
+class _Job:
+    model: QuickstartModel
+    seed: int
+    recipe: Recipe
+    run_dir: Path
+
+
+def _train_and_evaluate(job: _Job, *, overwrite: bool, progress: bool, threads: int | None) -> tuple:
+    """Train (or resume) one run and evaluate it; returns ``(rows, training seconds)``. Runs in a worker
+    process when the quickstart trains several runs at once."""
+    if threads is not None:  # a worker process: quiet, and the thread share it was given
+        from medmodal.engine.run import quiet_third_party
+
+        quiet_third_party()
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+        torch.set_num_threads(threads)
+    t = time.perf_counter()
+    _train_or_resume(job.recipe, job.run_dir, overwrite=overwrite)
+    seconds = time.perf_counter() - t
+    rows = evaluate_run(job.run_dir, out_dir=job.run_dir / "eval", model_name=f"{job.model.name}@{job.seed}",
+                        progress=progress, overwrite=True)
+    return rows, seconds
+
+
+def run_quickstart(out: Path, *, fast: bool = False, overwrite: bool = False, jobs: int | None = None) -> Path:
     """Run the main job into ``out`` and return the path of ``out/report.md``.
 
     An interrupted quickstart resumes where it stopped (training from its last checkpoint; a finished training
-    is only evaluated); a finished quickstart is kept unless ``overwrite``.
+    is only evaluated); a finished quickstart is kept unless ``overwrite``. ``jobs`` runs are trained at once,
+    each in its own process with ``cores // jobs`` threads (default :func:`default_jobs`; 1 = one after the
+    other in this process, with progress bars).
     """
     out = Path(out)
     report = out / "report.md"
     if report.exists() and not overwrite:
         raise RunError(f"{report}: a finished quickstart is there; pass --overwrite or choose another --out")
     seeds = SEEDS[:1] if fast else SEEDS
+    jobs = default_jobs(len(MODELS) * len(seeds)) if jobs is None else jobs
+    if jobs < 1:
+        raise RunError(f"--jobs must be at least 1, got {jobs}")
     t0 = time.perf_counter()
-    rows: list[SubsetResult] = []
-    seed_of: dict[str, int] = {}
     recipes: dict[str, Recipe] = {}
-    timings: dict[str, float] = defaultdict(float)
+    todo: list[_Job] = []
+    threads = max(1, len(os.sched_getaffinity(0)) // jobs) if jobs > 1 else None
     for model in MODELS:
         for seed in seeds:
+            overrides: dict = {"seed": seed}
+            if threads is not None:
+                overrides["train.threads"] = threads
             recipe = load_recipe(builtin_recipe_path(model.fast_recipe if fast else model.recipe),
-                                 overrides={"seed": seed})
-            recipe.train.progress = not fast
+                                 overrides=overrides)
+            recipe.train.progress = not fast and jobs == 1
             recipes[model.name] = recipe
-            run_dir = out / "runs" / f"{model.key}_seed{seed}"
-            log.info("quickstart: %s, seed %d", model.name, seed)
-            t = time.perf_counter()
-            _train_or_resume(recipe, run_dir, overwrite=overwrite)
-            timings[model.name] += time.perf_counter() - t
-            tag = f"{model.name}@{seed}"
-            seed_of[tag] = seed
-            rows += evaluate_run(run_dir, out_dir=run_dir / "eval", model_name=tag, progress=not fast,
-                                 overwrite=True)
+            todo.append(_Job(model, seed, recipe, out / "runs" / f"{model.key}_seed{seed}"))
+    results = _run_jobs(todo, jobs=jobs, overwrite=overwrite, progress=not fast and jobs == 1, threads=threads)
+    rows: list[SubsetResult] = []
+    seed_of: dict[str, int] = {}
+    timings: dict[str, float] = defaultdict(float)
+    for job, (job_rows, seconds) in zip(todo, results, strict=True):
+        rows += job_rows
+        seed_of[f"{job.model.name}@{job.seed}"] = job.seed
+        timings[job.model.name] += seconds
     t_total = time.perf_counter() - t0
 
     names = [m.name for m in MODELS]
@@ -171,11 +216,41 @@ def run_quickstart(out: Path, *, fast: bool = False, overwrite: bool = False) ->
                                    title="ShaSpec features of held-out phantom cases (seed 0)")
     atomic_write_text(report, _report_text(recipes, names, summary, means, figures, scores, seeds=seeds,
                                            n_cases=len({r.case_id for r in rows}), timings=timings,
-                                           t_total=t_total))
+                                           t_total=t_total, jobs=jobs))
     return report
 
 
-def _report_text(recipes, names, summary, means, figures, scores, *, seeds, n_cases, timings, t_total) -> str:
+def _run_jobs(todo: list[_Job], *, jobs: int, overwrite: bool, progress: bool, threads: int | None) -> list:
+    """Results of :func:`_train_and_evaluate` for every job, in order; ``jobs`` at once in worker processes."""
+    if jobs == 1:
+        out = []
+        for job in todo:
+            log.info("quickstart: %s, seed %d", job.model.name, job.seed)
+            out.append(_train_and_evaluate(job, overwrite=overwrite, progress=progress, threads=None))
+        return out
+    # Build the shared phantom and cache once here, so that the workers never race to write them.
+    from medmodal.engine.datamodule import prepare_cache, resolve_source
+
+    for recipe in {id(j.recipe.data): j.recipe for j in todo}.values():
+        prepare_cache(resolve_source(recipe.data), progress=progress)
+    # Longest runs (ShaSpec, about twice the baseline's cost per step) first, so that the pool ends together.
+    order = sorted(range(len(todo)), key=lambda i: todo[i].model.key != "shaspec")
+    log.info("quickstart: %d runs, %d at a time (%d thread(s) each); a line per finished run",
+             len(todo), jobs, threads)
+    results: list = [None] * len(todo)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = {pool.submit(_train_and_evaluate, todo[i], overwrite=overwrite, progress=False,
+                               threads=threads): i for i in order}
+        for done, future in enumerate(as_completed(futures), start=1):
+            i = futures[future]
+            results[i] = future.result()
+            log.info("quickstart: %d/%d done: %s, seed %d (training %.1f min)", done, len(todo),
+                     todo[i].model.name, todo[i].seed, results[i][1] / 60)
+    return results
+
+
+def _report_text(recipes, names, summary, means, figures, scores, *, seeds, n_cases, timings, t_total, jobs) -> str:
     base = recipes[names[0]]
     ph, tr = base.data.phantom, base.train
     lines = [
@@ -192,11 +267,13 @@ def _report_text(recipes, names, summary, means, figures, scores, *, seeds, n_ca
     for name in names:
         r = recipes[name]
         lines.append(f"- **{name}**: `{r.model.name}` {r.model.kwargs}, method `{r.method.name}` "
-                     f"({_method_summary(r)}); training {timings[name] / 60:.1f} min for {len(seeds)} seed(s)")
+                     f"({_method_summary(r)}); training {timings[name] / 60:.1f} min for {len(seeds)} seed(s) "
+                     "(summed over runs)")
     lines += [
         f"- seeds {list(seeds)} (each seed draws its own train/validation split, the same for both models); "
         f"{n_cases} distinct held-out cases over all seeds",
-        f"- total time {t_total / 60:.1f} min on {torch.get_num_threads()} CPU thread(s), "
+        f"- total time {t_total / 60:.1f} min, {jobs} run(s) at a time with "
+        f"{base.train.threads or torch.get_num_threads()} CPU thread(s) each, "
         f"{platform.processor() or platform.machine()}; {date.today().isoformat()}",
         "",
         "## Mean Dice over the 15 subsets",

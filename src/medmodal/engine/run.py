@@ -131,6 +131,7 @@ _NOISE = (
     "overridden `on_after_batch_transfer`",  # intended: the system moves channels-last batches
     "always_return_as_numpy",  # MONAI-internal deprecation in its HD95 helper
     "`weights_only` was not set",  # Lightning loading our own checkpoint on resume
+    "persistent_workers=True",  # intended: EpochSeeder sets each epoch on the dataset, fresh workers copy it
 )
 
 
