@@ -231,8 +231,12 @@ def _run_jobs(todo: list[_Job], *, jobs: int, overwrite: bool, progress: bool, t
     # Build the shared phantom and cache once here, so that the workers never race to write them.
     from medmodal.engine.datamodule import prepare_cache, resolve_source
 
-    for recipe in {id(j.recipe.data): j.recipe for j in todo}.values():
-        prepare_cache(resolve_source(recipe.data), progress=progress)
+    sources = {}
+    for job in todo:
+        source = resolve_source(job.recipe.data)
+        sources.setdefault(source.cache_dir, source)
+    for source in sources.values():
+        prepare_cache(source, progress=progress)
     # Longest runs (ShaSpec, about twice the baseline's cost per step) first, so that the pool ends together.
     order = sorted(range(len(todo)), key=lambda i: todo[i].model.key != "shaspec")
     log.info("quickstart: %d runs, %d at a time (%d thread(s) each); a line per finished run",
