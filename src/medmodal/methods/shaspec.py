@@ -109,22 +109,23 @@ class ShaSpecSystem(SegmentationSystem):
         """
         if self.phase_schedule == "continuous" or not self.phases:
             return super().lr_multiplier(step)
-        end = 0
-        for n, _ in self.phases:
-            end += n
-            if step < end:
-                break
+        end, _ = self._phase(step)
         return lr_factor(step, schedule=self.schedule, total=max(1, end))
 
     # -- which modalities a training sample sees ----------------------------------------------------------
-    def phase_at(self, step: int) -> str:
-        """``"full"`` or ``"random"``: the subset sampler in force at optimiser step ``step``."""
+    def _phase(self, step: int) -> tuple[int, str]:
+        """``(end step, sampler)`` of the phase in force at ``step`` (the last phase beyond the end; needs
+        phases)."""
         end = 0
         for n, kind in self.phases:
             end += n
             if step < end:
-                return kind
-        return self.phases[-1][1] if self.phases else "random"
+                return end, kind
+        return end, self.phases[-1][1]
+
+    def phase_at(self, step: int) -> str:
+        """``"full"`` or ``"random"``: the subset sampler in force at optimiser step ``step``."""
+        return self._phase(step)[1] if self.phases else "random"
 
     def training_keep(self, available: torch.Tensor, step: int) -> torch.Tensor:
         """``(B, M) bool``: the modalities each sample of a training batch sees at ``step``."""
