@@ -1,4 +1,5 @@
-"""The ``medmodal`` command: quickstart, data tools, train, evaluate, predict, register, fuse, experiment.
+"""The ``medmodal`` command: data tools, train, evaluate, predict, register, fuse, and what each method plug-in
+adds (``quickstart``, ``experiment ...``).
 
 Every command exits 0 on success, 2 on a user error (bad data, recipe, run folder) with a one-paragraph
 message that names the file or field, and 1 on an unexpected failure.
@@ -13,7 +14,6 @@ from typing import Any
 
 import typer
 
-from medmodal.commands import deepstaple as _deepstaple_commands
 from medmodal.commands import fusion as _fusion_commands
 from medmodal.commands import registration as _registration_commands
 from medmodal.commands.common import console, err_console, user_errors
@@ -51,24 +51,6 @@ def _floats(text: str | None, *, option: str) -> tuple[float, ...] | None:
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more.")) -> None:
     _setup_logging(verbose)
-
-
-# -- quickstart -----------------------------------------------------------------------------------------------
-@app.command()
-@user_errors
-def quickstart(
-    out: Path = typer.Option(Path("runs/quickstart"), help="Folder for the run, the evaluation and report.md."),
-    fast: bool = typer.Option(False, "--fast", help="A tiny version (one seed, 20 steps), for smoke tests."),
-    overwrite: bool = typer.Option(False, help="Replace a finished quickstart in --out."),
-    jobs: int | None = typer.Option(
-        None, help="Runs trained at once, each in its own process (default: one per CPU core; 1 = one by one)."
-    ),
-) -> None:
-    """Phantom → train ShaSpec and the zero-fill U-Net (3 seeds) → evaluate all 15 modality subsets → report."""
-    from medmodal.engine.quickstart import run_quickstart
-
-    report = run_quickstart(out, fast=fast, overwrite=overwrite, jobs=jobs)
-    console.print(f"[bold green]done[/]: report at {report}")
 
 
 # -- data -----------------------------------------------------------------------------------------------------
@@ -152,26 +134,37 @@ def _parse_sets(sets: list[str]) -> dict[str, Any]:
 @app.command()
 @user_errors
 def train(
-    recipe: str = typer.Argument("quickstart", help="A recipe YAML file or a built-in recipe name."),
+    recipe: str | None = typer.Argument(
+        None, help="A recipe YAML file or a built-in recipe name (default quickstart)."
+    ),
     out: Path | None = typer.Option(None, help="Run folder (default runs/<recipe name>)."),
     resume: Path | None = typer.Option(None, help="Continue the interrupted run in this folder."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe field: --set train.max_steps=100."),
     devices: int | None = typer.Option(None, help="Processes per node (DDP when > 1)."),
     num_nodes: int | None = typer.Option(None, help="Nodes (DDP)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing run folder."),
+    overwrite: bool = typer.Option(False, help="Replace an existing run folder (only a medmodal run)."),
 ) -> None:
-    """Train a recipe (data, model, method) into a run folder; resumable."""
+    """Train a recipe (data, model, method) into a run folder; resumable.
+
+    With --resume, --set may change what does not alter the run so far (train.max_steps, train.threads,
+    train.progress, train.checkpoint_every_steps, train.gradient_clip_norm, eval.*); other changes are refused.
+    """
     from medmodal.engine.recipe import builtin_recipe_path, load_recipe
     from medmodal.engine.train import train as train_fn
 
+    overrides = _parse_sets(set_)
+    if devices is not None:
+        overrides["train.devices"] = devices
+    if num_nodes is not None:
+        overrides["train.num_nodes"] = num_nodes
     if resume is not None:
-        run = train_fn(None, resume, resume=True)
+        if recipe is not None:
+            raise RecipeError(f"--resume takes the recipe stored in {resume}; drop the recipe argument {recipe!r}")
+        if out is not None or overwrite:
+            raise RunError("--resume continues the run in its own folder; drop --out and --overwrite")
+        run = train_fn(None, resume, resume=True, overrides=overrides)
     else:
-        overrides = _parse_sets(set_)
-        if devices is not None:
-            overrides["train.devices"] = devices
-        if num_nodes is not None:
-            overrides["train.num_nodes"] = num_nodes
+        recipe = recipe or "quickstart"
         path = Path(recipe) if recipe.endswith((".yaml", ".yml")) else builtin_recipe_path(recipe)
         rec = load_recipe(path, overrides=overrides)
         run = train_fn(rec, out or Path("runs") / rec.name, overwrite=overwrite)
@@ -184,35 +177,39 @@ def evaluate(
     run: Path = typer.Argument(..., help="A trained run folder."),
     out: Path | None = typer.Option(None, help="Output folder (default RUN/eval)."),
     split: str = typer.Option("val", help="val (the run's held-out cases) or all."),
+    data: Path | None = typer.Option(None, help="Evaluate on every case of this labelled data set instead."),
     overwrite: bool = typer.Option(False, help="Replace an existing evaluation in --out."),
     features: bool = typer.Option(
-        False, "--features", help="ShaSpec runs: also a t-SNE picture of shared vs specific features (features.png)."
+        False, "--features", help="Also a picture of the model's features, where the method has one (ShaSpec: "
+        "t-SNE of shared vs specific features)."
     ),
 ) -> None:
-    """Dice and HD95 per region for every non-empty subset of modalities; CSV, report.md, heatmap."""
+    """Evaluate a run with its method's evaluation (segmentation: Dice and HD95 for every modality subset)."""
     from medmodal.engine.evaluate import evaluate_run
 
-    if split not in ("val", "all"):
-        raise RunError(f"--split: expected val or all, got {split!r}")
-    evaluate_run(run, out_dir=out, split=split, overwrite=overwrite, features=features)
-    console.print(f"[bold green]evaluated[/]: {(out or run / 'eval') / 'report.md'}")
+    report = evaluate_run(run, out_dir=out, split=split, data=data, overwrite=overwrite, features=features)
+    console.print(f"[bold green]evaluated[/]: {report}")
 
 
 @app.command()
 @user_errors
 def predict(
-    run: Path = typer.Argument(..., help="A trained run folder."),
-    out: Path = typer.Option(..., help="Output folder for <case>_seg.nii.gz."),
-    data: Path | None = typer.Option(None, help="A data set (BraTS / nnU-Net / manifest) to segment."),
+    run: Path = typer.Argument(..., help="A trained run folder (its training data is not needed)."),
+    out: Path = typer.Option(..., help="Output folder: <case>_seg.nii.gz per case, or predictions.csv."),
+    data: Path | None = typer.Option(None, help="A data set (BraTS / nnU-Net / manifest) to process."),
     image: list[str] = typer.Option([], help="One case given as modality=file, repeated: --image t1=a.nii.gz."),
     case_id: str = typer.Option("case", help="Name of the --image case."),
     overwrite: bool = typer.Option(False, help="Replace existing outputs."),
 ) -> None:
-    """Segment cases from whichever modalities they have; outputs land on each input's own grid."""
-    from medmodal.engine.predict import predict_run, records_from_images
+    """Apply a run's model to cases from whichever modalities they have; outputs land on each input's grid."""
+    from medmodal.engine.plugin import get_method
+    from medmodal.engine.predict import records_from_images
+    from medmodal.engine.runinfo import load_run
 
     if (data is None) == (not image):
         raise DataError("give either --data DIR or one or more --image modality=file")
+    loaded = load_run(run)
+    plugin = get_method(loaded.info.method)
     if data is not None:
         from medmodal.data.formats import open_dataset
 
@@ -225,14 +222,23 @@ def predict(
             mod, file = item.split("=", 1)
             pairs[mod.strip().lower()] = Path(file)
         records = records_from_images(pairs, case_id=case_id)
-    written = predict_run(run, records, out, overwrite=overwrite)
-    console.print(f"[bold green]wrote[/] {len(written)} segmentation(s) to {out}")
+    written = plugin.predict(loaded, records, out, overwrite=overwrite, progress=True)
+    console.print(f"[bold green]wrote[/] {len(written)} file(s) to {out}")
 
 
-# -- commands defined next to their method (medmodal.commands.*) ----------------------------------------------
+# -- the label tools, then the commands each method plug-in adds --------------------------------------------
 _registration_commands.add_commands(app)
 _fusion_commands.add_commands(app)
-_deepstaple_commands.add_commands(app)
+
+
+def _add_method_commands() -> None:
+    from medmodal.engine.plugin import get_method, method_names
+
+    for name in method_names():
+        get_method(name).add_commands(app)
+
+
+_add_method_commands()
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from medmodal.cli import app
-from medmodal.engine.quickstart import read_summary
+from medmodal.methods.shaspec.quickstart import read_summary
 
 runner = CliRunner()
 

@@ -17,12 +17,13 @@ def test_builtin_recipes_validate(name: str) -> None:
 
 @pytest.mark.parametrize("name", [n for n in BUILTIN if "deepstaple" not in n])
 def test_builtin_recipes_build_their_network(name: str) -> None:
-    from medmodal.engine.train import network_kwargs
+    from medmodal.engine.cases import network_kwargs
     from medmodal.networks.registry import create_network
 
     recipe = load_recipe(builtin_recipe_path(name))
     mods = recipe.data.modalities or ["t1", "t1c", "t2", "flair"]
-    net = create_network(recipe.model.name, **network_kwargs(recipe, mods, 3))
+    kwargs = network_kwargs(recipe, mods, out_channels=3, classification="cls" in name)
+    net = create_network(recipe.model.name, **kwargs)
     assert sum(p.numel() for p in net.parameters()) > 0
 
 

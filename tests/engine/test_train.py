@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 
 import lightning as L
 import pytest
@@ -15,14 +17,27 @@ from medmodal.engine.train import train
 
 
 class Crash(L.Callback):
-    """Simulates a killed run: raises once training reaches ``at`` steps."""
+    """Simulates Ctrl-C: sends SIGINT to this process once training reaches ``at`` steps."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.sent = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step >= self.at and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+class Fail(L.Callback):
+    """Raises an error once training reaches ``at`` steps."""
 
     def __init__(self, at: int) -> None:
         self.at = at
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
         if trainer.global_step >= self.at:
-            raise KeyboardInterrupt
+            raise RuntimeError("disk on fire")
 
 
 class FirstStep(L.Callback):

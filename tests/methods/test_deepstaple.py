@@ -22,7 +22,7 @@ from medmodal.losses.data_parameters import (
     per_sample_cross_entropy,
     risk_term,
 )
-from medmodal.methods.deepstaple import DeepStapleSystem, spearman
+from medmodal.methods.deepstaple.system import DeepStapleSystem, spearman
 from medmodal.networks.registry import create_network
 
 

@@ -13,9 +13,9 @@ from medmodal.data.case import Batch
 from medmodal.engine.evaluate import evaluate_run
 from medmodal.engine.recipe import RecipeError, builtin_recipe_path, load_recipe, recipe_from_dict
 from medmodal.engine.run import RunError
-from medmodal.engine.train import build_system, train
+from medmodal.engine.train import build_training, train
 from medmodal.evaluation.inference import nonempty_subsets, predict_subsets, subset_masks
-from medmodal.methods.shaspec import ShaSpecSystem
+from medmodal.methods.shaspec.system import ShaSpecSystem
 from medmodal.networks.registry import create_network
 
 MODS = ("t1", "t1c", "t2", "flair")
@@ -84,20 +84,28 @@ def _shaspec_recipe(tiny_recipe_dict, dims: int = 3, **method) -> dict:
 def test_recipe_errors_name_the_field(tiny_recipe_dict) -> None:
     d = _shaspec_recipe(tiny_recipe_dict)
     d["method"]["alfa"] = 0.1
-    with pytest.raises(RecipeError, match="method.shaspec.alfa: unknown field"):
+    with pytest.raises(RecipeError, match="method.alfa: unknown field"):
         recipe_from_dict(d)
     d = _shaspec_recipe(tiny_recipe_dict, aux_on_missing=True)
     with pytest.raises(RecipeError, match="missing_input='zero'"):
-        build_system(recipe_from_dict(d), MODS, REGIONS)
+        build_training(recipe_from_dict(d))
     d = _shaspec_recipe(tiny_recipe_dict, task="classification")
     with pytest.raises(RecipeError, match="num_classes"):
-        build_system(recipe_from_dict(d), MODS, REGIONS)
+        build_training(recipe_from_dict(d))
+
+
+def _evaluated(run: Path, **kw: object) -> list[dict[str, str]]:
+    """Evaluate ``run`` into ``run/eval`` and return the per-case rows of ``subsets.csv``."""
+    report = evaluate_run(run, progress=False, **kw)
+    assert report == run / "eval" / "report.md"
+    with open(run / "eval" / "subsets.csv", encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def test_segmentation_run_evaluates_all_subsets_with_features(tmp_path: Path, tiny_recipe_dict) -> None:
     run = train(recipe_from_dict(_shaspec_recipe(tiny_recipe_dict)), tmp_path / "run")
-    rows = evaluate_run(run, progress=False, features=True)
-    assert len({r.subset for r in rows}) == 15 and {r.region for r in rows} == set(REGIONS)
+    rows = _evaluated(run, features=True)
+    assert len({r["subset"] for r in rows}) == 15 and {r["region"] for r in rows} == set(REGIONS)
     assert (run / "eval" / "features.png").is_file()
     assert set(__import__("json").loads((run / "eval" / "features.json").read_text())["silhouette_by_modality"]) \
         == {"shared", "specific"}
@@ -110,23 +118,23 @@ def test_dedicated_run_is_evaluated_on_its_subset(tmp_path: Path, tiny_recipe_di
     d = _shaspec_recipe(tiny_recipe_dict, dedicated=["t1c", "flair"])
     del d["method"]["phases"]
     run = train(recipe_from_dict(d), tmp_path / "run")
-    rows = evaluate_run(run, progress=False)
-    assert {r.subset for r in rows} == {"t1c+flair"}
+    rows = _evaluated(run)
+    assert {r["subset"] for r in rows} == {"t1c+flair"}
 
 
 def test_classification_run_in_2d(tmp_path: Path, tiny_recipe_dict) -> None:
     d = _shaspec_recipe(tiny_recipe_dict, dims=2, task="classification")
     d["model"]["kwargs"]["num_classes"] = 2
     run = train(recipe_from_dict(d), tmp_path / "run")
-    rows = evaluate_run(run, progress=False)
-    assert len({r.subset for r in rows}) == 15
-    assert all(r.prediction in (0, 1) and r.target in (0, 1) for r in rows)
+    rows = _evaluated(run)
+    assert len({r["subset"] for r in rows}) == 15
+    assert all(r["prediction"] in ("0", "1") and r["target"] in ("0", "1") for r in rows)
     assert "accuracy" in (run / "eval" / "report.md").read_text()
 
 
 def test_features_need_a_shaspec_run(tmp_path: Path, tiny_recipe_dict) -> None:
     run = train(recipe_from_dict(tiny_recipe_dict(max_steps=2)), tmp_path / "run")
-    with pytest.raises(RunError, match="--features needs a ShaSpec run"):
+    with pytest.raises(RunError, match="evaluate --features is not offered by method 'zero_fill'"):
         evaluate_run(run, progress=False, features=True)
 
 
@@ -156,9 +164,9 @@ def test_classification_recipe_learns_the_grade(tmp_path: Path) -> None:
         "method.phases": [{"steps": 150, "sampler": "full"}], "data.num_workers": 0,
     })
     run = train(recipe, tmp_path / "run")
-    rows = evaluate_run(run, progress=False)
-    full = [r for r in rows if r.subset == "+".join(MODS)]
-    accuracy = sum(r.prediction == r.target for r in full) / len(full)
+    rows = _evaluated(run)
+    full = [r for r in rows if r["subset"] == "+".join(MODS)]
+    accuracy = sum(r["prediction"] == r["target"] for r in full) / len(full)
     assert accuracy >= 0.75, f"all-modality accuracy {accuracy:.3f}"
 
 
@@ -193,15 +201,15 @@ def test_warmup_ramps_the_learning_rate_linearly() -> None:
 
 
 def test_classification_with_instance_norm_and_gap_warns(tiny_recipe_dict, caplog) -> None:
-    from medmodal.engine.train import network_kwargs
+    from medmodal.engine.cases import network_kwargs
 
     d = _shaspec_recipe(tiny_recipe_dict, dims=2, task="classification")
     d["model"]["kwargs"]["num_classes"] = 2
     with caplog.at_level("WARNING", logger="medmodal"):
-        network_kwargs(recipe_from_dict(d), MODS, 3)
+        network_kwargs(recipe_from_dict(d), MODS, out_channels=0, classification=True)
     assert "model.kwargs.norm=batch" in caplog.text
     caplog.clear()
     d["model"]["kwargs"]["norm"] = "batch"
     with caplog.at_level("WARNING", logger="medmodal"):
-        network_kwargs(recipe_from_dict(d), MODS, 3)
+        network_kwargs(recipe_from_dict(d), MODS, out_channels=0, classification=True)
     assert not caplog.text

@@ -60,7 +60,7 @@ def test_regions_round_trip_brats_labels() -> None:
 def test_lr_schedules() -> None:
     import math
 
-    from medmodal.methods.segmentation import lr_factor
+    from medmodal.engine.system import lr_factor
 
     assert lr_factor(0, schedule="poly", total=100) == 1.0
     assert lr_factor(100, schedule="poly", total=100) == 0.0

@@ -30,3 +30,13 @@ def user_errors(fn: F) -> F:
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def experiment_group(app: typer.Typer) -> typer.Typer:
+    """The ``experiment`` sub-command group of ``app``, created on first use (each method adds its own to it)."""
+    for group in app.registered_groups:
+        if group.name == "experiment" and group.typer_instance is not None:
+            return group.typer_instance
+    group_app = typer.Typer(help="Reproduce the methods' experiments on the synthetic phantom.", no_args_is_help=True)
+    app.add_typer(group_app, name="experiment")
+    return group_app

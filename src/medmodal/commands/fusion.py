@@ -37,7 +37,7 @@ def fuse(
         help="Fuse label maps or 0/1 masks (default: binary when every value is 0 or 1).",
     ),
     max_iter: int = typer.Option(200, min=1, help="STAPLE's iteration limit."),
-    run: Path | None = typer.Option(None, help="--method dp: the DeepSTAPLE run folder whose θ weight the votes."),
+    run: Path | None = typer.Option(None, help="--method dp: the data-parameter run folder whose θ weight the votes."),
     overwrite: bool = typer.Option(False, help="Replace existing outputs."),
 ) -> None:
     """Fuse candidate labels (raters, registered atlases) into one: majority vote, STAPLE, or DP consensus.
@@ -51,12 +51,14 @@ def fuse(
             raise DataError("LABEL arguments are not used with --method dp: the candidate labels and their data "
                             "parameters come from the run folder given with --run")
         if run is None:
-            raise DataError("--method dp needs --run RUN, a trained DeepSTAPLE run folder")
+            raise DataError("--method dp needs --run RUN, a trained data-parameter (DeepSTAPLE) run folder")
         if probability is not None or multilabel is not None:
             raise DataError("--probability, --multilabel and --binary are not used with --method dp")
-        from medmodal.engine.deepstaple import write_dp_consensus
+        from medmodal.engine.plugin import get_method
+        from medmodal.engine.runinfo import load_run
 
-        written = write_dp_consensus(run, out, overwrite=overwrite)
+        loaded = load_run(run)
+        written = get_method(loaded.info.method).fuse(loaded, out, overwrite=overwrite)
         console.print(f"[bold green]wrote[/] {len(written)} DP consensus label(s) to {out}")
         return
     if run is not None:

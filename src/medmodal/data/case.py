@@ -162,6 +162,8 @@ class Batch:
         label: ``(B, 1, *spatial)`` long label map, or ``None``.
         target: ``(B,)`` long class targets, or ``None``.
         case_id: the ``B`` case identifiers.
+        weight: ``(B,)`` float sample weights, or ``None`` (all 1). A weight of 0 marks a padding sample that
+            multi-process validation adds so that every rank runs the same number of steps; it counts nothing.
     """
 
     image: torch.Tensor
@@ -170,6 +172,7 @@ class Batch:
     label: torch.Tensor | None = None
     target: torch.Tensor | None = None
     case_id: list[str] = field(default_factory=list)
+    weight: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         b, m = self.image.shape[:2]
@@ -195,6 +198,7 @@ class Batch:
             label=mv(self.label),
             target=mv(self.target),
             case_id=list(self.case_id),
+            weight=mv(self.weight),
         )
 
     def __len__(self) -> int:
@@ -202,7 +206,8 @@ class Batch:
 
 
 def collate(samples: Sequence[Mapping[str, object]], modalities: Sequence[str]) -> Batch:
-    """Stack samples ``{"image": (M, *S), "available": (M,), "label"?: (1, *S), "target"?, "case_id"}``."""
+    """Stack samples ``{"image": (M, *S), "available": (M,), "label"?: (1, *S), "target"?, "case_id",
+    "weight"?}``."""
     image = torch.stack([torch.as_tensor(s["image"]) for s in samples])
     available = torch.stack([torch.as_tensor(s["available"], dtype=torch.bool) for s in samples])
     label = None
@@ -211,6 +216,9 @@ def collate(samples: Sequence[Mapping[str, object]], modalities: Sequence[str]) 
     target = None
     if all(s.get("target") is not None for s in samples):
         target = torch.as_tensor([int(s["target"]) for s in samples], dtype=torch.long)  # type: ignore[arg-type]
+    weight = None
+    if any("weight" in s for s in samples):
+        weight = torch.as_tensor([float(s.get("weight", 1.0)) for s in samples], dtype=torch.float32)  # type: ignore[arg-type]
     return Batch(
         image=image.float(),
         available=available,
@@ -218,4 +226,5 @@ def collate(samples: Sequence[Mapping[str, object]], modalities: Sequence[str]) 
         label=label,
         target=target,
         case_id=[str(s.get("case_id", "")) for s in samples],
+        weight=weight,
     )

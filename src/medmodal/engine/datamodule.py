@@ -21,6 +21,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from medmodal.data.case import CaseRecord, DataError, DatasetInfo
+from medmodal.engine.distributed import RankShard, ValidationShard
 from medmodal.engine.recipe import DataConfig, PhantomConfig
 
 log = logging.getLogger("medmodal")
@@ -147,10 +148,15 @@ def split_cases(case_ids: list[str], *, val_fraction: float, seed: int) -> tuple
 class CacheDataModule(L.LightningDataModule):
     """Patches from the cached training cases; whole validation cases.
 
+    In multi-process training each rank takes its share of every global batch (``batch_size`` is the global
+    batch; :class:`~medmodal.engine.distributed.RankShard`) and every ``W``-th validation case
+    (:class:`~medmodal.engine.distributed.ValidationShard`), so an epoch has ``steps_per_epoch`` optimiser steps
+    on any number of ranks.
+
     Args:
         source: the resolved data set.
         patch_size: training patch size, one entry per spatial axis.
-        batch_size: patches per step (per process).
+        batch_size: patches per optimiser step, over all processes (a multiple of their number).
         steps_per_epoch: batches in one (virtual) epoch; validation runs after each.
         foreground_fraction: share of patches centred on foreground (nnU-Net: 1/3).
         num_workers: DataLoader workers.
@@ -194,6 +200,11 @@ class CacheDataModule(L.LightningDataModule):
                      len(self.index.cases) - len(labelled))
         self.train_ids, self.val_ids = split_cases(labelled, val_fraction=self.val_fraction, seed=self.seed)
 
+    @property
+    def _ranks(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def _loader(self, dataset: Any, batch_size: int, shuffle: bool) -> DataLoader:
         from medmodal.data.sampling import make_collate
 
@@ -217,12 +228,16 @@ class CacheDataModule(L.LightningDataModule):
             foreground_fraction=self.foreground_fraction,
             seed=self.seed,
         )
-        return self._loader(dataset, self.batch_size, shuffle=False)
+        rank, world = self._ranks
+        shard = RankShard(dataset, rank=rank, world_size=world, batch_size=self.batch_size)
+        return self._loader(shard, shard.local_batch, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
         from medmodal.data.sampling import WholeCaseDataset
 
-        return self._loader(WholeCaseDataset(index=self.index.subset(self.val_ids)), 1, shuffle=False)
+        rank, world = self._ranks
+        cases = WholeCaseDataset(index=self.index.subset(self.val_ids))
+        return self._loader(ValidationShard(cases, rank=rank, world_size=world), 1, shuffle=False)
 
 
 class EpochSeeder(L.Callback):

@@ -1,15 +1,16 @@
-"""``predict``: segment cases with a trained run, from whichever modalities each case has.
+"""``predict``: apply a trained run to new cases, from whichever modalities each case has.
 
-Each case is preprocessed as in training (reorient, resample, crop, normalise), segmented with its
-available modalities, mapped back through :func:`~medmodal.data.preprocess.restore_to_input_grid` and written
-as NIfTI with the input's own affine, so the result overlays the input exactly (oblique and anisotropic
-grids included).
+Only the run folder is needed (``run.json``: modalities, task, preprocessing, network, inference settings), not
+the data the run was trained on. Each case is preprocessed as in training (reorient, resample, crop, normalise)
+and the model is applied with its available modalities. Segmentations are mapped back through
+:func:`~medmodal.data.preprocess.restore_to_input_grid` and written with the input's own affine, so they overlay
+the input exactly (oblique and anisotropic grids included); classifications go to ``predictions.csv``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,12 +18,12 @@ import numpy as np
 import torch
 from rich.progress import track
 
+from medmodal.atomic import write_csv
 from medmodal.data.case import CaseRecord, DataError, DatasetInfo, Volume
-from medmodal.engine.datamodule import resolve_source, select_modalities
-from medmodal.engine.recipe import load_recipe
-from medmodal.engine.run import load_network
+from medmodal.engine.datamodule import select_modalities
+from medmodal.engine.runinfo import LoadedRun
 from medmodal.evaluation.inference import predict_subsets
-from medmodal.transforms import drop_small_region, regions_to_labels
+from medmodal.transforms import regions_to_labels
 
 log = logging.getLogger("medmodal")
 
@@ -35,62 +36,105 @@ def records_from_images(images: Mapping[str, Path], *, case_id: str = "case") ->
     return [CaseRecord(case_id=case_id, images={m: Path(p) for m, p in images.items()})]
 
 
-def predict_run(
-    run_dir: Path,
+def input_info(run: LoadedRun) -> DatasetInfo:
+    """How to read cases given by file for ``run``: its modalities; every label value accepted."""
+    task = run.info.task
+    labels = sorted({0, *task.label_names, *task.label_values, *(v for vs in task.regions.values() for v in vs)})
+    return DatasetInfo(name="input", modalities=tuple(run.info.modalities), labels=tuple(labels),
+                       regions={k: tuple(v) for k, v in task.regions.items()})
+
+
+def decode_segmentation(logits: torch.Tensor, run: LoadedRun,
+                        postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
+    """The label map ``(*S) uint8/int`` of one case's ``logits (1, C, *S)`` for the run's task."""
+    task = run.info.task
+    if task.kind == "regions":
+        pred = logits.sigmoid() > 0.5
+        if postprocess is not None:
+            pred = postprocess(pred)
+        label = regions_to_labels(pred, {k: tuple(v) for k, v in task.regions.items()})[0, 0].numpy()
+    elif task.kind == "labels":
+        values = np.asarray(task.label_values)
+        label = values[logits[0].argmax(0).numpy()]
+    else:
+        raise ValueError(f"not a segmentation task: {task.kind}")
+    return label.astype(np.uint8 if label.max(initial=0) < 256 else np.int32)
+
+
+def predict_cases(
+    run: LoadedRun,
     records: Sequence[CaseRecord],
     out_dir: Path,
     *,
+    info: DatasetInfo | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[Path]:
-    """Segment every record with ``run_dir``'s network; writes ``out_dir/<case_id>_seg.nii.gz``.
+    """Apply ``run``'s network to every record; returns the written files.
 
-    Returns the written files. Existing outputs are kept unless ``overwrite``; a case that fails to read is
-    reported and skipped, and a :class:`DataError` listing the failures is raised at the end.
+    Segmentation tasks write ``out_dir/<case_id>_seg.nii.gz`` per case; classification writes
+    ``out_dir/predictions.csv`` (case, modalities used, predicted class, one probability per class). Existing
+    outputs are kept unless ``overwrite``; a case that fails to read is reported and skipped, and a
+    :class:`DataError` listing the failures is raised at the end.
     """
     from medmodal.data.io import read_case, write_image
     from medmodal.data.preprocess import preprocess_case, restore_to_input_grid
 
-    recipe = load_recipe(Path(run_dir) / "recipe.yaml")
-    network = load_network(Path(run_dir) / "weights")
-    source = resolve_source(recipe.data)
-    info: DatasetInfo = source.info
-    modalities = source.modalities
-    outputs = {rec.case_id: out_dir / f"{rec.case_id}_seg.nii.gz" for rec in records}
+    out_dir = Path(out_dir)
+    network = run.network()
+    info = info or input_info(run)
+    modalities = tuple(run.info.modalities)
+    task, inf = run.info.task, run.info.inference
+    spacing = run.info.preprocessing.get("target_spacing")
+    classification = task.kind == "classification"
+    if classification:
+        outputs = {"*": out_dir / "predictions.csv"}
+    else:
+        outputs = {rec.case_id: out_dir / f"{rec.case_id}_seg.nii.gz" for rec in records}
     clash = [str(p) for p in outputs.values() if p.exists()]
     if clash and not overwrite:
         raise DataError(f"{len(clash)} output(s) exist, e.g. {clash[0]}; pass --overwrite or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     failed: list[str] = []
+    rows: list[list] = []
     for rec in track(records, description="predicting", disable=not progress):
-        out = outputs[rec.case_id]
         try:
-            info.check_modalities(list(rec.images), where=f"case {rec.case_id}")
+            unknown = [m for m in rec.images if m not in modalities]
+            if unknown:
+                raise DataError(f"case {rec.case_id}: unknown modality name(s) {unknown}: the model was trained on "
+                                f"{list(modalities)}")
             case = read_case(replace(select_modalities(rec, modalities), label=None), info)
             image, _, available, geometry = preprocess_case(
-                case, modalities, target_spacing=source.target_spacing
-            )
+                case, modalities, target_spacing=tuple(spacing) if spacing else None)
         except DataError as err:
             log.error("%s", err)
             failed.append(str(err))
             continue
-        if image.ndim - 1 != recipe.spatial_dims:
-            failed.append(f"case {rec.case_id}: a {image.ndim - 1}D image, but the model is {recipe.spatial_dims}D")
+        if image.ndim - 1 != run.info.spatial_dims:
+            failed.append(f"case {rec.case_id}: a {image.ndim - 1}D image, but the model is "
+                          f"{run.info.spatial_dims}D")
             continue
-        logits = predict_subsets(
-            network, torch.from_numpy(np.ascontiguousarray(image))[None],
-            torch.from_numpy(np.asarray(available, dtype=bool))[None],
-            roi_size=recipe.eval_roi_size, overlap=recipe.eval.overlap, sw_batch_size=recipe.eval.sw_batch_size,
-        )
-        pred = logits.sigmoid() > 0.5
-        if recipe.eval.et_min_voxels and "ET" in info.regions:
-            pred = drop_small_region(pred, channel=list(info.regions).index("ET"),
-                                     min_voxels=recipe.eval.et_min_voxels)
-        label = regions_to_labels(pred, info.regions)[0, 0].numpy().astype(np.uint8)
-        restored = restore_to_input_grid(label, geometry, order=0).astype(np.uint8)
+        x = torch.from_numpy(np.ascontiguousarray(image))[None]
+        mask = torch.from_numpy(np.asarray(available, dtype=bool))[None]
+        used = "+".join(m for m, a in zip(modalities, available, strict=True) if a)
+        if classification:
+            with torch.no_grad():
+                prob = network(x, mask).softmax(1)[0]
+            rows.append([rec.case_id, used, task.class_names[int(prob.argmax())],
+                         *(f"{float(p):.6f}" for p in prob)])
+            continue
+        logits = predict_subsets(network, x, mask, roi_size=inf["roi_size"], overlap=inf["overlap"],
+                                 sw_batch_size=inf["sw_batch_size"])
+        label = decode_segmentation(logits, run, postprocess)
+        restored = restore_to_input_grid(label, geometry, order=0).astype(label.dtype)
+        out = outputs[rec.case_id]
         write_image(Volume(restored, affine=geometry.original_affine), out)
         written.append(out)
+    if classification and rows:
+        header = ["case_id", "modalities", "prediction", *(f"p_{c}" for c in task.class_names)]
+        written.append(write_csv(outputs["*"], header, rows))
     if failed:
-        raise DataError(f"{len(failed)} case(s) could not be segmented:\n" + "\n".join(failed))
+        raise DataError(f"{len(failed)} case(s) could not be processed:\n" + "\n".join(failed))
     return written

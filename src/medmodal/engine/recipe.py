@@ -8,10 +8,12 @@ silently ignored setting. ``load_recipe`` turns validation errors into :class:`R
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+
+from medmodal.engine.plugin import MethodSection, default_method, get_method, method_names
 
 
 class RecipeError(ValueError):
@@ -33,50 +35,6 @@ class PhantomConfig(_Section):
     missing_rate: float = Field(0.0, ge=0.0, lt=1.0)
 
 
-class LabelNoiseConfig(_Section):
-    """Synthetic candidate labels (DeepSTAPLE experiment I): seeded disturbances of each target's true label.
-
-    See :mod:`medmodal.transforms.label_noise`; each label's Dice against the clean one is its known quality.
-    """
-
-    labels_per_target: int = Field(5, ge=1)
-    kinds: list[Literal["elastic", "morph", "shift", "flip_roll", "empty"]] = [
-        "elastic", "morph", "shift", "flip_roll", "empty"
-    ]
-    max_severity: float = Field(1.0, gt=0.0, le=2.0)
-    seed: int = Field(0, ge=0)
-
-    @field_validator("kinds")
-    @classmethod
-    def _some_kind(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("kinds must name at least one disturbance")
-        return v
-
-
-class CandidateLabelsConfig(_Section):
-    """DeepSTAPLE inputs: several candidate (e.g. atlas-registered) binary labels per target image.
-
-    Exactly one source: ``manifest``, a registration manifest (``medmodal register``'s ``manifest.csv``: columns
-    ``target, atlas, label``; relative paths start at its folder) of labels registered onto the cases of
-    ``data.path``, or ``noise``, synthetic labels disturbed from the targets' own labels. The targets are the
-    cases of ``data.path`` (or the phantom); their labels, where present, are the reference. ``foreground`` lists
-    the label values that are foreground (default: every non-zero value).
-    """
-
-    manifest: Path | None = None
-    noise: LabelNoiseConfig | None = None
-    foreground: list[int] | None = None
-
-    @model_validator(mode="after")
-    def _one_source(self) -> CandidateLabelsConfig:
-        if (self.manifest is None) == (self.noise is None):
-            raise ValueError("set exactly one of manifest (registered labels) and noise (synthetic labels)")
-        if self.foreground is not None and (not self.foreground or min(self.foreground) < 1):
-            raise ValueError(f"foreground must list positive label values, got {self.foreground}")
-        return self
-
-
 class DataConfig(_Section):
     path: Path | None = None
     format: Literal["auto", "brats", "nnunet", "manifest"] = "auto"
@@ -89,7 +47,13 @@ class DataConfig(_Section):
     batch_size: int = Field(2, ge=1)
     foreground_fraction: float = Field(1 / 3, ge=0.0, le=1.0)
     num_workers: int = Field(1, ge=0)
-    candidates: CandidateLabelsConfig | None = None  # DeepSTAPLE only
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "candidates" in data:
+            raise ValueError("data.candidates moved to the method section: write it as method.candidates")
+        return data
 
     @field_validator("patch_size")
     @classmethod
@@ -102,72 +66,6 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     name: str = "unet"
     kwargs: dict[str, Any] = {"channels": [16, 32, 64, 128]}
-
-
-class ZeroFillMethod(_Section):
-    """The zero-fill baseline: missing modalities are zero channels; random modality dropout in training."""
-
-    name: Literal["zero_fill"] = "zero_fill"
-    modality_dropout: float = Field(0.5, ge=0.0, le=1.0)
-    lambda_dice: float = 1.0
-    lambda_bce: float = 1.0
-
-
-class ShaSpecPhase(_Section):
-    """One training phase: ``steps`` optimiser steps seeing all modalities (``full``) or random subsets."""
-
-    steps: int = Field(ge=1)
-    sampler: Literal["full", "random"] = "random"
-
-
-class ShaSpecMethod(_Section):
-    """ShaSpec (Wang et al., CVPR 2023): shared + specific encoders, DAO and DCO auxiliary losses.
-
-    Defaults follow the paper where it is explicit (``../shared/methods/shaspec.md`` §2.5); the released
-    code's behaviour is one switch away.
-    """
-
-    name: Literal["shaspec"] = "shaspec"
-    task: Literal["segmentation", "classification"] = "segmentation"
-    alpha: float = Field(0.1, ge=0.0)  # distribution alignment (DAO) weight
-    beta: float = Field(0.02, ge=0.0)  # domain classification (DCO) weight
-    dao_form: Literal["l1_pairs", "mse_pairs", "kl_softmax_pairs"] = "l1_pairs"
-    dao_pairs: Literal["cyclic", "all"] = "cyclic"
-    aux_on_missing: bool = False
-    subset_sampler: Literal["by_size", "uniform"] = "by_size"
-    sample_per: Literal["sample", "batch"] = "sample"
-    dedicated: list[str] | None = None  # a fixed modality subset: "dedicated" training and evaluation
-    phases: list[ShaSpecPhase] | None = None  # None: random subsets throughout
-    phase_schedule: Literal["continuous", "restart"] = "continuous"  # restart: each phase decays to 0 (code)
-    lambda_dice: float = 1.0
-    lambda_bce: float = 1.0
-
-    @field_validator("dedicated")
-    @classmethod
-    def _non_empty(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None and not v:
-            raise ValueError("dedicated must name at least one modality (or be left out)")
-        return v
-
-
-class DeepStapleMethod(_Section):
-    """DeepSTAPLE (Weihsbach et al., WBIR 2022): one learnable data parameter per registered label."""
-
-    name: Literal["deepstaple"] = "deepstaple"
-    dp_update: Literal["ool", "inline"] = "ool"
-    risk_regularization: bool = True
-    fixed_weighting: Literal["log_fg", "off"] = "log_fg"
-    dp_loss_class_weights: bool = False
-    dp_lr: float = Field(0.1, gt=0)
-    class_weight_exponent: float = Field(0.35, ge=0)
-    # "schedule": train.schedule per step; "faithful": the official code's exponential decay (gamma per batch,
-    # only in epochs that are multiples of lr_decay_every; see methods/deepstaple.md §2.6)
-    lr_decay: Literal["schedule", "faithful"] = "schedule"
-    lr_gamma: float = Field(0.99, gt=0, le=1)
-    lr_decay_every: int = Field(10, ge=1)
-
-
-MethodConfig = Annotated[ZeroFillMethod | ShaSpecMethod | DeepStapleMethod, Field(discriminator="name")]
 
 
 class TrainConfig(_Section):
@@ -187,6 +85,7 @@ class TrainConfig(_Section):
     threads: int | None = 2
     channels_last: bool = True
     progress: bool = True
+    gradient_clip_norm: float | None = Field(None, gt=0)  # clip the global gradient norm (None: no clipping)
 
 
 class EvalConfig(_Section):
@@ -199,15 +98,32 @@ class EvalConfig(_Section):
 
 
 class Recipe(_Section):
-    """A whole run: data, model, method, training and evaluation settings."""
+    """A whole run: data, model, method, training and evaluation settings.
+
+    ``method`` is the section of a registered method plug-in (:mod:`medmodal.engine.plugin`), chosen by its
+    ``name``; a recipe without one uses the default method. Checks that involve the method and another section
+    are the plug-in's :meth:`~medmodal.engine.plugin.MethodPlugin.check_recipe`.
+    """
 
     name: str = "run"
     seed: int = 0
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
-    method: MethodConfig = Field(default_factory=ZeroFillMethod)
+    method: SerializeAsAny[MethodSection] = Field(default_factory=lambda: default_method().config())
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_section(cls, v: Any) -> Any:
+        if isinstance(v, MethodSection):
+            return v
+        if not isinstance(v, dict) or "name" not in v:
+            raise ValueError(f"method needs a name: one of {', '.join(method_names())}")
+        try:
+            return get_method(str(v["name"])).config.model_validate(v)
+        except KeyError as err:
+            raise ValueError(err.args[0]) from None
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -216,10 +132,7 @@ class Recipe(_Section):
             raise ValueError(f"data.patch_size has {len(self.data.patch_size)} sizes but the data is {dims}D")
         if self.eval.roi_size is not None and len(self.eval.roi_size) != dims:
             raise ValueError(f"eval.roi_size has {len(self.eval.roi_size)} sizes but the data is {dims}D")
-        phases = getattr(self.method, "phases", None)
-        if phases and sum(p.steps for p in phases) != self.train.max_steps:
-            total = " + ".join(str(p.steps) for p in phases)
-            raise ValueError(f"method.phases last {total} steps but train.max_steps is {self.train.max_steps}")
+        get_method(self.method.name).check_recipe(self)
         return self
 
     @property
@@ -232,12 +145,19 @@ class Recipe(_Section):
         """2 or 3: the phantom's, or the length of ``patch_size`` for data on disk."""
         return self.data.phantom.spatial_dims if self.data.path is None else len(self.data.patch_size)
 
+    @property
+    def world_size(self) -> int:
+        """Processes that train the recipe (``devices × num_nodes``)."""
+        return self.train.devices * self.train.num_nodes
+
 
 def _format_validation(err: ValidationError, where: str) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<recipe>"
+        # a method section's errors are reported under `method.<field>` (drop pydantic's function-before tag)
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-")) or "<recipe>"
         msg = "unknown field (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = msg.removeprefix("Value error, ")
         lines.append(f"{where}: {loc}: {msg}")
     return "\n".join(lines)
 
@@ -275,6 +195,27 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
             if not isinstance(node, dict):
                 raise RecipeError(f"override {key!r}: {p!r} is not a section")
         node[leaf] = value
+    return out
+
+
+def resolve_paths(recipe: Recipe, *, base: Path | None = None) -> Recipe:
+    """A copy of ``recipe`` whose relative paths (in every section, the method's too) are absolute.
+
+    Relative paths are taken from ``base`` (default: the working folder), as when the recipe was given; a run
+    folder stores the resolved recipe so that it works from any folder.
+    """
+    root = Path.cwd() if base is None else Path(base)
+
+    def walk(model: BaseModel) -> None:
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            if isinstance(value, Path) and not value.is_absolute():
+                object.__setattr__(model, name, (root / value).resolve())
+            elif isinstance(value, BaseModel):
+                walk(value)
+
+    out = recipe.model_copy(deep=True)
+    walk(out)
     return out
 
 

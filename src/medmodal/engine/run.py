@@ -2,11 +2,14 @@
 
 Layout of ``RUN/``::
 
-    recipe.yaml              the resolved recipe (every default filled in)
+    recipe.yaml              the resolved recipe (every default filled in, paths absolute)
+    run.json                 what using the model needs: method, task, modalities, preprocessing, network
     split.json               train / validation case ids
     log.txt                  the run's log
     metrics.csv              long format: step, name, value (appended, so it survives a resume)
-    checkpoints/last.ckpt    full resumable Lightning state (optimiser, schedule, RNG); saved atomically
+    checkpoints/last.ckpt    full resumable Lightning state (optimiser, schedule, every rank's RNG); atomic
+    checkpoints/exception.ckpt   the state when training stopped on an error (never written over last.ckpt)
+    distributed.json         multi-process runs: each rank's parameter checksum and validation metrics
     weights/model.safetensors + weights/model.json   the network's weights and how to rebuild it
 """
 
@@ -15,9 +18,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import re
-import tempfile
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from medmodal.atomic import atomic_path, atomic_write_text, csv_text
+
 log = logging.getLogger("medmodal")
 
 
@@ -34,39 +38,11 @@ class RunError(RuntimeError):
     """A run folder problem (exists already, nothing to resume, incomplete); the message says what to do."""
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_weights(network: nn.Module, folder: Path, *, name: str, kwargs: Mapping[str, Any]) -> Path:
     """Save ``network``'s state dict as safetensors plus a JSON of its registry name and constructor kwargs."""
-    folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".model.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, folder / "model.safetensors")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
     atomic_write_text(folder / "model.json", json.dumps({"name": name, "kwargs": dict(kwargs)}, indent=2))
     return folder / "model.safetensors"
 
@@ -85,22 +61,41 @@ def load_network(folder: Path) -> nn.Module:
     return network.eval()
 
 
-def setup_run_folder(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Create ``run_dir``, refusing to overwrite someone's results unless asked."""
+def is_run_folder(path: Path) -> bool:
+    """True if ``path`` looks like a medmodal run folder (a recipe plus a run description or checkpoints)."""
+    return (path / "recipe.yaml").is_file() and ((path / "run.json").is_file() or (path / "checkpoints").is_dir())
+
+
+def setup_run_folder(run_dir: Path, *, resume: bool, overwrite: bool) -> bool:
+    """Create ``run_dir``, refusing to overwrite someone's results unless asked; returns True if it created it.
+
+    ``overwrite`` replaces only a medmodal run folder, never the working folder or one of its parents, and never
+    a folder that holds anything else (delete such a folder yourself, or choose another ``--out``).
+    """
     if resume:
         if not (run_dir / "checkpoints" / "last.ckpt").is_file():
             raise RunError(f"{run_dir}: nothing to resume (no checkpoints/last.ckpt); start it with `medmodal train`")
-        return
+        return False
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"{run_dir}: exists and is not a folder; choose another --out")
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise RunError(
                 f"{run_dir}: run folder exists and is not empty; use --resume to continue it, "
                 "--overwrite to replace it, or choose another --out"
             )
-        import shutil
-
+        here = Path.cwd().resolve()
+        target = run_dir.resolve()
+        if target == here or target in here.parents:
+            raise RunError(f"{run_dir}: --overwrite would delete the working folder (or a folder above it); "
+                           "choose another --out")
+        if not is_run_folder(run_dir):
+            raise RunError(f"{run_dir}: --overwrite replaces only a medmodal run folder, and this one holds other "
+                           "files (no recipe.yaml with run.json or checkpoints/); choose another --out")
         shutil.rmtree(run_dir)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
+    return created
 
 
 def attach_log_file(run_dir: Path) -> logging.Handler:
@@ -154,13 +149,27 @@ def quiet_third_party() -> None:
 class MetricsCSV(L.Callback):
     """Append logged metrics to ``metrics.csv`` as ``step,name,value`` rows (rank 0 only).
 
-    Long format keeps appending valid when a resumed run logs the same or new metric names.
+    Long format keeps appending valid when a resumed run logs the same or new metric names. On resume, rows
+    written after the checkpoint the run resumes from (the steps that are trained again) are dropped first, and a
+    ``(step, name)`` pair is never written twice, so each step appears once after a crash and ``--resume``.
     """
+
+    HEADER = ("step", "name", "value")
 
     def __init__(self, path: Path, *, every_n_steps: int = 10) -> None:
         self.path = path
         self.every_n_steps = every_n_steps
         self._last_train_step = -1
+        self._written: set[tuple[int, str]] = set()
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if trainer.global_rank != 0 or not self.path.is_file():
+            return
+        step = int(checkpoint["global_step"])
+        with self.path.open(encoding="utf-8", newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        atomic_write_text(self.path, csv_text(self.HEADER, ([r["step"], r["name"], r["value"]] for r in rows)))
+        self._written = {(int(r["step"]), r["name"]) for r in rows}
 
     def _write(self, trainer: L.Trainer, prefix: str) -> None:
         if trainer.global_rank != 0:
@@ -169,6 +178,7 @@ class MetricsCSV(L.Callback):
             (trainer.global_step, k, float(v))
             for k, v in trainer.callback_metrics.items()
             if k.startswith(prefix) and torch.as_tensor(v).numel() == 1
+            and (trainer.global_step, k) not in self._written
         ]
         if not rows:
             return
@@ -176,8 +186,9 @@ class MetricsCSV(L.Callback):
         with self.path.open("a", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             if new:
-                w.writerow(["step", "name", "value"])
+                w.writerow(self.HEADER)
             w.writerows(rows)
+        self._written.update((step, name) for step, name, _ in rows)
 
     def _write_train(self, trainer: L.Trainer) -> None:
         if trainer.global_step != self._last_train_step:
@@ -194,26 +205,100 @@ class MetricsCSV(L.Callback):
             self._write(trainer, "val/")
 
 
-class LastCheckpoint(L.Callback):
-    """Keep ``last.ckpt`` at the newest state: at the end of training, and when it stops on an exception.
+class NonFiniteLossError(RunError):
+    """The training loss became NaN or infinite; the message names the step."""
 
-    Lightning's periodic checkpoints miss the final steps when ``max_steps`` is not a multiple of their period,
-    and a Ctrl-C would lose everything since the last one. The exception save is single-process only: in DDP
-    one failing rank cannot join the collective a checkpoint needs; there the periodic checkpoints are the resume
-    points.
+
+class NonFiniteGuard(L.Callback):
+    """Stop training before a non-finite loss reaches the parameters.
+
+    Checked before every backward pass (so no optimiser step is taken with it); in multi-process runs the ranks
+    agree first (one all-reduce of a flag), so every rank stops at the same step instead of waiting for the rank
+    that failed.
+    """
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        bad = torch.tensor(0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0, device=loss.device)
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce(bad, reduce_op="sum")
+        if float(bad) > 0:
+            raise NonFiniteLossError(
+                f"the training loss is not finite at step {trainer.global_step + 1} "
+                f"({float(loss.detach().float().mean()):.4g} on rank {trainer.global_rank}); training stopped "
+                "before that step changed the model"
+            )
+
+
+class GracefulInterrupt(L.Callback):
+    """The first Ctrl-C lets the current optimiser step finish, writes ``last.ckpt`` and stops; a second one
+    stops at once (Lightning's own handling). Single-process runs only: in multi-process runs the ranks would
+    see the signal at different steps, so there the periodic checkpoints are the resume points.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.requested = False
+        self._previous: Any = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import signal
+        import threading
+
+        if trainer.world_size > 1 or threading.current_thread() is not threading.main_thread():
+            return
+        self._previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.requested:  # second Ctrl-C: stop now
+                signal.signal(signal.SIGINT, self._previous)
+                raise KeyboardInterrupt
+            self.requested = True
+            log.warning("Ctrl-C: finishing this step, saving %s, then stopping (press again to stop at once)",
+                        self.path)
+
+        signal.signal(signal.SIGINT, handler)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.requested:
+            trainer.save_checkpoint(self.path)
+            raise KeyboardInterrupt
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+class LastCheckpoint(L.Callback):
+    """Keep ``last.ckpt`` at the newest good state: written at the end of training (Lightning's periodic
+    checkpoints miss the final steps when ``max_steps`` is not a multiple of their period).
+
+    When training stops on an exception the state is written to ``exception.ckpt`` beside it, never over it: the
+    failure may have left the model or optimiser half-updated, and ``--resume`` starts from ``last.ckpt``. In
+    multi-process runs only a non-finite loss (which every rank detects together) writes it: one failing rank
+    cannot join the collective a checkpoint needs.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
+    @property
+    def exception_path(self) -> Path:
+        return self.path.with_name("exception.ckpt")
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.save_checkpoint(self.path)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if trainer.world_size == 1 and trainer.global_step > 0:
-            log.warning("training stopped at step %d (%s); saving %s", trainer.global_step,
-                        type(exception).__name__, self.path)
-            trainer.save_checkpoint(self.path)
+        graceful = any(isinstance(c, GracefulInterrupt) and c.requested for c in trainer.callbacks)
+        if trainer.global_step == 0 or graceful:  # a graceful stop has just written last.ckpt
+            return
+        if trainer.world_size == 1 or isinstance(exception, NonFiniteLossError):
+            log.warning("training stopped at step %d (%s); its state is in %s, the last good one in %s",
+                        trainer.global_step, type(exception).__name__, self.exception_path, self.path)
+            trainer.save_checkpoint(self.exception_path)
 
 
 class SafetensorsWeights(L.Callback):
@@ -241,18 +326,28 @@ class StepProgressBar(L.pytorch.callbacks.RichProgressBar):
         return f"step {trainer.global_step}/{trainer.max_steps} (epoch {current_epoch})"
 
 
-class RankMetrics(L.Callback):
-    """In multi-process runs, each rank writes its final validation metrics to ``logs/rank<r>.json``.
+class DistributedReport(L.Callback):
+    """In multi-process runs, rank 0 writes ``distributed.json`` at the end of training: the world size, each
+    rank's parameter checksum and final validation metrics (gathered from every rank), so anyone can check that
+    the ranks stayed in sync and agree on the reduced metrics."""
 
-    The metrics are reduced across ranks (``sync_dist``), so every file must hold the same numbers; the DDP
-    test checks exactly that.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self, path: Path) -> None:
+        self.path = path
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.world_size < 2:
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        atomic_write_text(self.folder / f"rank{trainer.global_rank}.json", json.dumps(metrics, indent=2))
+        params = [p.detach().double().flatten() for p in pl_module.network.parameters()]
+        flat = torch.cat(params) if params else torch.zeros(1, dtype=torch.float64)
+        weights = torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64)
+        names = sorted(k for k in trainer.callback_metrics if k.startswith("val/"))
+        local = torch.tensor([float((flat * weights).sum()), float(flat.abs().sum()),
+                              *(float(trainer.callback_metrics[k]) for k in names)], dtype=torch.float64)
+        gathered = trainer.strategy.all_gather(local.to(pl_module.device)).cpu()  # (world, 2 + len(names))
+        if trainer.global_rank != 0:
+            return
+        doc = {"world_size": trainer.world_size,
+               "ranks": [{"rank": r, "parameter_checksum": float(row[0]), "parameter_abs_sum": float(row[1]),
+                          "val": {k: float(v) for k, v in zip(names, row[2:].tolist(), strict=True)}}
+                         for r, row in enumerate(gathered)]}
+        atomic_write_text(self.path, json.dumps(doc, indent=2))

@@ -1,129 +1,90 @@
-"""``train``: build the data, network and training system of a recipe and run Lightning on it."""
+"""``train``: ask the recipe's method plug-in for its system and data, then run Lightning on them.
+
+Generic: the method's package builds everything method-specific (:meth:`MethodPlugin.build`); this module owns
+the run folder, checkpoints, the non-finite-loss guard, resuming and multi-process training.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
+import shutil
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 
-from medmodal.engine.datamodule import CacheDataModule, EpochSeeder, resolve_source
-from medmodal.engine.recipe import Recipe, RecipeError, dump_recipe, load_recipe
+from medmodal.atomic import atomic_write_text
+from medmodal.engine.datamodule import EpochSeeder
+from medmodal.engine.distributed import is_rank_zero
+from medmodal.engine.plugin import Training, get_method
+from medmodal.engine.recipe import (
+    Recipe,
+    RecipeError,
+    apply_overrides,
+    dump_recipe,
+    load_recipe,
+    recipe_from_dict,
+    resolve_paths,
+)
 from medmodal.engine.run import (
+    DistributedReport,
+    GracefulInterrupt,
     LastCheckpoint,
     MetricsCSV,
-    RankMetrics,
+    NonFiniteGuard,
+    NonFiniteLossError,
     RunError,
     SafetensorsWeights,
     StepProgressBar,
-    atomic_write_text,
     attach_log_file,
     quiet_third_party,
     setup_run_folder,
 )
-from medmodal.methods.segmentation import SegmentationSystem
-from medmodal.methods.shaspec import ShaSpecSystem
-from medmodal.networks.registry import create_network
+from medmodal.engine.runinfo import RunInfo, training_data_description, write_run_info
 
 log = logging.getLogger("medmodal")
 
-
-def network_kwargs(recipe: Recipe, modalities: Sequence[str], n_regions: int) -> dict:
-    """Constructor arguments of the recipe's network: the shared vocabulary plus ``model.kwargs``."""
-    classification = getattr(recipe.method, "task", "segmentation") == "classification"
-    shared = {
-        "spatial_dims": recipe.spatial_dims,
-        "modalities": list(modalities),
-        "out_channels": 0 if classification else n_regions,
-    }
-    clash = sorted(set(shared) & set(recipe.model.kwargs))
-    if clash:
-        raise RecipeError(f"model.kwargs: {clash} are set from the data; remove them from the recipe")
-    if classification and int(recipe.model.kwargs.get("num_classes", 0)) < 2:
-        raise RecipeError("model.kwargs.num_classes: a classification task needs num_classes >= 2")
-    kw = recipe.model.kwargs
-    if classification and kw.get("norm", "instance") == "instance" and kw.get("cls_pool", "avg") == "avg":
-        log.warning(
-            "model.kwargs: classification with instance norm and an average-pooled head sees only the shape of "
-            "each feature's distribution (instance norm removes every sample's mean); on the phantom it learns a "
-            "constant class. Set model.kwargs.norm=batch or model.kwargs.cls_pool=avgmax (docs/shaspec.md)."
-        )
-    return {**shared, **kw}
+#: recipe fields ``--resume`` may change: they alter neither the data seen nor the optimisation so far.
+RESUME_SAFE = ("train.max_steps", "train.progress", "train.threads", "train.checkpoint_every_steps",
+               "train.gradient_clip_norm", "train.accelerator", "eval.")
 
 
-def build_system(recipe: Recipe, modalities: Sequence[str], regions: dict) -> tuple[L.LightningModule, dict]:
-    """The training system of ``recipe`` with a freshly initialised network; also returns the network kwargs."""
-    kwargs = network_kwargs(recipe, modalities, len(regions))
-    try:
-        network = create_network(recipe.model.name, **kwargs)
-    except (KeyError, TypeError, ValueError) as err:
-        raise RecipeError(f"model: {err}") from None
-    t, m = recipe.train, recipe.method
-    common = dict(
-        network=network,
-        regions=regions,
-        roi_size=recipe.eval_roi_size,
-        optimizer=t.optimizer,
-        lr=t.lr,
-        weight_decay=t.weight_decay,
-        momentum=t.momentum,
-        schedule=t.schedule,
-        max_steps=t.max_steps,
-        warmup_steps=t.warmup_steps,
-        lambda_dice=m.lambda_dice,
-        lambda_bce=m.lambda_bce,
-        overlap=recipe.eval.overlap,
-        sw_batch_size=recipe.eval.sw_batch_size,
-        seed=recipe.seed,
-        channels_last=t.channels_last,
-    )
-    if m.name == "zero_fill":
-        return SegmentationSystem(modality_dropout=m.modality_dropout, **common), kwargs
-    if m.name == "shaspec":
-        try:
-            system = ShaSpecSystem(
-                task=m.task, alpha=m.alpha, beta=m.beta, dao_form=m.dao_form, dao_pairs=m.dao_pairs,
-                aux_on_missing=m.aux_on_missing, subset_sampler=m.subset_sampler, sample_per=m.sample_per,
-                dedicated=m.dedicated, phases=[(p.steps, p.sampler) for p in m.phases or []],
-                phase_schedule=m.phase_schedule, **common,
-            )
-        except ValueError as err:
-            raise RecipeError(f"method: {err}") from None
-        return system, kwargs
-    raise RecipeError(f"method.name: {m.name!r} cannot be trained on cases by this engine")
+def build_training(recipe: Recipe) -> Training:
+    """The method plug-in's system, data module and run description for ``recipe``."""
+    return get_method(recipe.method.name).build(recipe)
 
 
-def build_training(recipe: Recipe) -> tuple[L.LightningModule, L.LightningDataModule, dict]:
-    """System, data module and network kwargs of ``recipe``, dispatched on ``method.name``.
+def resume_overrides(stored: Recipe, overrides: Mapping[str, Any]) -> Recipe:
+    """``stored`` with the ``--set`` options of a ``--resume`` applied, if they are safe to change mid-run.
 
-    The data module exposes ``train_ids`` and ``val_ids`` once set up (written to ``split.json``).
+    Safe: :data:`RESUME_SAFE` (``train.max_steps`` only upwards of the steps done is checked by the caller).
+    ``train.devices`` and ``train.num_nodes`` may be repeated with their stored value only: each rank's random
+    state is in the checkpoint. Anything else would make the resumed run a different run: a
+    :class:`RecipeError` says so and what to do instead.
     """
-    if recipe.method.name == "deepstaple":
-        from medmodal.engine.deepstaple import build_deepstaple
-
-        return build_deepstaple(recipe)
-    source = resolve_source(recipe.data)
-    regions = dict(source.info.regions)
-    system, kwargs = build_system(recipe, source.modalities, regions)
-    t = recipe.train
-    data = CacheDataModule(
-        source=source,
-        patch_size=tuple(recipe.data.patch_size),
-        batch_size=recipe.data.batch_size,
-        steps_per_epoch=min(t.val_every_steps, t.max_steps),
-        foreground_fraction=recipe.data.foreground_fraction,
-        num_workers=recipe.data.num_workers,
-        val_fraction=recipe.data.val_fraction,
-        seed=recipe.seed,
-        progress=t.progress,
-    )
-    return system, data, kwargs
+    if not overrides:
+        return stored
+    refused = []
+    for key, value in overrides.items():
+        if key in ("train.devices", "train.num_nodes"):
+            if int(value) != getattr(stored.train, key.split(".")[1]):
+                refused.append(f"{key}={value} (the run trains on {stored.train.devices} device(s) × "
+                               f"{stored.train.num_nodes} node(s); each rank's random state is in the checkpoint)")
+        elif not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_SAFE):
+            refused.append(key)
+    if refused:
+        raise RecipeError(
+            "--resume cannot change " + ", ".join(refused) + "; resuming continues the same run. Allowed: "
+            + ", ".join(k + ("*" if k.endswith(".") else "") for k in RESUME_SAFE)
+            + ". Start a new run (`medmodal train RECIPE --set ...`) to change the rest."
+        )
+    data = apply_overrides(stored.model_dump(mode="json"), dict(overrides))
+    return recipe_from_dict(data, where="--resume --set")
 
 
 def train(
@@ -132,57 +93,91 @@ def train(
     *,
     resume: bool = False,
     overwrite: bool = False,
+    overrides: Mapping[str, Any] | None = None,
     callbacks: Sequence[L.Callback] = (),
 ) -> Path:
     """Train ``recipe`` into ``run_dir`` (see :mod:`medmodal.engine.run` for the layout).
 
-    With ``resume=True`` the run continues from ``run_dir/checkpoints/last.ckpt`` with the recipe stored in
-    the run folder (``recipe`` may then be ``None``); an existing non-empty folder is never overwritten unless
-    ``overwrite=True``.
+    With ``resume=True`` the run continues from ``run_dir/checkpoints/last.ckpt`` with the recipe stored in the
+    run folder (``recipe`` must then be ``None``; ``overrides`` may change what :func:`resume_overrides`
+    allows). An existing non-empty folder is replaced only with ``overwrite=True``, and only once the recipe has
+    been validated and its data, network and system built. A run that fails before its first optimiser step
+    leaves no folder behind.
+
+    In multi-process training (``train.devices × train.num_nodes > 1``, launched by Lightning, torchrun or
+    SLURM) every rank calls this function; rank 0 alone writes the run folder, its logs and reports.
     """
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()
+    rank0 = is_rank_zero()
     if resume:
+        if recipe is not None:
+            raise RecipeError("--resume takes the recipe from the run folder; do not name a recipe as well")
         setup_run_folder(run_dir, resume=True, overwrite=False)
-        recipe = load_recipe(run_dir / "recipe.yaml")
-    elif not _is_ddp_child():  # DDP children re-run this function after rank 0 created the folder
-        setup_run_folder(run_dir, resume=False, overwrite=overwrite)
-    if recipe is None:
+        stored = load_recipe(run_dir / "recipe.yaml")
+        recipe = resume_overrides(stored, overrides or {})
+        done = _checkpoint_step(run_dir / "checkpoints" / "last.ckpt")
+        if recipe.train.max_steps < done:
+            raise RecipeError(f"train.max_steps={recipe.train.max_steps}: the run has done {done} steps already")
+    elif recipe is None:
         raise RecipeError("train: a recipe is required unless resuming")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    attach_log_file(run_dir)
-    quiet_third_party()
+    elif overrides:
+        raise RecipeError("train: overrides apply to --resume only; put them in the recipe")
+    else:
+        recipe = resolve_paths(recipe)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
+    quiet_third_party()
     L.seed_everything(recipe.seed, workers=True, verbose=False)
+    plugin = get_method(recipe.method.name)
+    built = plugin.build(recipe)  # validates data, network and system before anything is written or deleted
 
-    system, data, kwargs = build_training(recipe)
-    t = recipe.train
-    if not resume and not _is_ddp_child():
+    created = False
+    if rank0 and not resume:
+        created = setup_run_folder(run_dir, resume=False, overwrite=overwrite)
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        attach_log_file(run_dir)
         atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+        write_run_info(run_dir, RunInfo(
+            method=recipe.method.name, task=built.task, spatial_dims=recipe.spatial_dims,
+            modalities=list(built.modalities), preprocessing=built.preprocessing,
+            network={"name": built.network_name, "kwargs": built.network_kwargs}, inference=built.inference,
+            training_data=training_data_description(recipe, dataset_name=_dataset_name(built),
+                                                    synthetic=_synthetic(built)),
+        ))
 
+    t = recipe.train
     ckpt_dir = run_dir / "checkpoints"
     cbs: list[L.Callback] = [
+        NonFiniteGuard(),
         L.pytorch.callbacks.ModelCheckpoint(
             dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
             every_n_train_steps=t.checkpoint_every_steps, save_last=True, save_top_k=0,
         ),
         LastCheckpoint(ckpt_dir / "last.ckpt"),
-        SafetensorsWeights(run_dir / "weights", name=recipe.model.name, kwargs=kwargs),
+        GracefulInterrupt(ckpt_dir / "last.ckpt"),
+        SafetensorsWeights(run_dir / "weights", name=built.network_name, kwargs=built.network_kwargs),
         MetricsCSV(run_dir / "metrics.csv"),
-        RankMetrics(run_dir / "logs"),
+        DistributedReport(run_dir / "distributed.json"),
         EpochSeeder(),
+        *built.callbacks,
         *callbacks,
     ]
     if t.progress:
         cbs.append(StepProgressBar(leave=True))
-    multi = t.devices * t.num_nodes > 1
+    multi = recipe.world_size > 1
+    strategy: Any = "auto"
+    if multi:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(find_unused_parameters=plugin.ddp_find_unused_parameters(recipe))
     trainer = L.Trainer(
         max_steps=t.max_steps,
         max_epochs=-1,  # max_steps ends training; an epoch is val_every_steps batches
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy="ddp" if multi else "auto",
+        strategy=strategy,
         precision=t.precision,
         callbacks=cbs,
         logger=False,
@@ -192,13 +187,22 @@ def train(
         check_val_every_n_epoch=1,
         log_every_n_steps=1,
         default_root_dir=run_dir,
+        use_distributed_sampler=False,  # the data modules split batches between ranks themselves
+        gradient_clip_val=t.gradient_clip_norm if built.system.automatic_optimization else None,
     )
     ckpt = ckpt_dir / "last.ckpt" if resume else None
     log.info("training %s (%s) into %s%s", recipe.model.name, recipe.method.name, run_dir,
              f", resuming from {ckpt}" if ckpt else "")
     previous_sigint = signal.getsignal(signal.SIGINT)
     try:
-        trainer.fit(system, datamodule=data, ckpt_path=ckpt)
+        trainer.fit(built.system, datamodule=built.data, ckpt_path=ckpt)
+    except NonFiniteLossError as err:
+        raise RunError(
+            f"{err}. The last good state is {ckpt_dir / 'last.ckpt'} (step "
+            f"{_checkpoint_step(ckpt_dir / 'last.ckpt') if (ckpt_dir / 'last.ckpt').is_file() else 0}); the state "
+            f"at the failure is in {ckpt_dir / 'exception.ckpt'}. Lower train.lr or set train.gradient_clip_norm "
+            "and train again, or resume with `--set train.gradient_clip_norm=1.0`."
+        ) from None
     except SystemExit:  # Lightning turns Ctrl-C into a graceful shutdown followed by sys.exit(1)
         if trainer.interrupted:
             raise RunError(
@@ -206,16 +210,30 @@ def train(
                 f"continue with `medmodal train --resume {run_dir}`"
             ) from None
         raise
+    except BaseException:
+        if created and trainer.global_step == 0 and rank0:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing trained: leave no folder that blocks a retry
+        raise
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous_sigint)  # Lightning leaves Ctrl-C ignored after an interrupt
     if trainer.global_rank == 0:
         atomic_write_text(
-            run_dir / "split.json", json.dumps({"train": data.train_ids, "val": data.val_ids}, indent=2)
+            run_dir / "split.json",
+            json.dumps({"train": built.data.train_ids, "val": built.data.val_ids}, indent=2),
         )
     return run_dir
 
 
-def _is_ddp_child() -> bool:
-    """True in the processes Lightning's DDP launcher starts besides rank 0."""
-    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
+def _checkpoint_step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+
+
+def _dataset_name(built: Training) -> str:
+    source = getattr(built.data, "source", None)
+    return getattr(getattr(source, "info", None), "name", "") or ""
+
+
+def _synthetic(built: Training) -> bool:
+    source = getattr(built.data, "source", None)
+    return bool(getattr(getattr(source, "info", None), "synthetic", False))

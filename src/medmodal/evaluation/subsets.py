@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +13,7 @@ from torch import nn
 
 from medmodal.evaluation.inference import nonempty_subsets, predict_subsets, subset_masks
 from medmodal.evaluation.metrics import region_metrics
-from medmodal.transforms import drop_small_region, labels_to_regions
+from medmodal.transforms import labels_to_regions
 
 log = logging.getLogger("medmodal")
 
@@ -48,7 +48,7 @@ def evaluate_subsets(
     subsets: Sequence[Sequence[str]] | None = None,
     model_name: str = "model",
     progress: bool = True,
-    et_min_voxels: int | None = None,
+    postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[SubsetResult]:
     """Dice and HD95 of ``network`` on labelled cached ``cases`` under every modality subset.
 
@@ -62,7 +62,8 @@ def evaluate_subsets(
         modalities: the ``M`` channel names; regions: region name → label values.
         roi_size, overlap, sw_batch_size: sliding-window settings.
         subsets: which subsets to evaluate (default: all ``2**M - 1``).
-        et_min_voxels: ShaSpec* post-processing (:func:`~medmodal.transforms.drop_small_region`), off if None.
+        postprocess: maps the ``(K, R, *S)`` bool predictions before scoring (e.g. ShaSpec*'s small-ET rule,
+            :func:`~medmodal.transforms.drop_small_region`); none if None.
     """
     subsets = [tuple(s) for s in subsets] if subsets is not None else nonempty_subsets(modalities)
     all_masks = subset_masks(modalities, subsets)
@@ -86,8 +87,8 @@ def evaluate_subsets(
                 network, image, all_masks[ok], roi_size=roi_size, overlap=overlap, sw_batch_size=sw_batch_size
             )
             pred = logits.sigmoid() > 0.5
-            if et_min_voxels and "ET" in regions:
-                pred = drop_small_region(pred, channel=list(regions).index("ET"), min_voxels=et_min_voxels)
+            if postprocess is not None:
+                pred = postprocess(pred)
             target = labels_to_regions(torch.from_numpy(np.array(label, dtype=np.int64))[None, None], regions)
             dice, hd = region_metrics(pred, target, spacing=case.geometry.spacing)
             for row, k in enumerate(ok):

@@ -100,4 +100,5 @@ def drop_modalities(batch: Batch, keep: torch.Tensor) -> Batch:
         label=batch.label,
         target=batch.target,
         case_id=list(batch.case_id),
+        weight=batch.weight,
     )

@@ -1,7 +1,7 @@
-"""DeepSTAPLE (Weihsbach et al., WBIR 2022) in the engine: candidate labels, training, θ export, DP consensus.
+"""DeepSTAPLE (Weihsbach et al., WBIR 2022): candidate labels, their data module, θ export and DP consensus.
 
 A ``method.name: deepstaple`` recipe names its targets (``data.path`` or the phantom) and their candidate labels
-(``data.candidates``: a registration manifest, or seeded disturbances of each target's own label).
+(``method.candidates``: a registration manifest, or seeded disturbances of each target's own label).
 :func:`build_deepstaple` returns the :class:`~medmodal.methods.deepstaple.DeepStapleSystem`, a
 :class:`DeepStapleDataModule` of (target image, candidate label, label index) samples and the network kwargs;
 training ends with ``RUN/data_parameters.csv`` (θ per label), which :func:`write_dp_consensus` uses to fuse each
@@ -25,11 +25,15 @@ import torch
 from nibabel.orientations import apply_orientation
 from torch.utils.data import DataLoader, Dataset
 
+from medmodal.atomic import atomic_write_text
 from medmodal.data.case import Case, DataError, Volume
 from medmodal.data.preprocess import CaseGeometry
 from medmodal.engine.datamodule import resolve_source, select_modalities, split_cases
+from medmodal.engine.distributed import RankShard, ValidationShard, per_rank_batch
+from medmodal.engine.plugin import Training
 from medmodal.engine.recipe import Recipe, RecipeError, load_recipe
-from medmodal.engine.run import RunError, atomic_write_text
+from medmodal.engine.run import RunError
+from medmodal.engine.runinfo import TaskInfo
 
 log = logging.getLogger("medmodal")
 
@@ -99,7 +103,7 @@ def read_registration_manifest(path: Path) -> list[dict[str, str]]:
     """Rows of a registration manifest with ``status`` ok (or no status column); checks columns and files."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data.candidates.manifest: {path} not found; run `medmodal register` first")
+        raise DataError(f"method.candidates.manifest: {path} not found; run `medmodal register` first")
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
@@ -137,10 +141,10 @@ def load_label_set(recipe: Recipe, *, training_grid: bool = True) -> LabelSet:
     from medmodal.transforms.label_noise import dice as dice_fn
     from medmodal.transforms.label_noise import disturb_label, label_seed
 
-    cand = recipe.data.candidates
+    cand = recipe.method.candidates
     if cand is None:
-        raise RecipeError("data.candidates: DeepSTAPLE needs candidate labels: set data.candidates.manifest "
-                          "(registered labels) or data.candidates.noise (synthetic labels)")
+        raise RecipeError("method.candidates: DeepSTAPLE needs candidate labels: set method.candidates.manifest "
+                          "(registered labels) or method.candidates.noise (synthetic labels)")
     if cand.manifest is not None and recipe.data.path is None:
         raise RecipeError("data.path: a registration manifest needs the target data set it was registered onto")
     source = resolve_source(recipe.data)
@@ -259,7 +263,11 @@ class _WholeTargets(Dataset):
 
 
 class DeepStapleDataModule(L.LightningDataModule):
-    """Candidate-label samples of the training targets; whole validation targets (scored against references)."""
+    """Candidate-label samples of the training targets; whole validation targets (scored against references).
+
+    ``batch_size`` is the global batch; in multi-process training each rank takes its share of every batch of the
+    epoch's label order (:class:`~medmodal.engine.distributed.RankShard`) and every ``W``-th validation target.
+    """
 
     def __init__(self, *, label_set: LabelSet, train_ids: Sequence[str], val_ids: Sequence[str],
                  patch_size: Sequence[int], batch_size: int, num_workers: int = 0, seed: int = 0) -> None:
@@ -268,14 +276,23 @@ class DeepStapleDataModule(L.LightningDataModule):
         self.train_labels = [lab for lab in label_set.labels if lab.target in set(self.train_ids)]
         self.patch_size, self.batch_size, self.num_workers, self.seed = patch_size, batch_size, num_workers, seed
 
+    @property
+    def _ranks(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
         ds = CandidateLabelDataset(labels=self.train_labels, targets=self.label_set.targets,
                                    patch_size=self.patch_size, seed=self.seed)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        rank, world = self._ranks
+        shard = RankShard(ds, rank=rank, world_size=world, batch_size=self.batch_size)
+        return DataLoader(shard, batch_size=shard.local_batch, shuffle=False, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         ds = _WholeTargets([self.label_set.targets[t] for t in self.val_ids])
-        return DataLoader(ds, batch_size=1, shuffle=False, num_workers=self.num_workers)
+        rank, world = self._ranks
+        return DataLoader(ValidationShard(ds, rank=rank, world_size=world), batch_size=1, shuffle=False,
+                          num_workers=self.num_workers)
 
 
 class DataParameterExport(L.Callback):
@@ -306,17 +323,16 @@ def read_data_parameters(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def build_deepstaple(recipe: Recipe) -> tuple[L.LightningModule, DeepStapleDataModule, dict]:
-    """System, data module and network kwargs of a ``method.name: deepstaple`` recipe."""
-    from medmodal.engine.train import network_kwargs
-    from medmodal.methods.deepstaple import DeepStapleSystem
-    from medmodal.networks.registry import create_network
+def build_deepstaple(recipe: Recipe) -> Training:
+    """System, data module and run description of a ``method.name: deepstaple`` recipe."""
+    from medmodal.engine.cases import PREPROCESSING, build_network, network_kwargs
+    from medmodal.methods.deepstaple.system import DeepStapleSystem
 
     m, t, d = recipe.method, recipe.train, recipe.data
-    if m.name != "deepstaple":
-        raise RecipeError(f"method.name: expected deepstaple, got {m.name!r}")
-    if t.devices * t.num_nodes > 1:
-        raise RecipeError("train.devices: DeepSTAPLE trains in one process (θ rows would diverge across ranks)")
+    try:
+        per_rank_batch(d.batch_size, recipe.world_size)
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
     # train()'s periodic checkpoints hold the state after both steps of a batch, which is what resuming needs
     warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
     label_set = load_label_set(recipe)
@@ -328,13 +344,8 @@ def build_deepstaple(recipe: Recipe) -> tuple[L.LightningModule, DeepStapleDataM
     single = sorted(tid for tid, c in counts.items() if c < 2)
     if single:
         log.warning("target(s) %s have one candidate label only: their consensus is that label", single[:5])
-    if t.warmup_steps:
-        raise RecipeError("train.warmup_steps: DeepSTAPLE uses the paper's step decay (method.lr_decay); remove it")
-    kwargs = network_kwargs(recipe, label_set.modalities, 2)
-    try:
-        network = create_network(recipe.model.name, **kwargs)
-    except (KeyError, TypeError, ValueError) as err:
-        raise RecipeError(f"model: {err}") from None
+    kwargs = network_kwargs(recipe, label_set.modalities, out_channels=2)
+    network = build_network(recipe.model.name, kwargs)
     fg = [int(np.count_nonzero(lab.mask)) for lab in labels]
     total = sum(int(lab.mask.size) for lab in labels)
     system = DeepStapleSystem(
@@ -345,11 +356,21 @@ def build_deepstaple(recipe: Recipe) -> tuple[L.LightningModule, DeepStapleDataM
         optimizer=t.optimizer, lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum, schedule=t.schedule,
         max_steps=t.max_steps, lr_decay=m.lr_decay, lr_gamma=m.lr_gamma, lr_decay_every=m.lr_decay_every,
         roi_size=recipe.eval_roi_size, overlap=recipe.eval.overlap, sw_batch_size=recipe.eval.sw_batch_size,
-        callbacks=[DataParameterExport(labels)],
     )
     log.info("DeepSTAPLE: %d training labels on %d targets, %d validation targets",
              len(labels), len(train_ids), len(val_ids))
-    return system, data, kwargs
+    fg_values = m.candidates.foreground if m.candidates is not None else None
+    task = TaskInfo(kind="labels", label_values=[0, 1], label_names={0: "background", 1: "foreground"})
+    spacing = list(d.target_spacing) if d.target_spacing else None
+    return Training(
+        system=system, data=data, network_name=recipe.model.name, network_kwargs=kwargs, task=task,
+        modalities=tuple(label_set.modalities),
+        preprocessing={**PREPROCESSING, "target_spacing": spacing,
+                       "foreground": fg_values or "every non-zero label value"},
+        inference={"roi_size": list(recipe.eval_roi_size), "overlap": recipe.eval.overlap,
+                   "sw_batch_size": recipe.eval.sw_batch_size},
+        callbacks=[DataParameterExport(labels)],
+    )
 
 
 def consensus_inputs(run_dir: Path) -> tuple[LabelSet, dict[str, tuple[np.ndarray, np.ndarray, list[dict]]]]:

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from medmodal.data.case import Batch
+from medmodal.engine.system import lr_factor
 from medmodal.losses.shaspec import DaoForm, DaoPairs, dao_loss, dco_loss
-from medmodal.methods.segmentation import SegmentationSystem, lr_factor
+from medmodal.methods.zero_fill.system import SegmentationSystem
 from medmodal.transforms import drop_modalities, labels_to_regions, sample_modality_subsets
 
 
@@ -177,9 +178,17 @@ class ShaSpecSystem(SegmentationSystem):
             return super().validation_step(batch, batch_idx)
         if batch.target is None:
             return None
+        weight = batch.weight if batch.weight is not None else torch.ones(len(batch))
         logits = torch.cat(
             [self.network(batch.image[i : i + 1], batch.available[i : i + 1]) for i in range(len(batch))]
         )
-        acc = (logits.argmax(1) == batch.target.long()).float().mean()
-        self.log("val/accuracy", acc, sync_dist=True, prog_bar=True, batch_size=len(batch))
+        correct = (logits.argmax(1) == batch.target.long()).double()
+        self.add_val_metric("accuracy", correct, weight)
         return None
+
+    def val_metric_names(self) -> Sequence[str]:
+        return ["accuracy"] if self.task == "classification" else super().val_metric_names()
+
+    @property
+    def progress_metrics(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("accuracy",) if self.task == "classification" else ("dice_mean",)

@@ -22,10 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medmodal.atomic import atomic_write_text
 from medmodal.engine.datamodule import phantom_dir
-from medmodal.engine.evaluate import evaluate_run, evaluation_cases, write_feature_picture
+from medmodal.engine.evaluate import write_evaluation
+from medmodal.engine.plugin import get_method
 from medmodal.engine.recipe import Recipe, builtin_recipe_path, load_recipe
-from medmodal.engine.run import RunError, atomic_write_text, load_network
+from medmodal.engine.run import RunError
+from medmodal.engine.runinfo import load_run
 from medmodal.engine.train import train
 from medmodal.evaluation.report import (
     SYNTHETIC_NOTE,
@@ -151,8 +154,12 @@ def _train_and_evaluate(job: _Job, *, overwrite: bool, progress: bool, threads: 
     t = time.perf_counter()
     _train_or_resume(job.recipe, job.run_dir, overwrite=overwrite)
     seconds = time.perf_counter() - t
-    rows = evaluate_run(job.run_dir, out_dir=job.run_dir / "eval", model_name=f"{job.model.name}@{job.seed}",
-                        progress=progress, overwrite=True)
+    run = load_run(job.run_dir)
+    plugin = get_method(run.info.method)
+    rows, details, synthetic, _ = plugin.evaluation_rows(run, split="val", progress=progress,
+                                                         model_name=f"{job.model.name}@{job.seed}")
+    write_evaluation(rows, job.run_dir / "eval", title=f"{run.recipe.name}: Dice per modality subset",
+                     synthetic=synthetic, details=details)
     return rows, seconds
 
 
@@ -208,11 +215,14 @@ def run_quickstart(out: Path, *, fast: bool = False, overwrite: bool = False, jo
         fig = out / f"training_curves_{model.key}.png"
         plot_training_curves(run_dir / "metrics.csv", fig, title=f"{model.name}, seed {seeds[0]}")
         figures.append(f"![{model.name} training]({fig.name})")
-    shaspec_run = out / "runs" / f"shaspec_seed{seeds[0]}"
-    rec = recipes["ShaSpec"]
-    cases, source = evaluation_cases(shaspec_run, rec, split="val", progress=False)
-    scores = write_feature_picture(load_network(shaspec_run / "weights"), cases, out,
-                                   modalities=source.modalities, roi_size=rec.eval_roi_size,
+    from medmodal.engine.datamodule import prepare_cache, resolve_source
+    from medmodal.methods.shaspec import write_feature_picture
+
+    shaspec_run = load_run(out / "runs" / f"shaspec_seed{seeds[0]}")
+    index = prepare_cache(resolve_source(shaspec_run.recipe.data), progress=False)
+    cases = list(index.subset(shaspec_run.split("val")).cases)
+    scores = write_feature_picture(shaspec_run.network(), cases, out, modalities=shaspec_run.info.modalities,
+                                   roi_size=shaspec_run.info.inference["roi_size"],
                                    title="ShaSpec features of held-out phantom cases (seed 0)")
     atomic_write_text(report, _report_text(recipes, names, summary, means, figures, scores, seeds=seeds,
                                            n_cases=len({r.case_id for r in rows}), timings=timings,
@@ -319,12 +329,10 @@ def _report_text(recipes, names, summary, means, figures, scores, *, seeds, n_ca
 
 def _method_summary(recipe: Recipe) -> str:
     m = recipe.method
-    if m.name == "zero_fill":
-        return f"modality dropout {m.modality_dropout}"
     if m.name == "shaspec":
         phases = ", ".join(f"{p.steps} {p.sampler}" for p in m.phases or []) or "random subsets throughout"
         return f"α={m.alpha}, β={m.beta}, {m.subset_sampler} subsets per {m.sample_per}; phases: {phases}"
-    return m.name
+    return f"modality dropout {m.modality_dropout}" if hasattr(m, "modality_dropout") else m.name
 
 
 def read_summary(path: Path) -> list[dict[str, str]]:

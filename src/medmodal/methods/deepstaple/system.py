@@ -19,7 +19,8 @@ Per batch, the **out-of-line** (``"ool"``) update of the paper (manual optimisat
 The θ optimiser is stepped outside Lightning's optimiser wrapper, so ``global_step`` counts network steps (one
 per batch), and its loss never passes through an AMP gradient scaler (its graph holds only θ). Both optimisers
 and the schedule are returned by ``configure_optimizers``, so they are in every checkpoint and a run resumes.
-DeepSTAPLE runs in one process: θ rows are updated per sample and would diverge across DDP ranks.
+In multi-process training the network is synchronised by DDP and θ by computing its update from the gathered
+global batch on every rank (θ is excluded from DDP), so N ranks train as one process with the same global batch.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 from scipy import stats
 from torch import nn
 
+from medmodal.engine.system import MethodSystem, lr_factor, make_optimizer
 from medmodal.evaluation.inference import predict_subsets
 from medmodal.losses.data_parameters import (
     batch_weights,
@@ -44,7 +46,6 @@ from medmodal.losses.data_parameters import (
     foreground_fraction,
     per_sample_cross_entropy,
 )
-from medmodal.methods.segmentation import lr_factor, make_optimizer
 
 
 def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
@@ -65,7 +66,7 @@ def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) ->
     return float(stats.pearsonr(a[keep], b[keep]).statistic)
 
 
-class DeepStapleSystem(L.LightningModule):
+class DeepStapleSystem(MethodSystem):
     """Train a segmentation network on candidate labels while learning one data parameter per label.
 
     Args:
@@ -120,7 +121,7 @@ class DeepStapleSystem(L.LightningModule):
         sw_batch_size: int = 2,
         callbacks: Sequence[L.Callback] = (),
     ) -> None:
-        super().__init__()
+        super().__init__(seed=0)
         if dp_update not in ("ool", "inline"):
             raise ValueError(f"dp_update must be 'ool' or 'inline', got {dp_update!r}")
         if fixed_weighting not in ("log_fg", "off"):
@@ -128,6 +129,8 @@ class DeepStapleSystem(L.LightningModule):
         if lr_decay not in ("schedule", "faithful"):
             raise ValueError(f"lr_decay must be 'schedule' or 'faithful', got {lr_decay!r}")
         self.automatic_optimization = False
+        # θ is updated identically on every rank from the gathered global batch (see _dp_loss), not by DDP
+        self._ddp_params_and_buffers_to_ignore = ["data_parameters.weight"]
         self.network = network
         fg = torch.as_tensor(foreground_voxels, dtype=torch.float64)
         if fg.ndim != 1 or fg.numel() == 0:
@@ -161,15 +164,34 @@ class DeepStapleSystem(L.LightningModule):
         """Spearman correlation between θ and the known true Dice of the labels (NaN if unknown)."""
         return spearman(self.theta.cpu().numpy(), self.true_dice.cpu().numpy())
 
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` of every rank, concatenated in rank order (the global batch); ``t`` itself in one process."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return t
+        return self.all_gather(t).flatten(0, 1)
+
     def _dp_loss(self, logits: torch.Tensor, label: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``(L_dp for θ (ℓ detached), per-sample ℓ (with graph), detached weights)``."""
+        """``(L_dp for θ (ℓ detached), per-sample ℓ (with graph), detached weights of this rank's samples)``.
+
+        ``L_dp`` and the weights are those of the **global** batch: in multi-process training every rank gathers
+        the batch's label ids, losses and foreground fractions and computes the same θ update (θ is not
+        synchronised by DDP), so θ stays identical on every rank and equals the one-process θ. The returned
+        weights are scaled by the world size, so that DDP's gradient average of ``Σ_local w_b ℓ_b`` is the
+        global ``Σ_b w_b ℓ_b``.
+        """
         weight = self.class_weight if self.dp_loss_class_weights else None
         sample_loss = per_sample_cross_entropy(logits, label, weight=weight)
-        theta = self.data_parameters(ids)[:, 0].float()
-        divisor = self.phi[ids] if self.fixed_weighting == "log_fg" else None
-        loss = data_parameter_loss(theta, sample_loss.detach(), foreground_fraction(logits),
+        all_ids = self._gather(ids)
+        theta = self.data_parameters(all_ids)[:, 0].float()
+        divisor = self.phi[all_ids] if self.fixed_weighting == "log_fg" else None
+        loss = data_parameter_loss(theta, self._gather(sample_loss.detach()), self._gather(foreground_fraction(logits)),
                                    divisor=divisor, risk=self.risk_regularization)
-        return loss, sample_loss, batch_weights(theta.detach(), divisor)
+        w = batch_weights(theta.detach(), divisor)
+        world = 1 if self._trainer is None else self.trainer.world_size
+        if world > 1:
+            b = len(ids)
+            w = w[self.global_rank * b : (self.global_rank + 1) * b] * world
+        return loss, sample_loss, w
 
     # -- steps ----------------------------------------------------------------------------------------------
     def configure_callbacks(self) -> list[L.Callback]:
@@ -236,9 +258,15 @@ class DeepStapleSystem(L.LightningModule):
         if self.lr_decay == "schedule" or self.current_epoch % self.lr_decay_every == 0:
             sched.step()
 
+    def val_metric_names(self) -> Sequence[str]:
+        return ["dice"]
+
+    progress_metrics = ("dice",)
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        weight = batch.get("weight", torch.ones(len(batch["image"])))
         for i in range(len(batch["image"])):
-            if not bool(batch["has_reference"][i]):
+            if not bool(batch["has_reference"][i]) or float(weight[i]) == 0:
                 continue
             logits = predict_subsets(
                 self.network, batch["image"][i : i + 1], batch["available"][i : i + 1],
@@ -247,7 +275,7 @@ class DeepStapleSystem(L.LightningModule):
             pred, ref = logits[0].argmax(0) != 0, batch["reference"][i] != 0
             total = pred.sum() + ref.sum()
             dice = torch.ones(()) if total == 0 else 2 * (pred & ref).sum() / total
-            self.log("val/dice", dice.float(), prog_bar=True, batch_size=1)
+            self.add_val_metric("dice", dice, weight[i])
 
     # -- optimisation ---------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

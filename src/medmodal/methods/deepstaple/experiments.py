@@ -28,11 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medmodal.engine.deepstaple import consensus_inputs
+from medmodal.atomic import atomic_write_text
 from medmodal.engine.recipe import Recipe, recipe_from_dict
-from medmodal.engine.run import RunError, atomic_write_text
+from medmodal.engine.run import RunError
 from medmodal.engine.train import train
 from medmodal.evaluation.report import _pyplot, _save_figure
+from medmodal.methods.deepstaple.labels import consensus_inputs
 
 log = logging.getLogger("medmodal")
 FUSIONS = ("dp", "staple", "majority", "random", "mean_all", "best")
@@ -62,7 +63,7 @@ class LabelQuality:
 def evaluate_label_quality(run_dir: Path, *, seed: int = 0) -> LabelQuality:
     """Correlate θ with the true label quality and score every fusion of each target's labels."""
     from medmodal.fusion import dp_consensus, majority_vote, staple
-    from medmodal.methods.deepstaple import pearson, spearman
+    from medmodal.methods.deepstaple.system import pearson, spearman
     from medmodal.transforms.label_noise import dice
 
     label_set, inputs = consensus_inputs(run_dir)
@@ -108,13 +109,14 @@ def _n_train(n: int, val_fraction: float) -> int:
     return n - min(n - 1, max(1, round(val_fraction * n)))  # as medmodal.engine.datamodule.split_cases
 
 
-def _recipe(name: str, data: dict, scale: Scale, *, epochs: int, n_labels: int, dp_update: str, seed: int) -> Recipe:
+def _recipe(name: str, data: dict, scale: Scale, *, epochs: int, n_labels: int, dp_update: str, seed: int,
+            candidates: dict) -> Recipe:
     steps = epochs * math.ceil(n_labels / scale.batch_size)
     return recipe_from_dict({
         "name": name, "seed": seed,
         "data": {**data, "batch_size": scale.batch_size, "val_fraction": 0.25, "num_workers": 0},
         "model": {"name": "unet", "kwargs": {"channels": list(scale.channels)}},
-        "method": {"name": "deepstaple", "dp_update": dp_update},
+        "method": {"name": "deepstaple", "dp_update": dp_update, "candidates": candidates},
         "train": {"max_steps": steps, "lr": 0.01, "schedule": "constant", "val_every_steps": steps,
                   "checkpoint_every_steps": steps, "progress": False, "threads": torch.get_num_threads()},
         "eval": {"overlap": 0.0, "sw_batch_size": 1},
@@ -124,11 +126,11 @@ def _recipe(name: str, data: dict, scale: Scale, *, epochs: int, n_labels: int, 
 def experiment_i_recipe(scale: Scale, *, dp_update: str, seed: int) -> Recipe:
     """Experiment I: 2D T2 phantom slices, ``K`` disturbed whole-tumour labels per target."""
     data = {"phantom": {"cases": scale.targets, "spatial_dims": 2, "size": scale.size, "seed": seed},
-            "modalities": ["t2"], "patch_size": [scale.size, scale.size],
-            "candidates": {"noise": {"labels_per_target": scale.labels_per_target, "seed": seed}}}
+            "modalities": ["t2"], "patch_size": [scale.size, scale.size]}
+    candidates = {"noise": {"labels_per_target": scale.labels_per_target, "seed": seed}}
     n = _n_train(scale.targets, 0.25) * scale.labels_per_target
     return _recipe(f"deepstaple_exp1_{dp_update}", data, scale, epochs=scale.epochs, n_labels=n,
-                   dp_update=dp_update, seed=seed)
+                   dp_update=dp_update, seed=seed, candidates=candidates)
 
 
 def _slice_case(case_id: str, seed: int, size: int, modality: str) -> object:
@@ -174,11 +176,10 @@ def run_multi_atlas(out: Path, scale: Scale, *, seed: int) -> tuple[LabelQuality
     reg = out / "registration"
     register_atlases(atlases, targets, reg, atlas_modality="t1", target_modality="t2", transform="bspline",
                      overwrite=True, progress=False)
-    data = {"path": str(targets), "format": "brats", "modalities": ["t2"], "patch_size": [scale.ma_size] * 2,
-            "candidates": {"manifest": str(reg / "manifest.csv")}}
+    data = {"path": str(targets), "format": "brats", "modalities": ["t2"], "patch_size": [scale.ma_size] * 2}
     n = _n_train(scale.ma_targets, 0.25) * scale.atlases
     recipe = _recipe("deepstaple_multi_atlas", data, scale, epochs=scale.ma_epochs, n_labels=n, dp_update="ool",
-                     seed=seed)
+                     seed=seed, candidates={"manifest": str(reg / "manifest.csv")})
     run = train(recipe, out / "run", overwrite=True)
     return evaluate_label_quality(run, seed=seed), reg / "manifest.csv"
 

@@ -8,46 +8,21 @@ schedule, and validation by sliding-window inference. The network is any registe
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from monai.metrics import compute_dice
 from torch import nn
 
 from medmodal.data.case import Batch
+from medmodal.engine.system import MethodSystem, lr_factor, make_optimizer
 from medmodal.evaluation.inference import predict_subsets
 from medmodal.losses.segmentation import RegionDiceBCELoss
 from medmodal.transforms import drop_modalities, labels_to_regions, sample_modality_subsets
 
 
-def lr_factor(step: int, *, schedule: str, total: int) -> float:
-    """Learning-rate multiplier at ``step`` of ``total``: ``"poly"`` (nnU-Net, exponent 0.9), ``"cosine"``
-    (to zero) or ``"constant"``."""
-    frac = min(step, total) / total
-    if schedule == "poly":
-        return (1.0 - frac) ** 0.9
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * frac))
-    if schedule == "constant":
-        return 1.0
-    raise ValueError(f"unknown schedule {schedule!r}; expected poly, cosine or constant")
-
-
-def make_optimizer(
-    params: Iterable[nn.Parameter], *, name: str, lr: float, weight_decay: float, momentum: float
-) -> torch.optim.Optimizer:
-    """``"sgd"`` (Nesterov, as nnU-Net and ShaSpec) or ``"adamw"`` over ``params``."""
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; expected sgd or adamw")
-
-
-class SegmentationSystem(L.LightningModule):
+class SegmentationSystem(MethodSystem):
     """Train a multi-modal segmentation network on random modality subsets.
 
     Args:
@@ -87,7 +62,7 @@ class SegmentationSystem(L.LightningModule):
         seed: int = 0,
         channels_last: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(seed=seed)
         self.channels_last = channels_last
         self.network = network
         self.regions = {k: tuple(int(x) for x in v) for k, v in regions.items()}
@@ -101,23 +76,11 @@ class SegmentationSystem(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.loss_fn = RegionDiceBCELoss(lambda_dice=lambda_dice, lambda_bce=lambda_bce)
         self.overlap, self.sw_batch_size = overlap, sw_batch_size
-        self.seed = seed
-        self._generator: torch.Generator | None = None
 
-    # -- randomness -----------------------------------------------------------------------------------------
-    @property
-    def generator(self) -> torch.Generator:
-        if self._generator is None:
-            rank = self.global_rank if self._trainer is not None else 0
-            self._generator = torch.Generator().manual_seed(self.seed * 1_000_003 + rank)
-        return self._generator
+    progress_metrics = ("dice_mean",)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["modality_dropout_rng"] = self.generator.get_state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "modality_dropout_rng" in checkpoint:
-            self.generator.set_state(checkpoint["modality_dropout_rng"])
+    def val_metric_names(self) -> Sequence[str]:
+        return [*(f"dice_{r}" for r in self.regions), "dice_mean"]
 
     def setup(self, stage: str) -> None:
         if self.channels_last and self.network_is_3d:
@@ -151,8 +114,10 @@ class SegmentationSystem(L.LightningModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         if batch.label is None:
             return
-        dice = []
+        weight = batch.weight if batch.weight is not None else torch.ones(len(batch))
         for i in range(len(batch)):
+            if float(weight[i]) == 0:
+                continue  # padding that keeps the ranks in step
             logits = predict_subsets(
                 self.network,
                 batch.image[i : i + 1],
@@ -163,11 +128,10 @@ class SegmentationSystem(L.LightningModule):
             )
             pred = (logits.sigmoid() > 0.5).float()
             target = labels_to_regions(batch.label[i : i + 1], self.regions)
-            dice.append(compute_dice(pred, target, include_background=True, ignore_empty=False))
-        d = torch.cat(dice).mean(0)
-        for name, value in zip(self.regions, d, strict=True):
-            self.log(f"val/dice_{name}", value, sync_dist=True, batch_size=len(batch))
-        self.log("val/dice_mean", d.mean(), sync_dist=True, prog_bar=True, batch_size=len(batch))
+            dice = compute_dice(pred, target, include_background=True, ignore_empty=False)[0]
+            for name, value in zip(self.regions, dice, strict=True):
+                self.add_val_metric(f"dice_{name}", value, weight[i])
+            self.add_val_metric("dice_mean", dice.mean(), weight[i])
 
     # -- optimisation ---------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

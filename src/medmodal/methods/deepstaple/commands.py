@@ -6,22 +6,12 @@ from pathlib import Path
 
 import typer
 
-from medmodal.commands.common import console, user_errors
-
-
-def _experiment_group(app: typer.Typer) -> typer.Typer:
-    """The ``experiment`` sub-command group of ``app``, created on first use (other methods add theirs to it)."""
-    for group in app.registered_groups:
-        if group.name == "experiment" and group.typer_instance is not None:
-            return group.typer_instance
-    group_app = typer.Typer(help="Reproduce the methods' experiments on the synthetic phantom.", no_args_is_help=True)
-    app.add_typer(group_app, name="experiment")
-    return group_app
+from medmodal.commands.common import console, experiment_group, user_errors
 
 
 def add_commands(app: typer.Typer) -> None:
     """Register ``experiment deepstaple`` on ``app``."""
-    experiment = _experiment_group(app)
+    experiment = experiment_group(app)
 
     @experiment.command("deepstaple")
     @user_errors
@@ -32,7 +22,7 @@ def add_commands(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Seed of the phantom, the label noise and the training."),
     ) -> None:
         """Experiment I (disturbed labels: θ vs true Dice, OOL vs in-line) and multi-atlas consensus (synthetic)."""
-        from medmodal.engine.deepstaple_experiments import run_deepstaple_experiments
+        from medmodal.methods.deepstaple.experiments import run_deepstaple_experiments
 
         report = run_deepstaple_experiments(out, fast=fast, overwrite=overwrite, seed=seed)
         console.print(f"[bold green]done[/]: report at {report}")

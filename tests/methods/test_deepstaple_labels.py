@@ -20,22 +20,27 @@ from typer.testing import CliRunner
 from medmodal.data.case import DataError, Volume
 from medmodal.data.io import read_image, write_image
 from medmodal.data.phantom import write_phantom
-from medmodal.engine.deepstaple import build_deepstaple, load_label_set, read_data_parameters, write_dp_consensus
-from medmodal.engine.deepstaple_experiments import evaluate_label_quality
 from medmodal.engine.recipe import RecipeError, builtin_recipe_path, load_recipe, recipe_from_dict
 from medmodal.engine.run import RunError
-from medmodal.engine.train import build_training, train
-from medmodal.methods.deepstaple import spearman
+from medmodal.engine.train import train
+from medmodal.methods.deepstaple.experiments import evaluate_label_quality
+from medmodal.methods.deepstaple.labels import (
+    build_deepstaple,
+    load_label_set,
+    read_data_parameters,
+    write_dp_consensus,
+)
+from medmodal.methods.deepstaple.system import spearman
 
 
-def _recipe_dict(**data: object) -> dict:
+def _recipe_dict(candidates: object = None, **data: object) -> dict:
     return {
         "name": "ds_tiny", "seed": 0,
         "data": {"phantom": {"cases": 8, "spatial_dims": 2, "size": 33, "seed": 0}, "modalities": ["t2"],
-                 "patch_size": [33, 33], "batch_size": 6, "val_fraction": 0.25, "num_workers": 0,
-                 "candidates": {"noise": {"labels_per_target": 5, "seed": 0}}, **data},
+                 "patch_size": [33, 33], "batch_size": 6, "val_fraction": 0.25, "num_workers": 0, **data},
         "model": {"name": "unet", "kwargs": {"channels": [4, 8, 16]}},
-        "method": {"name": "deepstaple"},
+        "method": {"name": "deepstaple",
+                   "candidates": {"noise": {"labels_per_target": 5, "seed": 0}} if candidates is None else candidates},
         "train": {"max_steps": 60, "lr": 0.01, "schedule": "constant", "checkpoint_every_steps": 20,
                   "progress": False, "threads": 1},
         "eval": {"overlap": 0.0, "sw_batch_size": 1},
@@ -110,7 +115,7 @@ def test_consensus_needs_a_finished_run(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["deepstaple_tiny", "deepstaple_crossmoda_full"])
 def test_builtin_deepstaple_recipes_validate(name: str) -> None:
     recipe = load_recipe(builtin_recipe_path(name))
-    assert recipe.name == name and recipe.method.name == "deepstaple" and recipe.data.candidates is not None
+    assert recipe.name == name and recipe.method.name == "deepstaple" and recipe.method.candidates is not None
     if name.endswith("full"):
         assert recipe.data.patch_size == [128, 128, 50] and recipe.data.batch_size == 8
         assert recipe.train.lr == 0.01 and recipe.method.dp_lr == 0.1 and recipe.train.max_steps == 40 * 400 // 8
@@ -121,11 +126,15 @@ def test_recipe_needs_exactly_one_label_source() -> None:
         with pytest.raises(RecipeError, match="exactly one"):
             recipe_from_dict(_recipe_dict(candidates=bad))
     d = _recipe_dict()
-    del d["data"]["candidates"]
-    with pytest.raises(RecipeError, match="data.candidates"):
-        build_training(recipe_from_dict(d))
-    with pytest.raises(RecipeError, match="one process"):
-        build_deepstaple(recipe_from_dict({**_recipe_dict(), "train": {"devices": 2}}))
+    del d["method"]["candidates"]
+    with pytest.raises(RecipeError, match="method.candidates"):
+        recipe_from_dict(d)
+    moved = _recipe_dict()
+    moved["data"]["candidates"] = moved["method"].pop("candidates")
+    with pytest.raises(RecipeError, match="data.candidates moved to the method section"):
+        recipe_from_dict(moved)
+    with pytest.raises(RecipeError, match="multiple of the 4 training processes"):
+        build_deepstaple(recipe_from_dict({**_recipe_dict(), "train": {"devices": 4}}))
 
 
 @pytest.fixture
@@ -169,7 +178,8 @@ def test_registered_labels_are_read_with_their_true_dice(registered: tuple[Path,
         inter = np.sum(lab.mask & ref)
         assert lab.true_dice == pytest.approx(2 * inter / (lab.mask.sum() + ref.sum()))
         assert (lab.true_dice == 1.0) == (lab.source == "atlas0")
-    system, data, _ = build_deepstaple(recipe_from_dict(_manifest_recipe(targets, manifest)))
+    built = build_deepstaple(recipe_from_dict(_manifest_recipe(targets, manifest)))
+    system, data = built.system, built.data
     assert len(data.train_ids) == 2 and len(data.val_ids) == 1 and system.theta.shape == (4,)
     sample = data.train_dataloader().dataset[0]
     assert sample["image"].shape == (1, 17, 17) and sample["label"].shape == (17, 17)
@@ -202,7 +212,7 @@ def test_bad_manifests_are_clear_errors(registered: tuple[Path, Path], tmp_path:
 
 def test_fast_experiment_writes_the_report(tmp_path: Path) -> None:
     """``medmodal experiment deepstaple --fast`` end to end: experiment I and the multi-atlas registration."""
-    from medmodal.commands.deepstaple import add_commands
+    from medmodal.methods.deepstaple.commands import add_commands
 
     app = typer.Typer()
 

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import lightning as L
 import pytest
 import torch
 
-from medmodal.engine.quickstart import run_quickstart
 from medmodal.engine.recipe import builtin_recipe_path, load_recipe
 from medmodal.engine.run import RunError
 from medmodal.engine.train import train
+from medmodal.methods.shaspec.quickstart import run_quickstart
 
 
 class Crash(L.Callback):
+    """Ctrl-C at step 10: the run stops gracefully with last.ckpt at that step."""
+
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step >= 10:
-            raise KeyboardInterrupt
+        if trainer.global_step == 10:
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_interrupted_quickstart_resumes(tmp_path) -> None:
@@ -34,7 +39,7 @@ def test_interrupted_quickstart_resumes(tmp_path) -> None:
 def test_jobs_must_be_positive_and_default_to_the_cores(tmp_path) -> None:
     import os
 
-    from medmodal.engine.quickstart import default_jobs
+    from medmodal.methods.shaspec.quickstart import default_jobs
 
     with pytest.raises(RunError, match="--jobs must be at least 1"):
         run_quickstart(tmp_path / "qs", fast=True, jobs=0)
