@@ -10,7 +10,6 @@ label onto the target's grid and writes it. It never raises: a failure becomes a
 from __future__ import annotations
 
 import csv
-import io
 import math
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
+from medmodal.atomic import csv_text
 from medmodal.data.case import CaseRecord, DataError, DatasetInfo, Volume
 from medmodal.data.io import compact_int_dtype, read_case, write_image
 from medmodal.registration.sitk import RegistrationSettings, register_pair, volume_to_image, warp_label
@@ -142,15 +142,13 @@ def _number(value: float | None, digits: int) -> str:
 
 def manifest_text(results: list[PairResult], *, root: Path) -> str:
     """``manifest.csv`` text: label paths relative to ``root`` (the output folder), target images absolute."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(MANIFEST_COLUMNS)
+    rows = []
     for r in results:
         label = "" if r.label is None else Path(r.label).relative_to(root).as_posix()
         image = "" if r.target_image is None else str(Path(r.target_image).absolute())
-        writer.writerow([r.target, r.atlas, label, image, _number(r.metric, 6),
-                         _number(r.seconds, 3), r.status, r.error, _number(r.dice_to_reference, 4)])
-    return buffer.getvalue()
+        rows.append([r.target, r.atlas, label, image, _number(r.metric, 6),
+                     _number(r.seconds, 3), r.status, r.error, _number(r.dice_to_reference, 4)])
+    return csv_text(MANIFEST_COLUMNS, rows)
 
 
 def read_manifest_rows(path: Path | str) -> list[PairResult]:
