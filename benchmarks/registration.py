@@ -35,6 +35,7 @@ from rich.table import Table
 from medmodal.data.case import Volume
 from medmodal.data.phantom import PHANTOM_TISSUES, make_phantom_case, phantom_tissue_map, write_phantom
 from medmodal.engine.register import register_atlases
+from medmodal.evaluation.metrics import binary_dice
 from medmodal.registration import register_pair, volume_to_image, warp_label
 
 #: (row name, transform, atlas contrast, target contrast)
@@ -45,15 +46,11 @@ METHODS = (
 )
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
-
-
 def structure_dice(warped: sitk.Image, target_tissue: np.ndarray, structures: list[str]) -> dict[str, float]:
     """Per-structure Dice of a warped tissue map (sitk, on the target grid) against the target's tissue map."""
     array = sitk.GetArrayFromImage(warped).transpose()
-    return {s: dice(array == PHANTOM_TISSUES.index(s), target_tissue == PHANTOM_TISSUES.index(s)) for s in structures}
+    index = {s: PHANTOM_TISSUES.index(s) for s in structures}
+    return {s: binary_dice(array == index[s], target_tissue == index[s]) for s in structures}
 
 
 def make_pairs(n: int, size: int) -> list[dict]:

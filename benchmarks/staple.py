@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy import ndimage
 
+from medmodal.evaluation.metrics import binary_dice
 from medmodal.fusion import multilabel_staple, staple
 
 
@@ -79,13 +80,8 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
     return statistics.median(seconds), result
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)
-
-
 def mean_label_dice(a: np.ndarray, b: np.ndarray, labels: range) -> float:
-    return float(np.mean([dice(a == label, b == label) for label in labels]))
+    return float(np.mean([binary_dice(a == label, b == label) for label in labels]))
 
 
 def binary_rows(masks: np.ndarray, truth: np.ndarray, args: argparse.Namespace) -> list[list[str]]:
@@ -104,13 +100,13 @@ def binary_rows(masks: np.ndarray, truth: np.ndarray, args: argparse.Namespace) 
     sitk_s, (theirs, elapsed) = timed(run_sitk, args.repeats)
     passes = elapsed + 1 if elapsed < args.max_iter else elapsed  # ITK reports the last pass's 0-based index
     fused, prob = ours.fused.numpy(), ours.probability.numpy()
-    agreement = f"{dice(fused, theirs > 0.5):.6f}"
+    agreement = f"{binary_dice(fused, theirs > 0.5):.6f}"
     diff = f"{np.abs(prob - theirs).max():.2e}"
     return [
         ["binary", "medmodal staple (torch float64)", f"{ours_s:.3f}", str(ours.iterations),
-         "yes" if ours.converged else "no", agreement, diff, f"{dice(fused, truth):.4f}"],
+         "yes" if ours.converged else "no", agreement, diff, f"{binary_dice(fused, truth):.4f}"],
         ["binary", "SimpleITK STAPLEImageFilter", f"{sitk_s:.3f}", str(passes),
-         "yes" if elapsed < args.max_iter else "no", "", "", f"{dice(theirs > 0.5, truth):.4f}"],
+         "yes" if elapsed < args.max_iter else "no", "", "", f"{binary_dice(theirs > 0.5, truth):.4f}"],
     ]
 
 
@@ -159,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     truth_level, rater_levels = level_sets(args.size, args.raters, seed=args.seed)
     masks, truth = (rater_levels < 1.0).astype(np.uint8), truth_level < 1.0
     labels, truth_labels = to_labels(rater_levels, args.labels), to_labels(truth_level, args.labels)
-    rater_dice = [dice(m.astype(bool), truth) for m in masks]
+    rater_dice = [binary_dice(m.astype(bool), truth) for m in masks]
 
     console = Console(width=160)
     console.print(f"# {shlex.join(['python', *sys.argv])}")

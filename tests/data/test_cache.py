@@ -12,7 +12,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medmodal.data.cache import CacheIndex, _atomic_write, build_cache
+from medmodal.atomic import atomic_write
+from medmodal.data.cache import CacheIndex, build_cache
 from medmodal.data.case import Case, CaseRecord, DataError, DatasetInfo, Volume
 from medmodal.data.preprocess import restore_to_input_grid
 
@@ -161,7 +162,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        _atomic_write(tmp_path / "x_img.npy", explode)
+        atomic_write(tmp_path / "x_img.npy", explode)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -90,3 +90,22 @@ def test_training_curves_figure(tmp_path) -> None:
                         "20,val/dice_mean,0.3\n40,val/dice_WT,0.6\n", encoding="utf-8")
     png = plot_training_curves(csv_path, tmp_path / "curves.png", title="t")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_rows_round_trip_commas_quotes_and_new_lines(tmp_path) -> None:
+    tricky = SubsetResult('a,"b"', 'case, "one"\nline two', "t1+flair", 2, 'W"T', 0.25, float("nan"))
+    plain = SubsetResult("unet", "c1", "t1", 1, "ET", 0.5, 3.0)
+    path = write_rows([tricky, plain], tmp_path / "rows.csv")
+    back = read_rows(path)
+    assert len(back) == 2
+    assert back[0].model == 'a,"b"' and back[0].case_id == 'case, "one"\nline two' and back[0].region == 'W"T'
+    assert back[0].subset == "t1+flair" and back[0].n_modalities == 2 and back[0].dice == 0.25
+    assert math.isnan(back[0].hd95)
+    assert back[1] == plain
+    assert not [p.name for p in tmp_path.iterdir() if p.name != "rows.csv"]  # no temporary file left
+
+
+def test_report_rows_refuse_nothing(tmp_path) -> None:
+    with pytest.raises(ValueError, match="nothing to write"):
+        write_rows([], tmp_path / "rows.csv")
+    assert not (tmp_path / "rows.csv").exists()

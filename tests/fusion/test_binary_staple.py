@@ -7,6 +7,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from medmodal.evaluation.metrics import binary_dice
 from medmodal.fusion import staple
 
 
@@ -37,10 +38,6 @@ def sitk_staple(masks: np.ndarray, *, max_iter: int = 200) -> tuple[np.ndarray, 
     return sitk.GetArrayFromImage(out), f
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
-
-
 def test_matches_simpleitk_on_structured_raters(raters3) -> None:
     truth, masks = raters3
     ours = staple(masks)
@@ -51,7 +48,7 @@ def test_matches_simpleitk_on_structured_raters(raters3) -> None:
     np.testing.assert_allclose(ours.specificity.numpy(), f.GetSpecificity(), atol=1e-6)
     assert ours.probability.dtype == torch.float64 and ours.fused.dtype == torch.bool
     assert torch.equal(ours.fused, ours.probability > 0.5)
-    assert dice(ours.fused.numpy(), truth) > 0.85
+    assert binary_dice(ours.fused.numpy(), truth) > 0.85
 
 
 def test_matches_simpleitk_on_independent_random_raters() -> None:
@@ -81,7 +78,7 @@ def test_thresholded_maps_agree_with_simpleitk_on_a_noisy_case(blob, noisy_rater
     masks = noisy_raters(truth, [(0.7, 0.75), (0.6, 0.8), (0.8, 0.6), (0.55, 0.9), (0.9, 0.55)], seed=4)
     ours = staple(masks)
     theirs, _ = sitk_staple(masks)
-    assert dice(ours.fused.numpy(), theirs > 0.5) >= 0.99
+    assert binary_dice(ours.fused.numpy(), theirs > 0.5) >= 0.99
 
 
 def test_pattern_compression_is_exact(raters3) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from medmodal.evaluation.metrics import binary_dice
 from medmodal.transforms.label_noise import (
     DISTURBANCE_KINDS,
     LabelDisturbance,
     apply_disturbance,
-    dice,
     disturb_label,
     flip_roll,
     label_seed,
@@ -70,14 +70,14 @@ def test_each_kind_does_what_it_says() -> None:
                           np.roll(mask[:, ::-1], (1, 0, -2), axis=(0, 1, 2)))
     assert np.array_equal(apply_disturbance(mask, LabelDisturbance(kind="elastic", magnitude=0.0)), mask)
     warped = apply_disturbance(mask, LabelDisturbance(kind="elastic", magnitude=3.0, smoothness=2.0, seed=1))
-    assert 0.3 < dice(warped, mask) < 1.0
+    assert 0.3 < binary_dice(warped, mask) < 1.0
 
 
 def test_empty_labels_score_zero_and_two_empty_masks_agree() -> None:
     mask = _blob((17, 18))
     (noisy,) = disturb_label(mask, count=1, seed=0, kinds=["empty"])
     assert noisy.dice == 0.0 and not noisy.mask.any()
-    assert dice(np.zeros((3, 4), bool), np.zeros((3, 4), bool)) == 1.0
+    assert binary_dice(np.zeros((3, 4), bool), np.zeros((3, 4), bool)) == 1.0
 
 
 def test_bad_inputs_are_refused() -> None:
@@ -90,7 +90,7 @@ def test_bad_inputs_are_refused() -> None:
     with pytest.raises(ValueError, match="count"):
         disturb_label(mask, count=0, seed=0)
     with pytest.raises(ValueError, match="shapes"):
-        dice(mask, mask[:-1])
+        binary_dice(mask, mask[:-1])
     with pytest.raises(ValueError, match="offset"):
         shift(mask, offset=(1,))
     assert set(DISTURBANCE_KINDS) == {"elastic", "morph", "shift", "flip_roll", "empty"}

@@ -7,10 +7,10 @@ Layout of ``cache_dir``::
     <case_id>_seg.npy  (*S) uint8 (labelled cases only)
     <case_id>_fg.npz   up to ``FOREGROUND_SAMPLES`` voxel coordinates (N, D) per label class (oversampling)
 
-Every file is written to a temporary name and moved into place with :func:`os.replace`, so an interrupted
-build never leaves a half-written array behind a valid name. A cache whose parameters and source match is
-reused: case by case (record paths + sizes + mtimes, or a content hash for in-memory cases), or wholesale
-when the caller passes the same ``fingerprint`` string.
+Every file is written through :func:`medmodal.atomic.atomic_write` (a temporary file, then :func:`os.replace`),
+so an interrupted build never leaves a half-written array behind a valid name. A cache whose parameters and
+source match is reused: case by case (record paths + sizes + mtimes, or a content hash for in-memory cases), or
+wholesale when the caller passes the same ``fingerprint`` string.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -29,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medmodal.atomic import atomic_write
 from medmodal.data.case import Case, CaseRecord, DataError, DatasetInfo
 from medmodal.data.preprocess import CaseGeometry, preprocess_case
 
@@ -174,7 +173,7 @@ def build_cache(
             entries.append(entry)
             advance()
     doc = {"params": params, "fingerprint": fingerprint, "info": _info_to_dict(info), "cases": entries}
-    _atomic_write(root / INDEX_NAME, lambda f: f.write(json.dumps(doc, indent=1).encode()))
+    atomic_write(root / INDEX_NAME, lambda f: f.write(json.dumps(doc, indent=1).encode()))
     kept = {e["case_id"] for e in entries}
     for case_id, e in previous.items():  # cases that left the data set leave the cache
         if case_id not in kept:
@@ -227,14 +226,14 @@ def _process(item: Case | CaseRecord, key: str, info: DatasetInfo, root: Path, t
     info.check_modalities(list(case.images), where=f"case {case.case_id!r}")
     image, label, available, geometry = preprocess_case(case, info.modalities, target_spacing=ts)
     files = {"image": f"{case.case_id}_img.npy"}
-    _atomic_write(root / files["image"], lambda f: np.save(f, image))
+    atomic_write(root / files["image"], lambda f: np.save(f, image))
     if label is not None:
         files["label"] = f"{case.case_id}_seg.npy"
         files["foreground"] = f"{case.case_id}_fg.npz"
-        _atomic_write(root / files["label"], lambda f: np.save(f, label))
+        atomic_write(root / files["label"], lambda f: np.save(f, label))
         fg = _foreground_locations(label, seed=zlib.crc32(case.case_id.encode()))
         arrays = {f"class_{k}": v for k, v in fg.items()}
-        _atomic_write(root / files["foreground"], lambda f: np.savez(f, **arrays))
+        atomic_write(root / files["foreground"], lambda f: np.savez(f, **arrays))
     return {
         "case_id": case.case_id,
         "available": available.tolist(),
@@ -297,20 +296,6 @@ def _reusable(entry: dict | None, key: str, root: Path) -> dict | None:
 
 def _files_exist(doc: dict, root: Path) -> bool:
     return all((root / n).is_file() for e in doc["cases"] for n in e["files"].values())
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    """Write ``path`` via a temporary file in the same folder and :func:`os.replace`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _load(path: Path) -> np.ndarray:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medmodal.atomic import atomic_write_text
 from medmodal.data._phantom_anatomy import (
     TISSUE_NAMES,
     TISSUE_TO_LABEL,
@@ -371,5 +372,5 @@ def write_phantom(
 
         items = track(items, total=cases, description=f"Writing synthetic phantom to {out}")
     write_dataset(items, out, phantom_info(), format=layout, overwrite=overwrite)
-    (out / "README.txt").write_text(_readme(parameters), encoding="utf-8")
+    atomic_write_text(out / "README.txt", _readme(parameters))
     return out

@@ -6,12 +6,14 @@ features of each subset (``decode_subsets``); other networks get one batched for
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from torch import nn
 
 from medmodal.evaluation.inference import nonempty_subsets, subset_masks
@@ -33,7 +35,12 @@ class ClassificationResult:
 
 @dataclass(frozen=True)
 class ClassificationSummary:
-    """Accuracy and balanced accuracy (mean recall over classes) of one (model, subset)."""
+    """Accuracy and balanced accuracy of one (model, subset) (scikit-learn's ``accuracy_score`` and
+    ``balanced_accuracy_score``).
+
+    Balanced accuracy is the mean recall over the classes present among the subset's targets: a class that
+    only appears among predictions does not count, and with a single target class it is that class's recall.
+    """
 
     model: str
     subset: str
@@ -94,12 +101,17 @@ def summarise_classification(rows: Sequence[ClassificationResult]) -> list[Class
         groups[(r.model, r.subset, r.n_modalities)].append(r)
     out = []
     for (model, subset, n), rs in groups.items():
-        t = np.array([r.target for r in rs])
-        p = np.array([r.prediction for r in rs])
-        recalls = [float((p[t == c] == c).mean()) for c in np.unique(t)]
+        t = [r.target for r in rs]
+        p = [r.prediction for r in rs]
+        with warnings.catch_warnings():
+            # expected in small subsets: a predicted class no case has (scikit-learn leaves it out of the mean,
+            # as intended), or a single class in both targets and predictions
+            warnings.filterwarnings("ignore", "y_pred contains classes not in y_true", UserWarning)
+            warnings.filterwarnings("ignore", "A single label was found", UserWarning)
+            balanced = balanced_accuracy_score(t, p)
         out.append(ClassificationSummary(
             model=model, subset=subset, n_modalities=n, n_cases=len(rs),
-            accuracy=float((t == p).mean()), balanced_accuracy=float(np.mean(recalls)),
+            accuracy=float(accuracy_score(t, p)), balanced_accuracy=float(balanced),
         ))
     return out
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medmodal.atomic import atomic_path, read_csv, write_csv
 from medmodal.evaluation.subsets import SubsetResult
 
 SYNTHETIC_NOTE = (
@@ -35,37 +35,28 @@ class SummaryRow:
 
 
 def write_rows(rows: Sequence, path: Path) -> Path:
-    """Write dataclass rows as CSV (atomically)."""
-    from medmodal.engine.run import atomic_write_text
-
+    """Write dataclass rows as CSV (atomically; the :mod:`csv` module quotes commas, quotes and new lines)."""
     if not rows:
         raise ValueError(f"{path}: nothing to write (no evaluated case)")
     fields = list(asdict(rows[0]))
-    lines = [",".join(fields)]
-    for r in rows:
-        d = asdict(r)
-        lines.append(",".join(_fmt(d[f]) for f in fields))
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
+    return write_csv(path, fields, ([_fmt(d[f]) for f in fields] for d in map(asdict, rows)))
 
 
 def read_rows(path: Path) -> list[SubsetResult]:
     """Read a per-case CSV written by :func:`write_rows`."""
-    with path.open(encoding="utf-8") as f:
-        return [
-            SubsetResult(
-                model=r["model"], case_id=r["case_id"], subset=r["subset"], n_modalities=int(r["n_modalities"]),
-                region=r["region"], dice=float(r["dice"]), hd95=float(r["hd95"]),
-            )
-            for r in csv.DictReader(f)
-        ]
+    return [
+        SubsetResult(
+            model=r["model"], case_id=r["case_id"], subset=r["subset"], n_modalities=int(r["n_modalities"]),
+            region=r["region"], dice=float(r["dice"]), hd95=float(r["hd95"]),
+        )
+        for r in read_csv(path)
+    ]
 
 
-def _fmt(v: object) -> str:
+def _fmt(v: object) -> object:
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.6g}"
-    s = str(v)
-    return f'"{s}"' if "," in s else s
+    return v
 
 
 def summarise(rows: Sequence[SubsetResult]) -> list[SummaryRow]:
@@ -107,12 +98,12 @@ def _pyplot():  # matplotlib.pyplot, imported lazily with the file-only Agg back
 
 
 def _save_figure(fig, path: Path) -> Path:
-    """Save ``fig`` as PNG at ``path`` atomically (temporary file + rename) and close it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    _pyplot().close(fig)
-    tmp.replace(path)
+    """Save ``fig`` as PNG at ``path`` atomically and close it."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        _pyplot().close(fig)
     return path
 
 
@@ -145,9 +136,8 @@ def plot_training_curves(metrics_csv: Path, path: Path, *, title: str) -> Path:
     """Training loss and validation Dice against optimiser steps, from a run's long-format ``metrics.csv``."""
     plt = _pyplot()
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    with metrics_csv.open(encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            series[row["name"]].append((int(row["step"]), float(row["value"])))
+    for row in read_csv(metrics_csv):
+        series[row["name"]].append((int(row["step"]), float(row["value"])))
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(9, 3.2), constrained_layout=True)
     for name, ax in (("train/loss", ax_loss),):
         if series.get(name):

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from medmodal.registration.multi_atlas import MANIFEST_COLUMNS, PairResult, foreground_dice, read_manifest_rows
+from medmodal.registration.multi_atlas import MANIFEST_COLUMNS, PairResult, read_manifest_rows
 from medmodal.registration.sitk import (
     TRANSFORMS,
     RegistrationResult,
@@ -27,7 +27,6 @@ __all__ = [
     "RegistrationSettings",
     "StageInfo",
     "final_metric",
-    "foreground_dice",
     "read_manifest_rows",
     "register_pair",
     "transform_displacement",

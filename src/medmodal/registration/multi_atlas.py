@@ -10,20 +10,19 @@ label onto the target's grid and writes it. It never raises: a failure becomes a
 from __future__ import annotations
 
 import csv
-import io
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
+from medmodal.atomic import csv_text
 from medmodal.data.case import CaseRecord, DataError, DatasetInfo, Volume
 from medmodal.data.io import compact_int_dtype, read_case, write_image
 from medmodal.registration.sitk import RegistrationSettings, register_pair, volume_to_image, warp_label
 
-__all__ = ["MANIFEST_COLUMNS", "PairJob", "PairResult", "foreground_dice", "init_worker", "manifest_text",
+__all__ = ["MANIFEST_COLUMNS", "PairJob", "PairResult", "init_worker", "manifest_text",
            "read_manifest_rows", "run_pair"]
 
 #: Columns of ``manifest.csv``, in order.
@@ -87,13 +86,6 @@ class PairResult:
         return self.status == "ok"
 
 
-def foreground_dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of ``a > 0`` and ``b > 0`` (1.0 when both are empty)."""
-    fa, fb = np.asarray(a) > 0, np.asarray(b) > 0
-    total = int(fa.sum()) + int(fb.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(fa, fb).sum()) / total
-
-
 def _one_line(err: BaseException) -> str:
     text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
     if not isinstance(err, DataError):
@@ -127,7 +119,11 @@ def run_pair(job: PairJob) -> PairResult:
         label = volume_to_image(atlas_label, pixel_type=sitk.sitkUnknown)
         warped = sitk.GetArrayFromImage(warp_label(label, fixed, result.transform)).transpose()
         write_image(Volume(warped, target.affine), job.label_path, dtype=compact_int_dtype(warped))
-        dice = None if reference is None else foreground_dice(warped, reference.array)
+        dice = None
+        if reference is not None:
+            from medmodal.evaluation.metrics import binary_dice  # deferred: MONAI only when there is a reference
+
+            dice = binary_dice(warped > 0, reference.array > 0)
         return PairResult(job.target.case_id, job.atlas.case_id, job.label_path, target_image, result.metric,
                           time.perf_counter() - start, "ok", "", dice)
     except Exception as err:  # a failed pair is reported and skipped, never fatal
@@ -146,15 +142,13 @@ def _number(value: float | None, digits: int) -> str:
 
 def manifest_text(results: list[PairResult], *, root: Path) -> str:
     """``manifest.csv`` text: label paths relative to ``root`` (the output folder), target images absolute."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(MANIFEST_COLUMNS)
+    rows = []
     for r in results:
         label = "" if r.label is None else Path(r.label).relative_to(root).as_posix()
         image = "" if r.target_image is None else str(Path(r.target_image).absolute())
-        writer.writerow([r.target, r.atlas, label, image, _number(r.metric, 6),
-                         _number(r.seconds, 3), r.status, r.error, _number(r.dice_to_reference, 4)])
-    return buffer.getvalue()
+        rows.append([r.target, r.atlas, label, image, _number(r.metric, 6),
+                     _number(r.seconds, 3), r.status, r.error, _number(r.dice_to_reference, 4)])
+    return csv_text(MANIFEST_COLUMNS, rows)
 
 
 def read_manifest_rows(path: Path | str) -> list[PairResult]:

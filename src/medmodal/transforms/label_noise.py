@@ -22,6 +22,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from medmodal.evaluation.metrics import binary_dice
+
+#: Deprecated alias of :func:`medmodal.evaluation.metrics.binary_dice`, kept only while ``medmodal.engine``
+#: still imports it from here; remove it once those call sites use ``binary_dice``.
+dice = binary_dice
+
 #: Disturbance kinds :func:`sample_disturbance` can draw.
 DISTURBANCE_KINDS: tuple[str, ...] = ("elastic", "morph", "shift", "flip_roll", "empty")
 
@@ -70,15 +76,6 @@ class LabelDisturbance:
     @classmethod
     def from_dict(cls, d: dict) -> LabelDisturbance:
         return cls(**{**d, "offset": tuple(int(x) for x in d.get("offset", ()))})
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two binary masks; two empty masks agree perfectly (1.0)."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    if a.shape != b.shape:
-        raise ValueError(f"masks of different shapes {a.shape} and {b.shape}")
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def _ball(radius: int, dims: int) -> np.ndarray:
@@ -233,5 +230,5 @@ def disturb_label(
     for _ in range(count):
         d = sample_disturbance(rng, clean, kinds=kinds, max_severity=max_severity)
         noisy = apply_disturbance(clean, d)
-        out.append(NoisyLabel(mask=noisy, disturbance=d, dice=dice(noisy, clean)))
+        out.append(NoisyLabel(mask=noisy, disturbance=d, dice=binary_dice(noisy, clean)))
     return out

@@ -19,6 +19,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from medmodal.atomic import atomic_write_text, write_csv
 from medmodal.data.case import BRATS_MODALITIES, Case, CaseRecord, DataError, DatasetInfo
 from medmodal.data.io import compact_int_dtype, read_json_object, staged_output_dir, write_image
 
@@ -203,11 +204,8 @@ def write_brats(
                 label = case.label.array
                 write_image(case.label, folder / f"{case.case_id}_seg.nii.gz", dtype=compact_int_dtype(label))
             rows.append((case.case_id, "" if case.target is None else str(case.target), case.report or ""))
-        with (stage / METADATA).open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["case_id", "target", "report"])
-            writer.writerows(rows)
+        write_csv(stage / METADATA, ["case_id", "target", "report"], rows)
         sidecar = {"name": info.name, "synthetic": info.synthetic, "modalities": list(info.modalities),
                    "labels": list(info.labels), "regions": {k: list(v) for k, v in info.regions.items()}}
-        (stage / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(stage / SIDECAR, json.dumps(sidecar, indent=2) + "\n")
     return root

@@ -15,12 +15,12 @@ manifest's folder. Unlike the folder layouts, a *listed* file that does not exis
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from medmodal.atomic import atomic_write_text, csv_text
 from medmodal.data.case import BRATS_LABELS, BRATS_REGIONS, Case, CaseRecord, DataError, DatasetInfo
 from medmodal.data.formats.brats import canonical_modality, check_case_id
 from medmodal.data.io import DataErrors, compact_int_dtype, staged_output_dir, write_image
@@ -179,14 +179,12 @@ def write_manifest(records: Sequence[CaseRecord], path: Path | str, info: Datase
                 f"{path}: a CSV manifest cannot record labels {list(info.labels)}, regions or the synthetic "
                 "flag; write a .json manifest instead"
             )
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["case_id", *info.modalities, "label", "target", "report"])
+        rows = []
         for r in records:
             images = [_relative(r.images.get(m), folder) for m in info.modalities]
             target = "" if r.target is None else r.target
-            writer.writerow([r.case_id, *images, _relative(r.label, folder), target, r.report or ""])
-        text = buffer.getvalue()
+            rows.append([r.case_id, *images, _relative(r.label, folder), target, r.report or ""])
+        text = csv_text(["case_id", *info.modalities, "label", "target", "report"], rows)
     elif kind == ".json":
         cases = []
         for r in records:
@@ -200,14 +198,7 @@ def write_manifest(records: Sequence[CaseRecord], path: Path | str, info: Datase
                            "synthetic": info.synthetic, "cases": cases}, indent=2) + "\n"
     else:
         raise DataError(f"{path}: a manifest must end in .csv or .json")
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write_text(path, text)
 
 
 def write_manifest_dataset(

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medmodal.atomic import atomic_write_text
 from medmodal.data.case import BRATS_LABELS, Case, CaseRecord, DataError, DatasetInfo, Volume
 from medmodal.data.formats.brats import canonical_modality, check_case_id
 from medmodal.data.io import compact_int_dtype, read_json_object, staged_output_dir, write_image
@@ -222,6 +223,6 @@ def write_nnunet(
                          "label_values": {str(i): v for v, i in lut.items()},
                          "regions": {k: list(v) for k, v in info.regions.items()}},
         }
-        (stage / DATASET_JSON).write_text(json.dumps(dataset, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(stage / DATASET_JSON, json.dumps(dataset, indent=2) + "\n")
     return root
 
