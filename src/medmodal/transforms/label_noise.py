@@ -24,10 +24,6 @@ from scipy import ndimage
 
 from medmodal.evaluation.metrics import binary_dice
 
-#: Deprecated alias of :func:`medmodal.evaluation.metrics.binary_dice`, kept only while ``medmodal.engine``
-#: still imports it from here; remove it once those call sites use ``binary_dice``.
-dice = binary_dice
-
 #: Disturbance kinds :func:`sample_disturbance` can draw.
 DISTURBANCE_KINDS: tuple[str, ...] = ("elastic", "morph", "shift", "flip_roll", "empty")
 

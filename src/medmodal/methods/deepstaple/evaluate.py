@@ -22,9 +22,9 @@ log = logging.getLogger("medmodal")
 def evaluate_deepstaple(run: LoadedRun, out_dir: Path, *, split: str, progress: bool) -> Path:
     """Write ``targets.csv`` (Dice of the network's foreground against each target's reference) and
     ``report.md`` (mean Dice, and the Spearman correlation of θ with the labels' known quality)."""
+    from medmodal.evaluation.metrics import binary_dice
     from medmodal.methods.deepstaple.labels import load_label_set, read_data_parameters
     from medmodal.methods.deepstaple.system import spearman
-    from medmodal.transforms.label_noise import dice
 
     label_set = load_label_set(run.recipe)
     ids = sorted(label_set.targets) if split == "all" else run.split(split)
@@ -39,7 +39,7 @@ def evaluate_deepstaple(run: LoadedRun, out_dir: Path, *, split: str, progress: 
                                  torch.from_numpy(t.available.astype(bool))[None], roi_size=inf["roi_size"],
                                  overlap=inf["overlap"], sw_batch_size=inf["sw_batch_size"])
         pred = (logits[0].argmax(0) != 0).numpy()
-        rows.append([target, f"{dice(pred, t.reference):.6f}", int(pred.sum()), int(t.reference.sum())])
+        rows.append([target, f"{binary_dice(pred, t.reference):.6f}", int(pred.sum()), int(t.reference.sum())])
     if not rows:
         raise RunError(f"no target with a reference label in split {split!r} of {run.dir}")
     params = read_data_parameters(run.dir)

@@ -62,9 +62,9 @@ class LabelQuality:
 
 def evaluate_label_quality(run_dir: Path, *, seed: int = 0) -> LabelQuality:
     """Correlate θ with the true label quality and score every fusion of each target's labels."""
+    from medmodal.evaluation.metrics import binary_dice
     from medmodal.fusion import dp_consensus, majority_vote, staple
     from medmodal.methods.deepstaple.system import pearson, spearman
-    from medmodal.transforms.label_noise import dice
 
     label_set, inputs = consensus_inputs(run_dir)
     rows = [{**r, "theta": float(r["theta"]), "true_dice": float(r["true_dice"] or "nan")}
@@ -75,10 +75,10 @@ def evaluate_label_quality(run_dir: Path, *, seed: int = 0) -> LabelQuality:
         ref = label_set.targets[target].reference
         if ref is None:
             continue
-        each = [dice(m, ref) for m in masks]
+        each = [binary_dice(m, ref) for m in masks]
         fused = {"dp": dp_consensus(masks, theta), "majority": majority_vote(masks), "staple": staple(masks).fused}
         targets.append({"target": target, "n_labels": len(masks),
-                        **{k: dice(np.asarray(v, bool), ref) for k, v in fused.items()},
+                        **{k: binary_dice(np.asarray(v, bool), ref) for k, v in fused.items()},
                         "random": each[int(rng.integers(len(each)))], "mean_all": float(np.mean(each)),
                         "best": float(np.max(each))})
     th, dq = [r["theta"] for r in rows], [r["true_dice"] for r in rows]

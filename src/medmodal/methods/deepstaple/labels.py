@@ -138,7 +138,7 @@ def load_label_set(recipe: Recipe, *, training_grid: bool = True) -> LabelSet:
     """
     from medmodal.data.io import read_case, read_image
     from medmodal.data.preprocess import preprocess_case
-    from medmodal.transforms.label_noise import dice as dice_fn
+    from medmodal.evaluation.metrics import binary_dice
     from medmodal.transforms.label_noise import disturb_label, label_seed
 
     cand = recipe.method.candidates
@@ -183,7 +183,7 @@ def load_label_set(recipe: Recipe, *, training_grid: bool = True) -> LabelSet:
             raise DataError(f"{r['label']}: not on the grid of its target {t.target!r} (the affines differ)")
         mask = _binary(vol.array, cand.foreground)
         known = float(r["dice_to_reference"]) if _is_float(r.get("dice_to_reference")) else float("nan")
-        true = dice_fn(mask, t.reference) if t.reference is not None else known
+        true = binary_dice(mask, t.reference) if t.reference is not None else known
         detail = f"registered (metric {r['metric']})" if r.get("metric") else "registered"
         out.labels.append(CandidateLabel(t.target, r["atlas"], mask, Path(r["label"]), true, detail))
     if training_grid:
@@ -402,8 +402,8 @@ def write_dp_consensus(run_dir: Path, out_dir: Path, *, overwrite: bool) -> list
     ``out_dir`` unless ``overwrite``; nothing is left behind on failure. Returns the consensus label files.
     """
     from medmodal.data.io import staged_output_dir, write_image
+    from medmodal.evaluation.metrics import binary_dice
     from medmodal.fusion.vote import dp_consensus
-    from medmodal.transforms.label_noise import dice
 
     label_set, inputs = consensus_inputs(run_dir)
     out_dir = Path(out_dir)
@@ -415,7 +415,7 @@ def write_dp_consensus(run_dir: Path, out_dir: Path, *, overwrite: bool) -> list
             t = label_set.targets[target]
             fused = np.asarray(dp_consensus(torch.from_numpy(masks), torch.from_numpy(theta)), dtype=bool)
             write_image(Volume(fused.astype(np.uint8), t.affine), stage / f"{target}.nii.gz")
-            ref = "" if t.reference is None else f"{dice(fused, t.reference):.6f}"
+            ref = "" if t.reference is None else f"{binary_dice(fused, t.reference):.6f}"
             w.writerow([target, len(theta), int(fused.sum()), ref])
         (stage / "consensus.csv").write_text(buf.getvalue(), encoding="utf-8")
     return [out_dir / f"{target}.nii.gz" for target in sorted(inputs)]

@@ -38,6 +38,7 @@ from torch import nn
 
 from medmodal.engine.system import MethodSystem, lr_factor, make_optimizer
 from medmodal.evaluation.inference import predict_subsets
+from medmodal.evaluation.metrics import binary_dice
 from medmodal.losses.data_parameters import (
     batch_weights,
     class_weights,
@@ -272,9 +273,7 @@ class DeepStapleSystem(MethodSystem):
                 self.network, batch["image"][i : i + 1], batch["available"][i : i + 1],
                 roi_size=self.roi_size, overlap=self.overlap, sw_batch_size=self.sw_batch_size,
             )
-            pred, ref = logits[0].argmax(0) != 0, batch["reference"][i] != 0
-            total = pred.sum() + ref.sum()
-            dice = torch.ones(()) if total == 0 else 2 * (pred & ref).sum() / total
+            dice = binary_dice(logits[0].argmax(0) != 0, batch["reference"][i] != 0)
             self.add_val_metric("dice", dice, weight[i])
 
     # -- optimisation ---------------------------------------------------------------------------------------
