@@ -8,7 +8,7 @@ measures, with one SimpleITK thread per registration and ``medmodal register``'s
 * the Dice of anatomical structures of the phantom's noiseless tissue map (``csf``, ``white_matter``, ...:
   tumours sit at random places in each case, so a consistent structure is the meaningful atlas label)
   warped from the atlas onto the target, before registration (identity in physical space) and after;
-* optionally the throughput of :func:`medmodal.engine.register.register_atlases` on the same pairs with one
+* optionally the throughput of :func:`medmodal.registration.atlases.register_atlases` on the same pairs with one
   worker versus several worker processes.
 
 Example::
@@ -34,9 +34,9 @@ from rich.table import Table
 
 from medmodal.data.case import Volume
 from medmodal.data.phantom import PHANTOM_TISSUES, make_phantom_case, phantom_tissue_map, write_phantom
-from medmodal.engine.register import register_atlases
 from medmodal.evaluation.metrics import binary_dice
 from medmodal.registration import register_pair, volume_to_image, warp_label
+from medmodal.registration.atlases import register_atlases
 
 #: (row name, transform, atlas contrast, target contrast)
 METHODS = (

@@ -14,8 +14,8 @@ from reg_helpers import FAST
 from medmodal.data.case import BRATS_MODALITIES, DataError, DatasetInfo
 from medmodal.data.io import read_image
 from medmodal.data.phantom import write_phantom
-from medmodal.engine.register import choose_modalities, register_atlases
 from medmodal.registration import MANIFEST_COLUMNS, read_manifest_rows
+from medmodal.registration.atlases import choose_modalities, register_atlases
 
 OPTIONS = {k: v for k, v in FAST.items() if k != "threads"}
 

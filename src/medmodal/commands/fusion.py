@@ -12,7 +12,7 @@ from medmodal.commands.common import console, user_errors
 from medmodal.data.case import DataError
 
 if TYPE_CHECKING:
-    from medmodal.engine.fuse import FuseResult
+    from medmodal.fusion.files import FuseResult
 
 _METHODS = ("majority", "staple", "dp")
 _MAX_LABEL_COLUMNS = 8
@@ -66,7 +66,7 @@ def fuse(
     if not labels:
         raise DataError(f"--method {method} needs the label files to fuse, e.g. "
                         "`medmodal fuse a.nii.gz b.nii.gz c.nii.gz --method staple --out fused.nii.gz`")
-    from medmodal.engine.fuse import fuse_label_files
+    from medmodal.fusion.files import fuse_label_files
 
     result = fuse_label_files(labels, method=method, out=out, overwrite=overwrite, probability_out=probability,
                               multilabel=multilabel, max_iter=max_iter)

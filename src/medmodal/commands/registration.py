@@ -24,7 +24,7 @@ def register(
     overwrite: bool = typer.Option(False, help="Replace the contents of a non-empty --out."),
 ) -> None:
     """Register every atlas onto every target (affine + B-spline/demons, mutual information) and warp the labels."""
-    from medmodal.engine.register import register_atlases
+    from medmodal.registration.atlases import register_atlases
     from medmodal.registration.sitk import TRANSFORMS
 
     if transform not in TRANSFORMS:

@@ -1,7 +1,7 @@
 """Labels from registration: register labelled atlases onto unlabelled targets with SimpleITK.
 
 :mod:`medmodal.registration.sitk` registers one pair (affine, then B-spline or demons) and warps a label;
-:func:`medmodal.engine.register.register_atlases` runs every atlas x target pair of two data sets in parallel.
+:func:`medmodal.registration.atlases.register_atlases` runs every atlas x target pair of two data sets in parallel.
 """
 
 from __future__ import annotations

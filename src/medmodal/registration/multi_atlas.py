@@ -4,7 +4,7 @@
 one), registers the atlas onto the target (:func:`~medmodal.registration.sitk.register_pair`), warps the atlas
 label onto the target's grid and writes it. It never raises: a failure becomes a :class:`PairResult` with
 ``status="failed"`` and the error text, so one bad file does not stop a multi-atlas run.
-:func:`medmodal.engine.register.register_atlases` runs the jobs in parallel.
+:func:`medmodal.registration.atlases.register_atlases` runs the jobs in parallel.
 """
 
 from __future__ import annotations

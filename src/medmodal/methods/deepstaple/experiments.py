@@ -6,7 +6,7 @@
   the Spearman correlation of θ with the true Dice and the Dice of the DP consensus against majority vote, STAPLE
   (Warfield et al., TMI 2004), one random label and the mean of all labels.
 * **Multi-atlas**: phantom cases are atlases (T1) and targets (T2) of a cross-contrast registration
-  (:func:`medmodal.engine.register.register_atlases`); the atlas label is the **white matter** of the phantom's
+  (:func:`medmodal.registration.atlases.register_atlases`); the atlas label is the **white matter** of the phantom's
   tissue map, because the phantom's tumours sit at random places and cannot be transferred between cases. The
   same fusions are scored against the targets' true white matter.
 
@@ -170,7 +170,7 @@ def make_multi_atlas_data(out: Path, scale: Scale, *, seed: int) -> tuple[Path, 
 
 def run_multi_atlas(out: Path, scale: Scale, *, seed: int) -> tuple[LabelQuality, Path]:
     """Register atlases onto targets (T1 → T2, B-spline), train DeepSTAPLE on the labels, evaluate the fusions."""
-    from medmodal.engine.register import register_atlases
+    from medmodal.registration.atlases import register_atlases
 
     atlases, targets = make_multi_atlas_data(out / "data", scale, seed=seed)
     reg = out / "registration"

@@ -16,9 +16,9 @@ from typing import Literal
 import numpy as np
 import torch
 
+from medmodal.atomic import atomic_write_text
 from medmodal.data.case import DataError, Volume
 from medmodal.data.io import WRITE_EXTENSIONS, check_same_grid, compact_int_dtype, read_image, write_image
-from medmodal.engine.run import atomic_write_text
 from medmodal.fusion import MultiLabelStapleResult, StapleResult, majority_vote, multilabel_staple, staple
 
 __all__ = ["FuseResult", "fuse_label_files", "staple_sidecar_path"]

@@ -265,7 +265,7 @@ def register_atlases(
         DataError: missing or unreadable data set, an atlas without a label (all are named), unknown modality,
             bad settings, non-empty ``out``, or every pair failed.
     """
-    from medmodal.engine.run import atomic_write_text  # deferred: worker processes import this module cheaply
+    from medmodal.atomic import atomic_write_text  # deferred: worker processes import this module cheaply
 
     atlases, targets, out = Path(atlases), Path(targets), Path(out)
     if workers is not None and workers < 1:

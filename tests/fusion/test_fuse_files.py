@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from medmodal.data.case import DataError
-from medmodal.engine.fuse import fuse_label_files, staple_sidecar_path
 from medmodal.fusion import majority_vote, staple
+from medmodal.fusion.files import fuse_label_files, staple_sidecar_path
 
 #: Anisotropic (0.8 × 1.1 × 2.5 mm) and oblique (rotated about two axes).
 OBLIQUE = np.array([
