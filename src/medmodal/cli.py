@@ -168,7 +168,29 @@ def train(
         path = Path(recipe) if recipe.endswith((".yaml", ".yml")) else builtin_recipe_path(recipe)
         rec = load_recipe(path, overrides=overrides)
         run = train_fn(rec, out or Path("runs") / rec.name, overwrite=overwrite)
-    console.print(f"[bold green]trained[/]: {run}")
+    from medmodal.engine.distributed import is_rank_zero
+
+    if is_rank_zero():  # every rank of a multi-process run returns here; one line is enough
+        console.print(f"[bold green]trained[/]: {run}")
+
+
+@app.command()
+@user_errors
+def methods() -> None:
+    """List the registered methods: name, what they do, spatial dimensions, and their recipe section's fields."""
+    from rich.table import Table
+
+    from medmodal.engine.plugin import get_method, method_names
+
+    table = Table(box=None, pad_edge=False)
+    for col in ("method", "what", "dims", "recipe fields (method.*)"):
+        table.add_column(col)
+    for name in method_names():
+        p = get_method(name)
+        fields = ", ".join(f for f in p.config.model_fields if f != "name")
+        table.add_row(name + (" (default)" if p.default else ""), p.summary, "/".join(f"{d}D" for d in p.spatial_dims),
+                      fields)
+    console.print(table)
 
 
 @app.command()

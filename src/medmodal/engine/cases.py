@@ -99,7 +99,8 @@ class CasesPlugin(MethodPlugin):
     def make_system(self, recipe: Recipe, network: nn.Module, task: TaskInfo, common: dict[str, Any]
                     ) -> L.LightningModule:
         """The method's training system around ``network``; ``common`` holds the shared optimisation and
-        validation arguments (see :class:`~medmodal.methods.zero_fill.system.SegmentationSystem`)."""
+        validation arguments: ``regions, roi_size, optimizer, lr, weight_decay, momentum, schedule, max_steps,
+        warmup_steps, overlap, sw_batch_size, seed, channels_last``."""
         raise NotImplementedError
 
     def task_info(self, recipe: Recipe, info: DatasetInfo) -> TaskInfo:

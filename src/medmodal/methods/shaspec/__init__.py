@@ -8,7 +8,6 @@ system :mod:`medmodal.methods.shaspec.system`; the main job (ShaSpec vs the zero
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,33 +16,16 @@ from typing import Any
 import typer
 from torch import nn
 
-from medmodal.atomic import atomic_write_text
 from medmodal.engine.cases import CasesPlugin, tiny_case_recipe
 from medmodal.engine.plugin import register_method
 from medmodal.engine.recipe import Recipe
 from medmodal.engine.runinfo import LoadedRun, TaskInfo
 from medmodal.methods.shaspec.config import ShaSpecMethod, ShaSpecPhase
+from medmodal.methods.shaspec.features import write_feature_picture
 
 __all__ = ["ShaSpecMethod", "ShaSpecPhase", "ShaSpecPlugin", "write_feature_picture"]
 
 log = logging.getLogger("medmodal")
-
-
-def write_feature_picture(network: nn.Module, cases: Sequence, out_dir: Path, *, modalities: Sequence[str],
-                          roi_size: Sequence[int], title: str) -> dict[str, float]:
-    """``features.png`` (t-SNE of shared and specific features by modality) and ``features.json`` (silhouettes)."""
-    from medmodal.evaluation.features import collect_features, plot_feature_picture
-
-    if not hasattr(network, "encode"):
-        raise ValueError(f"the feature picture needs a ShaSpec network; got {type(network).__name__}")
-    fs = collect_features(network, cases, modalities=modalities, roi_size=roi_size)
-    scores = plot_feature_picture(fs, out_dir / "features.png", title=title)
-    doc = {"silhouette_by_modality": scores, "n_points": int(len(fs.modality)), "cases": len(set(fs.case_id)),
-           "note": "pooled bottleneck features of windows; silhouette near 1 = separated by modality, <= 0 = mixed"}
-    atomic_write_text(out_dir / "features.json", json.dumps(doc, indent=2))
-    log.info("feature picture: silhouette by modality shared %.3f, specific %.3f", scores["shared"],
-             scores["specific"])
-    return scores
 
 
 class ShaSpecPlugin(CasesPlugin):

@@ -216,7 +216,7 @@ def run_quickstart(out: Path, *, fast: bool = False, overwrite: bool = False, jo
         plot_training_curves(run_dir / "metrics.csv", fig, title=f"{model.name}, seed {seeds[0]}")
         figures.append(f"![{model.name} training]({fig.name})")
     from medmodal.engine.datamodule import prepare_cache, resolve_source
-    from medmodal.methods.shaspec import write_feature_picture
+    from medmodal.methods.shaspec.features import write_feature_picture
 
     shaspec_run = load_run(out / "runs" / f"shaspec_seed{seeds[0]}")
     index = prepare_cache(resolve_source(shaspec_run.recipe.data), progress=False)

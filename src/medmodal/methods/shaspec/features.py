@@ -9,6 +9,8 @@ Features are globally pooled bottleneck features of windows of the evaluation ca
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from medmodal.atomic import atomic_write_text
 from medmodal.evaluation.report import _pyplot, _save_figure
+
+log = logging.getLogger("medmodal")
 
 
 @dataclass(frozen=True)
@@ -126,4 +131,19 @@ def plot_feature_picture(fs: FeatureSet, path: Path, *, title: str, seed: int = 
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     _save_figure(fig, path)
+    return scores
+
+
+def write_feature_picture(network: nn.Module, cases: Sequence, out_dir: Path, *, modalities: Sequence[str],
+                          roi_size: Sequence[int], title: str) -> dict[str, float]:
+    """``features.png`` (t-SNE of shared and specific features by modality) and ``features.json`` (silhouettes)."""
+    if not hasattr(network, "encode"):
+        raise ValueError(f"the feature picture needs a ShaSpec network; got {type(network).__name__}")
+    fs = collect_features(network, cases, modalities=modalities, roi_size=roi_size)
+    scores = plot_feature_picture(fs, out_dir / "features.png", title=title)
+    doc = {"silhouette_by_modality": scores, "n_points": int(len(fs.modality)), "cases": len(set(fs.case_id)),
+           "note": "pooled bottleneck features of windows; silhouette near 1 = separated by modality, <= 0 = mixed"}
+    atomic_write_text(out_dir / "features.json", json.dumps(doc, indent=2))
+    log.info("feature picture: silhouette by modality shared %.3f, specific %.3f", scores["shared"],
+             scores["specific"])
     return scores
