@@ -134,13 +134,13 @@ _LOADED = False
 def register_method(plugin: MethodPlugin) -> MethodPlugin:
     """Add ``plugin`` to the registry (its package's ``__init__`` calls this once)."""
     name = plugin.name
-    if name in _REGISTRY and type(_REGISTRY[name]) is not type(plugin):
-        raise ValueError(f"method {name!r} is registered twice ({type(_REGISTRY[name]).__name__}, "
-                         f"{type(plugin).__name__})")
     fields = plugin.config.model_fields
     if "name" not in fields or fields["name"].default != name:
         raise ValueError(f"method {name!r}: its config {plugin.config.__name__} needs `name: Literal[{name!r}]` "
                          f"with that default")
+    if name in _REGISTRY and type(_REGISTRY[name]) is not type(plugin):
+        raise ValueError(f"method {name!r} is registered twice ({type(_REGISTRY[name]).__name__}, "
+                         f"{type(plugin).__name__})")
     _REGISTRY[name] = plugin
     return plugin
 
