@@ -351,3 +351,45 @@ class DistributedReport(L.Callback):
                           "val": {k: float(v) for k, v in zip(names, row[2:].tolist(), strict=True)}}
                          for r, row in enumerate(gathered)]}
         atomic_write_text(self.path, json.dumps(doc, indent=2))
+
+
+class ResumableLoader:
+    """A training loader that a resumed run continues where it stopped, mid-epoch included.
+
+    Lightning restarts an epoch's loader from its first batch and calls no ``on_train_epoch_start`` when it
+    resumes mid-epoch, so a resumed run would train again on the epoch's first batches (and, with a patch
+    sampler told its epoch by that hook, on the first epoch's patches). This wrapper sets the dataset's epoch
+    (``set_epoch``) and skips the batches the epoch has done already, both read from the trainer when the
+    epoch's first batch is fetched (after Lightning has restored its loop state). It is ``_Stateful`` for
+    Lightning, so resuming from a mid-epoch checkpoint raises no "dataloader is not resumable" warning.
+    """
+
+    def __init__(self, loader: Any, trainer: Any) -> None:
+        self.loader, self._trainer = loader, trainer
+
+    @property
+    def dataset(self) -> Any:
+        return self.loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Any:
+        return self._batches()
+
+    def _batches(self) -> Any:
+        import itertools
+
+        trainer = self._trainer()
+        done = 0
+        if trainer is not None:
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(trainer.current_epoch)
+            done = int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
+        yield from itertools.islice(self.loader, done, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -38,6 +38,7 @@ from medmodal.engine.run import (
     MetricsCSV,
     NonFiniteGuard,
     NonFiniteLossError,
+    ResumableLoader,
     RunError,
     SafetensorsWeights,
     StepProgressBar,
@@ -190,6 +191,8 @@ def train(
         use_distributed_sampler=False,  # the data modules split batches between ranks themselves
         gradient_clip_val=t.gradient_clip_norm if built.system.automatic_optimization else None,
     )
+    make_loader = built.data.train_dataloader
+    built.data.train_dataloader = lambda: ResumableLoader(make_loader(), lambda: built.data.trainer)  # type: ignore[method-assign]
     ckpt = ckpt_dir / "last.ckpt" if resume else None
     log.info("training %s (%s) into %s%s", recipe.model.name, recipe.method.name, run_dir,
              f", resuming from {ckpt}" if ckpt else "")
