@@ -132,9 +132,10 @@ def train(
     plugin = get_method(recipe.method.name)
     built = plugin.build(recipe)  # validates data, network and system before anything is written or deleted
 
-    created = False
+    created = fresh = False
     if rank0 and not resume:
         created = setup_run_folder(run_dir, resume=False, overwrite=overwrite)
+        fresh = True  # the folder is new or empty now (an --overwrite emptied it)
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         attach_log_file(run_dir)
@@ -214,8 +215,8 @@ def train(
             ) from None
         raise
     except BaseException:
-        if created and trainer.global_step == 0 and rank0:
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing trained: leave no folder that blocks a retry
+        if fresh and trainer.global_step == 0:  # nothing trained: leave nothing that blocks a retry
+            _empty_run_folder(run_dir, remove=created)
         raise
     finally:
         if threading.current_thread() is threading.main_thread():
@@ -226,6 +227,24 @@ def train(
             json.dumps({"train": built.data.train_ids, "val": built.data.val_ids}, indent=2),
         )
     return run_dir
+
+
+def _empty_run_folder(run_dir: Path, *, remove: bool) -> None:
+    """Remove what a run that failed before its first step wrote: the folder itself if this run created it,
+    else its contents (it was empty when the run began)."""
+    for name in ("medmodal", "lightning.pytorch", "lightning.fabric"):  # release log.txt
+        lg = logging.getLogger(name)
+        for h in [h for h in lg.handlers if getattr(h, "_medmodal_run_log", False)]:
+            lg.removeHandler(h)
+            h.close()
+    if remove:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for p in run_dir.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def _checkpoint_step(path: Path) -> int:
