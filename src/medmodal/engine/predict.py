@@ -75,7 +75,8 @@ def predict_cases(
 
     Segmentation tasks write ``out_dir/<case_id>_seg.nii.gz`` per case; classification writes
     ``out_dir/predictions.csv`` (case, modalities used, predicted class, one probability per class). Existing
-    outputs are kept unless ``overwrite``; a case that fails to read is reported and skipped, and a
+    outputs are kept unless ``overwrite``; modalities the model was not trained on are ignored (with a
+    warning; a case with none it knows fails); a case that fails to read is reported and skipped, and a
     :class:`DataError` listing the failures is raised at the end.
     """
     from medmodal.data.io import read_case, write_image
@@ -102,9 +103,12 @@ def predict_cases(
     for rec in track(records, description="predicting", disable=not progress):
         try:
             unknown = [m for m in rec.images if m not in modalities]
-            if unknown:
+            if unknown and len(unknown) == len(rec.images):
                 raise DataError(f"case {rec.case_id}: unknown modality name(s) {unknown}: the model was trained on "
                                 f"{list(modalities)}")
+            if unknown:  # e.g. a 4-modality data set given to a model of one modality: use what it knows
+                log.warning("case %s: ignoring modality(ies) %s; the model was trained on %s", rec.case_id, unknown,
+                            list(modalities))
             case = read_case(replace(select_modalities(rec, modalities), label=None), info)
             image, _, available, geometry = preprocess_case(
                 case, modalities, target_spacing=tuple(spacing) if spacing else None)
