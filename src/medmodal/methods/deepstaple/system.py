@@ -244,7 +244,7 @@ class DeepStapleSystem(MethodSystem):
             loss, dp_loss = self.inline_step(batch)
         self._step_schedule()
         n = len(batch["label_id"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log("train/dp_loss", dp_loss, batch_size=n)
         if self._trainer is not None and batch_idx + 1 == self.trainer.num_training_batches:
             rho = self.theta_spearman()

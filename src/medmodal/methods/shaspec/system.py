@@ -163,7 +163,7 @@ class ShaSpecSystem(SegmentationSystem):
         keep = self.training_keep(batch.available, self.global_step)
         parts = self.losses(batch, keep)
         n = len(batch)
-        self.log("train/loss", parts["loss"], prog_bar=True, batch_size=n)
+        self.log("train/loss", parts["loss"], prog_bar=True, batch_size=n, sync_dist=True)
         for name in ("task", "dao", "dco"):
             self.log(f"train/{name}", parts[name], batch_size=n)
         self.log("train/n_modalities", keep.sum(1).float().mean(), batch_size=n)

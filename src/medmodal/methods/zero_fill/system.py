@@ -106,7 +106,7 @@ class SegmentationSystem(MethodSystem):
         batch = drop_modalities(batch, keep)
         logits = self.network(batch.image, batch.available)
         loss = self.loss_fn(logits, labels_to_regions(batch.label, self.regions))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=True)
         self.log("train/n_modalities", batch.available.sum(1).float().mean(), batch_size=len(batch))
         self.log_lr()
         return loss
