@@ -53,5 +53,13 @@ def create_network(name: str, **kwargs: Any) -> nn.Module:
 
 
 def _import_builtin() -> None:
-    # Importing the modules runs their @register_network decorators.
-    from medmodal.networks import shaspec, unet  # noqa: F401
+    """Import every module of :mod:`medmodal.networks` (their ``@register_network`` decorators fill the
+    registry), so a new network file registers itself without editing this one."""
+    import importlib
+    import pkgutil
+
+    import medmodal.networks as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name != "registry":
+            importlib.import_module(f"{package.__name__}.{info.name}")
