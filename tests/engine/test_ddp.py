@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -58,7 +59,7 @@ class Launch:
                "--devices", str(devices)]
         self.name = name
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     cwd=root)
+                                     cwd=root, start_new_session=True)
         self.returncode: int | None = None
         self.output = ""
 
@@ -66,7 +67,7 @@ class Launch:
         try:
             self.output, _ = self.proc.communicate(timeout=TIMEOUT)
         except subprocess.TimeoutExpired:
-            self.proc.kill()  # the launcher; its child rank exits when the process group breaks
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the launcher and the rank it started (its own session)
             self.output = self.proc.communicate()[0] + f"\n[timed out after {TIMEOUT} s]"
         self.returncode = self.proc.returncode
 
