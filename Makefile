@@ -11,7 +11,7 @@ export MKL_NUM_THREADS ?= 2
 help:
 	@echo "make quickstart   set up, then train + evaluate on the embedded synthetic phantom (report in runs/quickstart)"
 	@echo "make test         set up, then run the default test suite (< 15 min on 2 CPU cores)"
-	@echo "make test-slow    the slow tests (2-process DDP, full quickstart)"
+	@echo "make test-slow    the slow tests (the full quickstart)"
 	@echo "make bench        the benchmarks under benchmarks/ (figures go to docs/benchmarks.md by hand)"
 	@echo "make experiment-deepstaple   DeepSTAPLE's experiments on the phantom (report in runs/deepstaple)"
 	@echo "make lint         ruff"

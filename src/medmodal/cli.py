@@ -243,6 +243,10 @@ def predict(
                 raise DataError(f"--image {item!r}: expected modality=file, e.g. flair=case_flair.nii.gz")
             mod, file = item.split("=", 1)
             pairs[mod.strip().lower()] = Path(file)
+        unknown = sorted(set(pairs) - set(loaded.info.modalities))
+        if unknown:  # a name typed on the command line: most likely a typo, never silently dropped
+            raise DataError(f"--image: unknown modality name(s) {unknown}; the model of {run} reads "
+                            f"{list(loaded.info.modalities)}")
         records = records_from_images(pairs, case_id=case_id)
     written = plugin.predict(loaded, records, out, overwrite=overwrite, progress=True)
     console.print(f"[bold green]wrote[/] {len(written)} file(s) to {out}")

@@ -139,7 +139,7 @@ def test_two_processes_train_as_one(launches: dict[str, Launch], method: str) ->
     # rank 0 alone wrote the run folder
     files = [p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()]
     assert not [f for f in files if re.search(r"rank_?\d|_1\.|\.1$|-v\d", f)], files
-    log = (run / "log.txt").read_text()
+    log = (run / "log.txt").read_text(encoding="utf-8")
     assert "GLOBAL_RANK: 0" in log and "GLOBAL_RANK: 1" not in log
     records = [re.sub(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", "", line) for line in log.splitlines()
                if re.match(r"^\d{4}-\d\d-\d\d ", line)]

@@ -129,7 +129,7 @@ def test_classification_run_in_2d(tmp_path: Path, tiny_recipe_dict) -> None:
     rows = _evaluated(run)
     assert len({r["subset"] for r in rows}) == 15
     assert all(r["prediction"] in ("0", "1") and r["target"] in ("0", "1") for r in rows)
-    assert "accuracy" in (run / "eval" / "report.md").read_text()
+    assert "accuracy" in (run / "eval" / "report.md").read_text(encoding="utf-8")
 
 
 def test_features_need_a_shaspec_run(tmp_path: Path, tiny_recipe_dict) -> None:

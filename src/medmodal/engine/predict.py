@@ -93,6 +93,11 @@ def predict_cases(
         outputs = {"*": out_dir / "predictions.csv"}
     else:
         outputs = {rec.case_id: out_dir / f"{rec.case_id}_seg.nii.gz" for rec in records}
+    usable = [rec for rec in records if any(m in modalities for m in rec.images)]
+    if records and not usable:
+        found = sorted({m for rec in records for m in rec.images})
+        raise DataError(f"no case has a modality the model reads: the cases have {found}, the model was trained on "
+                        f"{list(modalities)}")
     clash = [str(p) for p in outputs.values() if p.exists()]
     if clash and not overwrite:
         raise DataError(f"{len(clash)} output(s) exist, e.g. {clash[0]}; pass --overwrite or choose another --out")
