@@ -49,22 +49,24 @@ from medmodal.losses.data_parameters import (
 )
 
 
-def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
-    """Spearman rank correlation over the pairs where both values are finite (NaN if undefined)."""
+def _correlation(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, fn: Any) -> float:
+    """``fn(a, b).statistic`` over the pairs where both values are finite; NaN with fewer than 3 such pairs or
+    a constant side (the correlation is undefined)."""
     a, b = np.asarray(x, np.float64), np.asarray(y, np.float64)
     keep = np.isfinite(a) & np.isfinite(b)
     if keep.sum() < 3 or np.ptp(a[keep]) == 0 or np.ptp(b[keep]) == 0:
         return float("nan")
-    return float(stats.spearmanr(a[keep], b[keep]).statistic)
+    return float(fn(a[keep], b[keep]).statistic)
+
+
+def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
+    """Spearman rank correlation over the pairs where both values are finite (NaN if undefined)."""
+    return _correlation(x, y, stats.spearmanr)
 
 
 def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
     """Pearson correlation over the finite pairs (NaN if undefined)."""
-    a, b = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    keep = np.isfinite(a) & np.isfinite(b)
-    if keep.sum() < 3 or np.ptp(a[keep]) == 0 or np.ptp(b[keep]) == 0:
-        return float("nan")
-    return float(stats.pearsonr(a[keep], b[keep]).statistic)
+    return _correlation(x, y, stats.pearsonr)
 
 
 class DeepStapleSystem(MethodSystem):
