@@ -238,13 +238,3 @@ class CacheDataModule(L.LightningDataModule):
         rank, world = self._ranks
         cases = WholeCaseDataset(index=self.index.subset(self.val_ids))
         return self._loader(ValidationShard(cases, rank=rank, world_size=world), 1, shuffle=False)
-
-
-class EpochSeeder(L.Callback):
-    """Tell the patch sampler the epoch so that each epoch draws new patches."""
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        loader = trainer.train_dataloader
-        dataset = getattr(loader, "dataset", None)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(trainer.current_epoch)

@@ -126,7 +126,7 @@ _NOISE = (
     "overridden `on_after_batch_transfer`",  # intended: the system moves channels-last batches
     "always_return_as_numpy",  # MONAI-internal deprecation in its HD95 helper
     "`weights_only` was not set",  # Lightning loading our own checkpoint on resume
-    "persistent_workers=True",  # intended: EpochSeeder sets each epoch on the dataset, fresh workers copy it
+    "persistent_workers=True",  # intended: ResumableLoader sets each epoch on the dataset, fresh workers copy it
     "when logging on epoch level in distributed setting",  # validation metrics are reduced exactly beforehand
     "all_gather is deprecated",  # Lightning's own all_gather on torch 2.13
     "Grad strides do not match bucket view strides",  # DDP with channels-last 3D weights: a speed note only

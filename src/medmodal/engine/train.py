@@ -19,7 +19,6 @@ import lightning as L
 import torch
 
 from medmodal.atomic import atomic_write_text
-from medmodal.engine.datamodule import EpochSeeder
 from medmodal.engine.distributed import is_rank_zero
 from medmodal.engine.plugin import Training, get_method
 from medmodal.engine.recipe import (
@@ -161,7 +160,6 @@ def train(
         SafetensorsWeights(run_dir / "weights", name=built.network_name, kwargs=built.network_kwargs),
         MetricsCSV(run_dir / "metrics.csv"),
         DistributedReport(run_dir / "distributed.json"),
-        EpochSeeder(),
         *built.callbacks,
         *callbacks,
     ]
