@@ -209,6 +209,11 @@ def evaluate(
     """Evaluate a run with its method's evaluation (segmentation: Dice and HD95 for every modality subset)."""
     from medmodal.engine.evaluate import evaluate_run
 
+    if data is not None:
+        from medmodal.data.formats import open_dataset
+        from medmodal.engine.runinfo import load_run
+
+        _warn_once(load_run(run).data_warning(data_synthetic=open_dataset(data)[0].synthetic))
     report = evaluate_run(run, out_dir=out, split=split, data=data, overwrite=overwrite, features=features)
     console.print(f"[bold green]evaluated[/]: {report}")
 
@@ -230,26 +235,63 @@ def predict(
 
     if (data is None) == (not image):
         raise DataError("give either --data DIR or one or more --image modality=file")
+    if image:
+        _check_case_id_option(case_id)
     loaded = load_run(run)
     plugin = get_method(loaded.info.method)
     if data is not None:
         from medmodal.data.formats import open_dataset
 
-        _, records = open_dataset(data)
+        info, records = open_dataset(data)
+        data_synthetic = info.synthetic
     else:
-        pairs = {}
-        for item in image:
-            if "=" not in item:
-                raise DataError(f"--image {item!r}: expected modality=file, e.g. flair=case_flair.nii.gz")
-            mod, file = item.split("=", 1)
-            pairs[mod.strip().lower()] = Path(file)
+        pairs = _image_pairs(image)
         unknown = sorted(set(pairs) - set(loaded.info.modalities))
         if unknown:  # a name typed on the command line: most likely a typo, never silently dropped
             raise DataError(f"--image: unknown modality name(s) {unknown}; the model of {run} reads "
                             f"{list(loaded.info.modalities)}")
         records = records_from_images(pairs, case_id=case_id)
+        data_synthetic = False
+    _warn_once(loaded.data_warning(data_synthetic=data_synthetic))
     written = plugin.predict(loaded, records, out, overwrite=overwrite, progress=True)
     console.print(f"[bold green]wrote[/] {len(written)} file(s) to {out}")
+
+
+def _check_case_id_option(case_id: str) -> None:
+    from medmodal.data.formats.brats import check_case_id
+
+    try:
+        check_case_id(case_id)
+    except DataError:
+        raise DataError(f"--case-id {case_id!r}: must be a plain file name (letters, digits, '-', '_'; no '/', "
+                        "'\\' or leading '.'): the output is <case-id>_seg.nii.gz inside --out") from None
+
+
+def _image_pairs(items: list[str]) -> dict[str, Path]:
+    """``--image modality=file`` options as ``{modality: file}``; names normalised (``T1ce`` is ``t1c``)."""
+    from medmodal.data.formats import canonical_modality
+
+    pairs: dict[str, Path] = {}
+    for item in items:
+        if "=" not in item:
+            raise DataError(f"--image {item!r}: expected modality=file, e.g. flair=case_flair.nii.gz")
+        name, file = item.split("=", 1)
+        mod = canonical_modality(name)
+        if not mod:
+            raise DataError(f"--image {item!r}: no modality name before '='; e.g. flair=case_flair.nii.gz")
+        if not file.strip():
+            raise DataError(f"--image {mod}=: no file after '='; give the image file (or DICOM series folder), "
+                            f"e.g. {mod}=case_{mod}.nii.gz")
+        if mod in pairs:
+            raise DataError(f"--image {mod} is given twice ({pairs[mod]} and {file.strip()}); give each modality "
+                            "once")
+        pairs[mod] = Path(file.strip())
+    return pairs
+
+
+def _warn_once(message: str | None) -> None:
+    if message:
+        err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
 # -- the label tools, then the commands each method plug-in adds --------------------------------------------

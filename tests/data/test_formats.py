@@ -221,3 +221,34 @@ def test_invalid_json_metadata_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "nn" / "dataset.json").write_text("[1, 2]", encoding="utf-8")
     with pytest.raises(DataError, match=r"dataset.json: must hold a JSON object with 'channel_names'"):
         open_dataset(tmp_path / "nn", format="nnunet")
+
+
+# -- issue 11, item 4: column roles and modality names are case-insensitive, with one normalisation ----------
+def test_canonical_modality_is_case_insensitive_and_knows_aliases() -> None:
+    from medmodal.data.formats import canonical_modality
+
+    assert [canonical_modality(n) for n in ("T1", " FLAIR ", "T1ce", "t1Gd", "T2w", "dwi")] == [
+        "t1", "flair", "t1c", "t1c", "t2", "dwi"]
+
+
+def test_csv_manifest_column_roles_are_case_insensitive(tmp_path, io_make_case) -> None:
+    case = io_make_case("a")
+    for name in ("t1", "flair"):
+        write_image(case.images[name], tmp_path / f"a_{name}.nii.gz")
+    write_image(case.label, tmp_path / "a_seg.nii.gz")
+    (tmp_path / "m.csv").write_text("Case_ID,T1,FLAIR,Label,Target,Report\n"
+                                    "a,a_t1.nii.gz,a_flair.nii.gz,a_seg.nii.gz,1,a report\n")
+    info, records = read_manifest(tmp_path / "m.csv")
+    assert info.modalities == ("t1", "flair")
+    assert records[0].label == tmp_path / "a_seg.nii.gz"
+    assert records[0].target == 1 and records[0].report == "a report"
+
+
+def test_brats_sidecar_modalities_are_normalised(tmp_path, io_make_case, io_brats_info) -> None:
+    root = write_brats([io_make_case("c1")], tmp_path / "d", io_brats_info)
+    sidecar = json.loads((root / "medmodal.json").read_text())
+    sidecar["modalities"] = ["T1", "T1ce", "T2", "FLAIR"]
+    (root / "medmodal.json").write_text(json.dumps(sidecar))
+    info, records = read_brats(root)
+    assert info.modalities == BRATS_MODALITIES
+    assert sorted(records[0].images) == sorted(BRATS_MODALITIES)

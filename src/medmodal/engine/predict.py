@@ -9,6 +9,7 @@ the input exactly (oblique and anisotropic grids included); classifications go t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -20,6 +21,7 @@ from rich.progress import track
 
 from medmodal.atomic import write_csv
 from medmodal.data.case import CaseRecord, DataError, DatasetInfo, Volume
+from medmodal.data.formats.brats import check_case_id
 from medmodal.engine.datamodule import select_modalities
 from medmodal.engine.runinfo import LoadedRun
 from medmodal.evaluation.inference import predict_subsets
@@ -77,7 +79,8 @@ def predict_cases(
     ``out_dir/predictions.csv`` (case, modalities used, predicted class, one probability per class). Existing
     outputs are kept unless ``overwrite``; modalities the model was not trained on are ignored (with a
     warning; a case with none it knows fails); a case that fails to read is reported and skipped, and a
-    :class:`DataError` listing the failures is raised at the end.
+    :class:`DataError` listing the failures is raised at the end. When every case fails, an ``out_dir`` this call
+    created is removed again. A case id that is not a plain file name is refused before anything is written.
     """
     from medmodal.data.io import read_case, write_image
     from medmodal.data.preprocess import preprocess_case, restore_to_input_grid
@@ -87,12 +90,13 @@ def predict_cases(
     info = info or input_info(run)
     modalities = tuple(run.info.modalities)
     task, inf = run.info.task, run.info.inference
-    spacing = run.info.preprocessing.get("target_spacing")
     classification = task.kind == "classification"
     if classification:
         outputs = {"*": out_dir / "predictions.csv"}
     else:
         outputs = {rec.case_id: out_dir / f"{rec.case_id}_seg.nii.gz" for rec in records}
+    for rec in records:  # outputs are named after the case ids: none may leave out_dir
+        check_case_id(rec.case_id)
     usable = [rec for rec in records if any(m in modalities for m in rec.images)]
     if records and not usable:
         found = sorted({m for rec in records for m in rec.images})
@@ -101,6 +105,7 @@ def predict_cases(
     clash = [str(p) for p in outputs.values() if p.exists()]
     if clash and not overwrite:
         raise DataError(f"{len(clash)} output(s) exist, e.g. {clash[0]}; pass --overwrite or choose another --out")
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     failed: list[str] = []
@@ -109,14 +114,13 @@ def predict_cases(
         try:
             unknown = [m for m in rec.images if m not in modalities]
             if unknown and len(unknown) == len(rec.images):
-                raise DataError(f"case {rec.case_id}: unknown modality name(s) {unknown}: the model was trained on "
-                                f"{list(modalities)}")
+                raise DataError(f"case {rec.case_id}: it has {sorted(rec.images)}, none of the modalities this "
+                                f"model uses {list(modalities)}; give it at least one of them")
             if unknown:  # e.g. a 4-modality data set given to a model of one modality: use what it knows
                 log.warning("case %s: ignoring modality(ies) %s; the model was trained on %s", rec.case_id, unknown,
                             list(modalities))
             case = read_case(replace(select_modalities(rec, modalities), label=None), info)
-            image, _, available, geometry = preprocess_case(
-                case, modalities, target_spacing=tuple(spacing) if spacing else None)
+            image, _, available, geometry = preprocess_case(case, modalities, **run.info.preprocessing_options())
         except DataError as err:
             log.error("%s", err)
             failed.append(str(err))
@@ -145,5 +149,8 @@ def predict_cases(
         header = ["case_id", "modalities", "prediction", *(f"p_{c}" for c in task.class_names)]
         written.append(write_csv(outputs["*"], header, rows))
     if failed:
+        if created and not written:  # every case failed: leave no empty folder behind
+            with contextlib.suppress(OSError):  # rmdir removes only an empty folder
+                out_dir.rmdir()
         raise DataError(f"{len(failed)} case(s) could not be processed:\n" + "\n".join(failed))
     return written

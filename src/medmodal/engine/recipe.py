@@ -34,6 +34,13 @@ class PhantomConfig(_Section):
     seed: int = 0
     missing_rate: float = Field(0.0, ge=0.0, lt=1.0)
 
+    @field_validator("spacing")
+    @classmethod
+    def _positive_spacing(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or any(not s > 0 for s in v)):
+            raise ValueError(f"spacing must be positive voxel sizes in mm, e.g. [1, 1, 3], got {v}")
+        return v
+
 
 class DataConfig(_Section):
     path: Path | None = None
@@ -54,6 +61,13 @@ class DataConfig(_Section):
         if isinstance(data, dict) and "candidates" in data:
             raise ValueError("data.candidates moved to the method section: write it as method.candidates")
         return data
+
+    @field_validator("modalities")
+    @classmethod
+    def _modality_names(cls, v: list[str] | None) -> list[str] | None:
+        from medmodal.data.formats.brats import canonical_modality  # the one normalisation of modality names
+
+        return None if v is None else [canonical_modality(str(m)) for m in v]
 
     @field_validator("patch_size")
     @classmethod

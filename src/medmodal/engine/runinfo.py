@@ -75,6 +75,15 @@ class RunInfo:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str) + "\n"
 
+    def preprocessing_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~medmodal.data.preprocess.preprocess_case` that repeat the recorded
+        preprocessing: ``target_spacing`` and ``histogram_clip`` (``None`` in runs recorded without them)."""
+        from medmodal.data.preprocess import HistogramClip
+
+        spacing = self.preprocessing.get("target_spacing")
+        return {"target_spacing": tuple(spacing) if spacing else None,
+                "histogram_clip": HistogramClip.from_dict(self.preprocessing.get("histogram_clip"))}
+
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> RunInfo:
         return cls(**{**doc, "task": TaskInfo.from_json(doc["task"])})
@@ -112,6 +121,17 @@ class LoadedRun:
         if not self.split_file.is_file():
             raise RunError(f"{self.split_file}: not found; the run did not finish (resume it) or pass --split all")
         return list(json.loads(self.split_file.read_text(encoding="utf-8"))[name])
+
+    def data_warning(self, *, data_synthetic: bool) -> str | None:
+        """The warning to print once when this run's model meets data it was not trained on: a model trained
+        only on synthetic data applied to data that is not synthetic. ``None`` when there is nothing to say."""
+        training = self.info.training_data
+        if not training.get("synthetic") or data_synthetic:
+            return None
+        what = ("the synthetic phantom" if training.get("kind") == "phantom"
+                else f"synthetic data ({training.get('dataset_name') or training.get('path')})")
+        return (f"this model ({self.dir}) was trained only on {what}; its output on real scans is meaningless. "
+                "Train on labelled scans like yours (recipe data.path) before trusting it.")
 
     def network(self) -> Any:
         """The trained network (eval mode) from ``weights/``."""

@@ -10,12 +10,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from medmodal.data.case import Case, CaseRecord, DataError, DatasetInfo
-from medmodal.data.formats.brats import is_brats_case_folder, read_brats, write_brats
+from medmodal.data.formats.brats import canonical_modality, is_brats_case_folder, read_brats, write_brats
 from medmodal.data.formats.manifest import MANIFEST_NAMES, read_manifest, write_manifest, write_manifest_dataset
 from medmodal.data.formats.nnunet import DATASET_JSON, read_nnunet, write_nnunet
 
 __all__ = [
     "FORMATS",
+    "canonical_modality",
     "detect_format",
     "open_dataset",
     "read_brats",

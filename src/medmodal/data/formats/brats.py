@@ -40,7 +40,12 @@ SIDECAR = "medmodal.json"
 
 
 def canonical_modality(name: str) -> str:
-    """``name`` lower-cased and mapped through :data:`MODALITY_ALIASES` (unknown names are kept)."""
+    """``name`` stripped, lower-cased and mapped through :data:`MODALITY_ALIASES` (unknown names are kept).
+
+    The one normalisation of modality names: every place a user names a modality (data set files and sidecars,
+    manifests, ``data.modalities`` in a recipe, ``--image T1=...``, ``--atlas-modality``) goes through it, so
+    ``T1``, ``t1`` and ``T1n`` are the same modality and ``t1ce`` is ``t1c`` everywhere.
+    """
     key = name.strip().lower()
     return MODALITY_ALIASES.get(key, key)
 
@@ -114,7 +119,7 @@ def _info_from_sidecar(meta: dict, root: Path) -> DatasetInfo:
     try:
         info = DatasetInfo(
             name=str(meta.get("name", root.name)),
-            modalities=tuple(str(m) for m in meta.get("modalities", BRATS_MODALITIES)),
+            modalities=tuple(canonical_modality(str(m)) for m in meta.get("modalities", BRATS_MODALITIES)),
             synthetic=bool(meta.get("synthetic", False)),
         )
         if "labels" in meta:

@@ -1,7 +1,9 @@
 """A plain CSV or JSON manifest that lists each case's files.
 
 CSV: a header ``case_id,<modality>...,label,target,report``; every column other than ``case_id``, ``label``,
-``target`` and ``report`` is a modality (an empty cell is a missing modality). JSON::
+``target`` and ``report`` (in any letter case: ``Label`` is ``label``) is a modality, named through
+:func:`~medmodal.data.formats.brats.canonical_modality` (``T1`` is ``t1``, ``T1ce`` is ``t1c``); an empty cell is
+a missing modality. JSON::
 
     {"name": "my-data", "modalities": ["t1", "flair"], "labels": [0, 1], "regions": {"lesion": [1]},
      "synthetic": false,
@@ -95,8 +97,12 @@ def _read_csv(path: Path) -> tuple[DatasetInfo, list[CaseRecord]]:
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in reader.fieldnames or []]
-        columns = {h: canonical_modality(h) for h in header if h not in _RESERVED}
-        if "case_id" not in header or not columns:
+        roles = [h.lower() for h in header]  # column roles are matched case-insensitively: Label is label
+        twice = sorted({r for r in roles if r in _RESERVED and roles.count(r) > 1})
+        if twice:
+            raise DataError(f"{path}: the column(s) {twice} appear twice (names are case-insensitive); keep one")
+        columns = {h: canonical_modality(h) for h, r in zip(header, roles, strict=True) if r not in _RESERVED}
+        if "case_id" not in roles or not columns:
             raise DataError(f"{path}: needs a header 'case_id,<modality>,...[,label,target,report]', got {header}")
         names = list(columns.values())
         if len(set(names)) != len(names):
@@ -104,6 +110,7 @@ def _read_csv(path: Path) -> tuple[DatasetInfo, list[CaseRecord]]:
         state = _Reader(path, DatasetInfo(name=path.stem, modalities=tuple(names)))
         for row in reader:
             row = {(k or "").strip(): v for k, v in row.items()}
+            row.update({r: row.get(h) for h, r in zip(header, roles, strict=True) if r in _RESERVED})
             images = {m: row.get(h) for h, m in columns.items()}
             state.add(f"{path}, line {reader.line_num}", (row.get("case_id") or "").strip(), images, row)
     return state.result()
