@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ __all__ = [
     "READ_EXTENSIONS",
     "WRITE_EXTENSIONS",
     "DataErrors",
+    "DicomGeometryWarning",
     "check_same_grid",
     "compact_int_dtype",
     "inspect_case",
@@ -144,25 +146,170 @@ def _to_volume(array: np.ndarray, affine: np.ndarray, path: Path) -> Volume:
     return Volume(array=array, affine=affine, path=path)
 
 
-def _read_dicom_series(folder: Path) -> sitk.Image:
+class DicomGeometryWarning(UserWarning):
+    """A DICOM series was resampled onto a regular grid (``dicom_resample=True``); the message says why."""
+
+
+#: A DICOM series' slices must be evenly spaced: every gap between consecutive slice positions (projected on the
+#: slice normal) may differ from the median gap by at most ``max(DICOM_SPACING_RTOL × median, DICOM_SPACING_ATOL_MM)``
+#: (1 % or 0.01 mm), and the slices may drift sideways (off the normal) by no more than the same amount.
+DICOM_SPACING_RTOL = 0.01
+DICOM_SPACING_ATOL_MM = 0.01
+#: Largest difference between two slices' direction cosines (ImageOrientationPatient) of one series.
+DICOM_ORIENTATION_ATOL = 1e-4
+
+_TAG_POSITION, _TAG_ORIENTATION = "0020|0032", "0020|0037"
+
+
+def _dicom_vector(reader: sitk.ImageFileReader, tag: str, size: int, file: str) -> np.ndarray:
+    name = {_TAG_POSITION: "ImagePositionPatient (0020,0032)", _TAG_ORIENTATION: "ImageOrientationPatient (0020,0037)"}
+    try:
+        values = np.array([float(v) for v in reader.GetMetaData(tag).split("\\")], dtype=np.float64)
+    except (RuntimeError, ValueError):
+        values = np.empty(0)
+    if values.shape != (size,) or not np.isfinite(values).all():
+        raise DataError(f"{file}: has no valid {name[tag]}; the slices of a DICOM series cannot be placed without it: "
+                        "re-export the series with its geometry tags")
+    return values
+
+
+def _dicom_geometry(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Each slice file's ImagePositionPatient ``(N, 3)`` and ImageOrientationPatient ``(N, 6)`` (headers only)."""
+    reader = sitk.ImageFileReader()
+    positions, orientations = np.empty((len(files), 3)), np.empty((len(files), 6))
+    for i, file in enumerate(files):
+        reader.SetFileName(file)
+        reader.ReadImageInformation()
+        positions[i] = _dicom_vector(reader, _TAG_POSITION, 3, file)
+        orientations[i] = _dicom_vector(reader, _TAG_ORIENTATION, 6, file)
+    return positions, orientations
+
+
+def _dicom_stack(folder: Path, uid: str, files: list[str]) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """Check a series' slices form one stack of parallel slices; sort them along the normal.
+
+    Returns:
+        The files sorted by position, their positions ``z (N,)`` along the unit normal, the ``(3, 3)`` direction
+        (columns: row, column and normal directions, LPS) and the spacing problems found (empty when the slices
+        are evenly spaced within the tolerance).
+
+    Raises:
+        DataError: missing geometry tags, mixed orientations, two slices at one position, or slices that drift
+            sideways (a tilted gantry), each naming the series and the slice files.
+    """
+    where = f"{folder}: DICOM series {uid}"
+    positions, orientations = _dicom_geometry(files)
+    off = np.abs(orientations - orientations[0]).max(axis=1) > DICOM_ORIENTATION_ATOL
+    if off.any():
+        first_off = int(np.argmax(off))
+        raise DataError(
+            f"{where}: mixes slice orientations: {Path(files[0]).name} has ImageOrientationPatient "
+            f"{np.round(orientations[0], 4).tolist()}, {Path(files[first_off]).name} has "
+            f"{np.round(orientations[first_off], 4).tolist()} ({int(off.sum())} of {len(files)} slice(s) differ). A "
+            "series must be one stack of parallel slices: export each orientation as its own series and folder"
+        )
+    row, col = orientations[0, :3], orientations[0, 3:]
+    normal = np.cross(row, col)
+    normal /= np.linalg.norm(normal)
+    z = positions @ normal
+    order = np.argsort(z, kind="stable")
+    files, z, positions = [files[i] for i in order], z[order], positions[order]
+    names = [Path(f).name for f in files]
+    gaps = np.diff(z)
+    if gaps.size == 0:
+        return files, z, np.column_stack([row, col, normal]), []
+    same = np.flatnonzero(gaps <= DICOM_SPACING_ATOL_MM)
+    if same.size:
+        i = int(same[0])
+        raise DataError(f"{where}: slices {names[i]} and {names[i + 1]} are at the same position (z = {z[i]:.3f} mm "
+                        f"along the slice normal); remove the duplicate file ({same.size} such pair(s))")
+    spacing = float(np.median(gaps))
+    tolerance = max(DICOM_SPACING_RTOL * spacing, DICOM_SPACING_ATOL_MM)
+    sideways = positions - z[:, None] * normal
+    drift = np.linalg.norm(sideways - sideways[0], axis=1)
+    if drift.max() > tolerance:
+        i = int(np.argmax(drift))
+        raise DataError(
+            f"{where}: slice {names[i]} is shifted {drift[i]:.3g} mm sideways from {names[0]} (off the slice normal: "
+            "a tilted gantry or a sheared stack); correct the tilt when converting (e.g. dcm2niix does) and read the "
+            "corrected image"
+        )
+    problems = []
+    for i in np.flatnonzero(np.abs(gaps - spacing) > tolerance)[:3].tolist():
+        ratio = gaps[i] / spacing
+        missing = round(ratio) - 1 if round(ratio) >= 2 and abs(ratio - round(ratio)) < 0.1 else 0
+        problems.append(
+            f"{gaps[i]:.4g} mm between slices {i + 1} and {i + 2} of {len(files)} ({names[i]} at z = {z[i]:.2f} mm, "
+            f"{names[i + 1]} at z = {z[i + 1]:.2f} mm)" + (f", {missing} slice(s) missing" if missing else "")
+        )
+    n_uneven = int((np.abs(gaps - spacing) > tolerance).sum())
+    if n_uneven > len(problems):
+        problems.append(f"{n_uneven - len(problems)} more uneven gap(s)")
+    if problems:
+        problems.insert(0, f"expected {spacing:.4g} mm between slices (the median; tolerance {tolerance:.3g} mm)")
+    return files, z, np.column_stack([row, col, normal]), problems
+
+
+def _resample_slices(files: list[str], z: np.ndarray, direction: np.ndarray) -> sitk.Image:
+    """Stack the slice files (sorted by ``z``) and interpolate them linearly onto evenly spaced positions.
+
+    The first and last slices keep their positions, so the physical extent is unchanged; the new spacing is the
+    median gap adjusted to divide that extent into a whole number of steps. Returns a float32 image.
+    """
+    slices = [sitk.ReadImage(f) for f in files]
+    first = slices[0]
+    array = np.stack([sitk.GetArrayFromImage(s).reshape(sitk.GetArrayFromImage(s).shape[-2:]) for s in slices])
+    steps = max(1, round((z[-1] - z[0]) / float(np.median(np.diff(z)))))
+    target = z[0] + (z[-1] - z[0]) * np.arange(steps + 1) / steps
+    below = np.clip(np.searchsorted(z, target, side="right") - 1, 0, len(z) - 2)
+    t = ((target - z[below]) / (z[below + 1] - z[below])).astype(np.float32)[:, None, None]
+    resampled = (1 - t) * array[below].astype(np.float32) + t * array[below + 1].astype(np.float32)
+    image = sitk.GetImageFromArray(resampled)
+    image.SetSpacing((*first.GetSpacing()[:2], (z[-1] - z[0]) / steps))
+    image.SetOrigin(first.GetOrigin()[:3] if first.GetDimension() == 3 else (*first.GetOrigin(), 0.0))
+    image.SetDirection(direction.ravel().tolist())
+    return image
+
+
+def _read_dicom_series(folder: Path, *, resample: bool) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
         raise DataError(f"{folder}: is a folder without a DICOM series; point to an image file instead")
     if len(series) > 1:
+        listed = ", ".join(f"{uid} ({len(reader.GetGDCMSeriesFileNames(str(folder), uid))} files)" for uid in series)
         raise DataError(
-            f"{folder}: holds {len(series)} DICOM series ({', '.join(series)}); put each in its own folder"
+            f"{folder}: holds {len(series)} DICOM series (SeriesInstanceUID {listed}); put each in its own folder "
+            "and point to the folder of the one to read"
         )
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    files = list(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    files, z, direction, problems = _dicom_stack(folder, series[0], files)
+    if problems:
+        text = f"{folder}: DICOM series {series[0]} has uneven slice spacing: {'; '.join(problems)}"
+        if not resample:
+            raise DataError(f"{text}. Re-export the complete series, or resample it onto a regular grid "
+                            "(dicom_resample=True), which interpolates the missing slices")
+        image = _resample_slices(files, z, direction)
+        warnings.warn(f"{text}; resampled onto {image.GetSize()[2]} evenly spaced slices of "
+                      f"{image.GetSpacing()[2]:.4g} mm (linear interpolation)", DicomGeometryWarning, stacklevel=4)
+        return image
+    reader.SetFileNames(files)
     return reader.Execute()
 
 
-def read_image(path: Path | str) -> Volume:
+def read_image(path: Path | str, *, dicom_resample: bool = False) -> Volume:
     """Read one image or label map, eagerly, with its affine.
+
+    A DICOM series folder is checked before it is read: one series (SeriesInstanceUID) per folder, every slice with
+    its position and orientation tags, one orientation, no two slices at one position, no sideways drift, and even
+    slice spacing (each gap within 1 % or 0.01 mm of the median, see :data:`DICOM_SPACING_RTOL`). A missing slice
+    or uneven spacing is an error naming the series and the slices around the gap, unless ``dicom_resample``.
 
     Args:
         path: a NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage (``.mha``, ``.mhd``) or
             DICOM (``.dcm``) file, or a folder holding one DICOM series.
+        dicom_resample: resample an unevenly spaced DICOM series onto evenly spaced slices between its first and
+            last slice (linear interpolation, float32) with a :class:`DicomGeometryWarning`, instead of refusing it.
 
     Returns:
         A :class:`Volume` with an ``(X, Y, Z)`` or ``(X, Y)`` array in the file's dtype (after NIfTI
@@ -171,7 +318,8 @@ def read_image(path: Path | str) -> Volume:
 
     Raises:
         DataError: missing, unsupported, unreadable or truncated file; multi-channel or 4D image;
-            NaN/inf voxels.
+            NaN/inf voxels; a DICOM folder with several series, mixed orientations or (without ``dicom_resample``)
+            uneven slice spacing.
     """
     path = Path(path)
     if not path.exists():
@@ -187,7 +335,7 @@ def read_image(path: Path | str) -> Volume:
             img = nib.load(path, mmap=False)
             array = np.asanyarray(img.dataobj)
             return _to_volume(np.asarray(array), np.asarray(img.affine, dtype=np.float64), path)
-        image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
+        image = _read_dicom_series(path, resample=dicom_resample) if path.is_dir() else sitk.ReadImage(str(path))
         return _sitk_to_volume(image, path)
     except DataError:
         raise
@@ -376,7 +524,7 @@ def _as_label(volume: Volume, info: DatasetInfo, case_id: str) -> Volume:
 
 
 def inspect_case(
-    record: CaseRecord, info: DatasetInfo
+    record: CaseRecord, info: DatasetInfo, *, dicom_resample: bool = False
 ) -> tuple[Case | None, list[tuple[Path | None, DataError]]]:
     """Read a case like :func:`read_case`, but collect every problem instead of stopping at the first.
 
@@ -398,14 +546,14 @@ def inspect_case(
     order += sorted(set(record.images) - set(info.modalities))
     for name in order:
         try:
-            vol = read_image(record.images[name])
+            vol = read_image(record.images[name], dicom_resample=dicom_resample)
             volumes[name] = Volume(vol.array.astype(np.float32, copy=False), vol.affine, vol.path)
         except DataError as err:
             errors.append((record.images[name], err))
     label = None
     if record.label is not None:
         try:
-            label = _as_label(read_image(record.label), info, record.case_id)
+            label = _as_label(read_image(record.label, dicom_resample=dicom_resample), info, record.case_id)
         except DataError as err:
             errors.append((record.label, err))
     grid = dict(volumes) if label is None else {**volumes, "label": label}
@@ -417,18 +565,19 @@ def inspect_case(
     return case, errors
 
 
-def read_case(record: CaseRecord, info: DatasetInfo) -> Case:
+def read_case(record: CaseRecord, info: DatasetInfo, *, dicom_resample: bool = False) -> Case:
     """Read every present modality and the label of ``record`` and validate them against ``info``.
 
     Images become ``float32`` arrays ``(X, Y[, Z])``; the label becomes a compact integer array on the same
-    grid, with values in ``info.labels`` (``info.label_map`` maps stored values first).
+    grid, with values in ``info.labels`` (``info.label_map`` maps stored values first). ``dicom_resample`` is
+    passed to :func:`read_image`.
 
     Raises:
         DataError: the first problem found (unknown modality, all modalities missing, unreadable file,
             NaN/inf, grid mismatch, non-integer or undeclared label values). :func:`inspect_case` returns
             them all.
     """
-    case, errors = inspect_case(record, info)
+    case, errors = inspect_case(record, info, dicom_resample=dicom_resample)
     if case is None:
         raise errors[0][1]
     return case
