@@ -166,3 +166,60 @@ def test_bad_arguments_raise() -> None:
         staple(masks, confidence_weight=3.0)
     with pytest.raises(ValueError, match="shape"):
         staple(np.zeros((3,), np.uint8))
+
+
+# -- the SimpleITK backend (DeepSTAPLE's method.staple_backend) -------------------------------------------------
+#: agreement of the two backends' W: the spec's cross-check bound (§3 invariant 4). Both run ITK's EM with the
+#: same prior g (computed once) and the same stopping rule, so they differ by float rounding only (ITK multiplies
+#: the K rater factors, we add logarithms): about 1e-13 here. Thresholded masks can still differ in a voxel whose
+#: W is within that rounding of 0.5.
+BACKEND_ATOL = 1e-6
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_simpleitk_and_torch64_backends_agree(blob, noisy_raters, dims: int) -> None:
+    truth = blob((17, 18, 19)[:dims], seed=dims)
+    masks = noisy_raters(truth, [(0.95, 0.97), (0.85, 0.9), (0.9, 0.8), (0.7, 0.95)], seed=dims)
+    ours, theirs = staple(masks), staple(masks, backend="simpleitk")
+    assert theirs.probability.shape == truth.shape and theirs.probability.dtype == torch.float64
+    torch.testing.assert_close(theirs.probability, ours.probability, atol=BACKEND_ATOL, rtol=0)
+    torch.testing.assert_close(theirs.sensitivity, ours.sensitivity, atol=BACKEND_ATOL, rtol=0)
+    torch.testing.assert_close(theirs.specificity, ours.specificity, atol=BACKEND_ATOL, rtol=0)
+    assert (theirs.iterations, theirs.converged, theirs.prior) == (ours.iterations, ours.converged, ours.prior)
+    differ = theirs.fused != ours.fused
+    assert bool(((ours.probability[differ] - 0.5).abs() <= BACKEND_ATOL).all())
+
+
+def test_backend_switch_really_calls_simpleitk(raters3) -> None:
+    _, masks = raters3
+    itk, f = sitk_staple(masks)
+    theirs, ours = staple(masks, backend="simpleitk"), staple(masks)
+    assert np.array_equal(theirs.probability.numpy(), itk)  # bit for bit SimpleITK's output ...
+    assert not np.array_equal(ours.probability.numpy(), itk)  # ... which ours matches only to rounding
+    assert theirs.iterations == f.GetElapsedIterations() + 1 and theirs.log_likelihood == ()
+    assert len(ours.log_likelihood) == ours.iterations
+    empty = np.zeros((3, 5, 6, 7), np.uint8)  # 0/0: ITK's W is NaN (fused: empty), ours is defined
+    assert bool(torch.isnan(staple(empty, backend="simpleitk").probability).all())
+    assert not bool(staple(empty, backend="simpleitk").fused.any())
+    assert bool((staple(empty).probability == 0).all())
+
+
+def test_simpleitk_backend_settings() -> None:
+    masks = np.zeros((2, 4, 5), np.uint8)
+    masks[:, :2] = 1
+    masks[1, 2] = 1
+    boosted = staple(masks, backend="simpleitk", confidence_weight=1.2)
+    assert boosted.prior == pytest.approx(1.2 * staple(masks).prior)
+    torch.testing.assert_close(boosted.probability, staple(masks, confidence_weight=1.2).probability,
+                               atol=BACKEND_ATOL, rtol=0)
+    coded = np.where(masks == 1, 5, 2).astype(np.int16)
+    torch.testing.assert_close(staple(coded, foreground=5, backend="simpleitk").probability,
+                               staple(masks, backend="simpleitk").probability)
+    with pytest.raises(ValueError, match="backend must be one of torch64, simpleitk"):
+        staple(masks, backend="itk")
+    with pytest.raises(ValueError, match="tol"):
+        staple(masks, backend="simpleitk", tol=1e-10)
+    with pytest.raises(ValueError, match="2D or 3D"):
+        staple(np.zeros((2, 3, 4, 5, 6), np.uint8), backend="simpleitk")
+    with pytest.raises(ValueError, match="prior g"):
+        staple(masks, backend="simpleitk", confidence_weight=5.0)

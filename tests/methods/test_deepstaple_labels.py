@@ -7,6 +7,7 @@ single label) and the ``experiment deepstaple`` command's wiring.
 from __future__ import annotations
 
 import csv
+import importlib
 import logging
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 from medmodal.data.case import DataError, Volume
 from medmodal.data.io import read_image, write_image
 from medmodal.data.phantom import write_phantom
-from medmodal.engine.recipe import RecipeError, builtin_recipe_path, load_recipe, recipe_from_dict
+from medmodal.engine.recipe import RecipeError, builtin_recipe_path, dump_recipe, load_recipe, recipe_from_dict
 from medmodal.engine.run import RunError
 from medmodal.engine.train import train
 from medmodal.methods.deepstaple.experiments import evaluate_label_quality
@@ -41,7 +42,7 @@ def _recipe_dict(candidates: object = None, **data: object) -> dict:
         "model": {"name": "unet", "kwargs": {"channels": [4, 8, 16]}},
         "method": {"name": "deepstaple",
                    "candidates": {"noise": {"labels_per_target": 5, "seed": 0}} if candidates is None else candidates},
-        "train": {"max_steps": 60, "lr": 0.01, "schedule": "constant", "checkpoint_every_steps": 20,
+        "train": {"max_steps": 60, "lr": 0.01, "checkpoint_every_steps": 20,
                   "progress": False, "threads": 1},
         "eval": {"overlap": 0.0, "sw_batch_size": 1},
     }
@@ -106,6 +107,33 @@ def test_fuse_dp_command_writes_the_consensus(trained_run: Path, tmp_path: Path)
     assert res.exit_code == 2, res.output
 
 
+def test_staple_baseline_follows_the_runs_staple_backend(trained_run: Path, tmp_path: Path, monkeypatch) -> None:
+    """method.staple_backend picks the STAPLE the report compares with: SimpleITK's filter is called only with
+    "simpleitk", and on these labels both give the same fused masks (their W agree to ~1e-6)."""
+    staple_module = importlib.import_module("medmodal.fusion.staple")  # the package's `staple` is the function
+    calls = []
+    real = staple_module._staple_simpleitk
+
+    def spy(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(staple_module, "_staple_simpleitk", spy)
+    ours = evaluate_label_quality(trained_run)
+    assert not calls
+    other = tmp_path / "run"
+    other.mkdir()
+    for name in ("data_parameters.csv", "run.json"):
+        (other / name).write_bytes((trained_run / name).read_bytes())
+    recipe = load_recipe(trained_run / "recipe.yaml")
+    assert recipe.method.staple_backend == "torch64"
+    (other / "recipe.yaml").write_text(dump_recipe(recipe.model_copy(update={
+        "method": recipe.method.model_copy(update={"staple_backend": "simpleitk"})})), encoding="utf-8")
+    theirs = evaluate_label_quality(other)
+    assert len(calls) == len(theirs.targets) == 6
+    assert [t["staple"] for t in theirs.targets] == pytest.approx([t["staple"] for t in ours.targets], abs=1e-3)
+
+
 def test_consensus_needs_a_finished_run(tmp_path: Path) -> None:
     with pytest.raises(RunError, match="data_parameters.csv"):
         write_dp_consensus(tmp_path, tmp_path / "out", overwrite=False)
@@ -119,6 +147,50 @@ def test_builtin_deepstaple_recipes_validate(name: str) -> None:
     if name.endswith("full"):
         assert recipe.data.patch_size == [128, 128, 50] and recipe.data.batch_size == 8
         assert recipe.train.lr == 0.01 and recipe.method.dp_lr == 0.1 and recipe.train.max_steps == 40 * 400 // 8
+    m = recipe.method  # the spec's defaults, spelled out
+    assert (m.ce_normalisation, m.lr_decay, m.lr_gamma, m.lr_decay_every, m.drop_last, m.staple_backend) == (
+        "weight_sum", "every_kth_epoch_per_batch", 0.99, 10, True, "torch64")
+    assert recipe.train.val_every_steps == 100 and recipe.train.schedule == "poly"  # defaults: nothing ignored
+
+
+def test_resolved_recipe_records_every_switch_with_the_spec_defaults() -> None:
+    text = dump_recipe(recipe_from_dict(_recipe_dict()))
+    for line in ("ce_normalisation: weight_sum", "lr_decay: every_kth_epoch_per_batch", "lr_gamma: 0.99",
+                 "lr_decay_every: 10", "drop_last: true", "staple_backend: torch64"):
+        assert f"  {line}\n" in text, line
+    old = _recipe_dict()
+    old["method"]["lr_decay"] = "faithful"  # the name used before the spec's
+    assert recipe_from_dict(old).method.lr_decay == "every_kth_epoch_per_batch"
+    bad = _recipe_dict()
+    bad["method"]["staple_backend"] = "itk"
+    with pytest.raises(RecipeError, match="staple_backend"):
+        recipe_from_dict(bad)
+
+
+@pytest.mark.parametrize(("train", "method", "warned"), [
+    ({}, {}, []),
+    ({"val_every_steps": 5}, {}, []),  # = one epoch (30 labels / batch 6): what DeepSTAPLE does anyway
+    ({"val_every_steps": 7}, {}, ["train.val_every_steps 7 is ignored"]),
+    ({"schedule": "constant"}, {}, ["train.schedule 'constant' is ignored"]),
+    ({"schedule": "constant"}, {"lr_decay": "schedule"}, []),
+])
+def test_train_settings_deepstaple_does_not_follow_are_warned_about(train: dict, method: dict, warned: list[str],
+                                                                      caplog) -> None:
+    d = _recipe_dict()
+    d["train"].update(train)
+    d["method"].update(method)
+    with caplog.at_level(logging.WARNING, logger="medmodal"):
+        build_deepstaple(recipe_from_dict(d))
+    found = [r.getMessage() for r in caplog.records if "is ignored" in r.getMessage()]
+    assert len(found) == len(warned) and all(w in f for w, f in zip(warned, found, strict=True)), found
+
+
+def test_drop_last_with_a_batch_larger_than_the_labels_is_a_clear_error() -> None:
+    d = _recipe_dict(batch_size=31)  # 30 training labels
+    with pytest.raises(RecipeError, match="data.batch_size: 31 .* method.drop_last: false"):
+        build_deepstaple(recipe_from_dict(d))
+    d["method"]["drop_last"] = False
+    assert build_deepstaple(recipe_from_dict(d)).data.batches_per_epoch == 1
 
 
 def test_recipe_needs_exactly_one_label_source() -> None:
@@ -164,7 +236,7 @@ def _write_manifest(path: Path, rows: list[dict]) -> Path:
 
 
 def _manifest_recipe(targets: Path, manifest: Path) -> dict:
-    d = _recipe_dict(path=str(targets), candidates={"manifest": str(manifest)}, patch_size=[17, 17])
+    d = _recipe_dict(path=str(targets), candidates={"manifest": str(manifest)}, patch_size=[17, 17], batch_size=2)
     del d["data"]["phantom"]
     return d
 

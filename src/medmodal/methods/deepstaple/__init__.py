@@ -84,8 +84,9 @@ class DeepStaplePlugin(MethodPlugin):
                      "batch_size": 2, "val_fraction": 0.25, "num_workers": 0},
             "model": {"name": "unet", "kwargs": {"channels": [4, 8]}},
             "method": {"name": "deepstaple", "candidates": {"noise": {"labels_per_target": 2, "seed": 0}}},
+            # one epoch = 6 training labels / batch 2 = 3 steps; DeepSTAPLE validates once per epoch
             "train": {"max_steps": 3, "val_every_steps": 3, "checkpoint_every_steps": 1, "progress": False,
-                      "accelerator": "cpu", "threads": 1, "schedule": "constant"},
+                      "accelerator": "cpu", "threads": 1},
             "eval": {"overlap": 0.0, "sw_batch_size": 1},
         }
 

@@ -58,8 +58,29 @@ class CandidateLabelsConfig(_Section):
         return self
 
 
+#: ``method.lr_decay`` values; ``faithful`` is read as ``every_kth_epoch_per_batch`` (recipes written before the
+#: spec's names were adopted).
+LR_DECAYS = ("every_kth_epoch_per_batch", "per_epoch", "per_batch", "schedule")
+
+
 class DeepStapleMethod(MethodSection):
-    """DeepSTAPLE (Weihsbach et al., WBIR 2022): one learnable data parameter per registered label."""
+    """DeepSTAPLE (Weihsbach et al., WBIR 2022): one learnable data parameter per registered label.
+
+    Defaults follow ``shared/methods/deepstaple.md`` (§2.3, §2.6, §2.7) and the official code; every departure
+    from it is a switch here and in ``docs/deepstaple.md``:
+
+    * ``ce_normalisation``: the model step's class-weighted cross-entropy is divided by the sum of the voxels'
+      class weights (``"weight_sum"``, ``nn.CrossEntropyLoss(weight=w)`` as in the official code) or by the
+      number of voxels (``"voxel_mean"``, whose scale moves with each batch's foreground share).
+    * ``lr_decay``: ``"every_kth_epoch_per_batch"`` (official code: ``ExponentialLR(lr_gamma)`` stepped every
+      batch, but only in epochs that are multiples of ``lr_decay_every``), ``"per_epoch"`` (``lr_gamma`` once per
+      epoch), ``"per_batch"`` (every batch) or ``"schedule"`` (``train.schedule`` over ``train.max_steps``,
+      e.g. ``constant``).
+    * ``drop_last``: leave out each epoch's last, partial batch, so every θ step comes from a full batch (a batch
+      of one sample gives its θ no gradient: ``σ(θ)/mean σ(θ) = 1`` whatever θ is).
+    * ``staple_backend``: the STAPLE that DeepSTAPLE's reports compare with: medmodal's float64 implementation
+      (``"torch64"``) or SimpleITK's ``STAPLEImageFilter`` (``"simpleitk"``).
+    """
 
     name: Literal["deepstaple"] = "deepstaple"
     dp_update: Literal["ool", "inline"] = "ool"
@@ -68,9 +89,16 @@ class DeepStapleMethod(MethodSection):
     dp_loss_class_weights: bool = False
     dp_lr: float = Field(0.1, gt=0)
     class_weight_exponent: float = Field(0.35, ge=0)
-    # "schedule": train.schedule per step; "faithful": the official code's exponential decay (gamma per batch,
-    # only in epochs that are multiples of lr_decay_every; see methods/deepstaple.md §2.6)
-    lr_decay: Literal["schedule", "faithful"] = "schedule"
+    ce_normalisation: Literal["weight_sum", "voxel_mean"] = "weight_sum"
+    lr_decay: Literal["every_kth_epoch_per_batch", "per_epoch", "per_batch", "schedule"] = (
+        "every_kth_epoch_per_batch")
     lr_gamma: float = Field(0.99, gt=0, le=1)
     lr_decay_every: int = Field(10, ge=1)
+    drop_last: bool = True
+    staple_backend: Literal["torch64", "simpleitk"] = "torch64"
     candidates: CandidateLabelsConfig | None = None
+
+    @field_validator("lr_decay", mode="before")
+    @classmethod
+    def _old_name(cls, v: object) -> object:
+        return "every_kth_epoch_per_batch" if v == "faithful" else v

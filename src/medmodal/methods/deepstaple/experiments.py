@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import math
 import platform
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from medmodal.atomic import atomic_write_text
-from medmodal.engine.recipe import Recipe, recipe_from_dict
+from medmodal.engine.recipe import Recipe, load_recipe, recipe_from_dict
 from medmodal.engine.run import RunError
 from medmodal.engine.train import train
 from medmodal.evaluation.report import _pyplot, _save_figure
@@ -61,11 +60,15 @@ class LabelQuality:
 
 
 def evaluate_label_quality(run_dir: Path, *, seed: int = 0) -> LabelQuality:
-    """Correlate θ with the true label quality and score every fusion of each target's labels."""
+    """Correlate θ with the true label quality and score every fusion of each target's labels.
+
+    STAPLE runs with the run's ``method.staple_backend`` (medmodal's float64 STAPLE or SimpleITK's).
+    """
     from medmodal.evaluation.metrics import binary_dice
     from medmodal.fusion import dp_consensus, majority_vote, staple
     from medmodal.methods.deepstaple.system import pearson, spearman
 
+    backend = load_recipe(Path(run_dir) / "recipe.yaml").method.staple_backend
     label_set, inputs = consensus_inputs(run_dir)
     rows = [{**r, "theta": float(r["theta"]), "true_dice": float(r["true_dice"] or "nan")}
             for _, _, rs in inputs.values() for r in rs]
@@ -76,7 +79,8 @@ def evaluate_label_quality(run_dir: Path, *, seed: int = 0) -> LabelQuality:
         if ref is None:
             continue
         each = [binary_dice(m, ref) for m in masks]
-        fused = {"dp": dp_consensus(masks, theta), "majority": majority_vote(masks), "staple": staple(masks).fused}
+        fused = {"dp": dp_consensus(masks, theta), "majority": majority_vote(masks),
+                 "staple": staple(masks, backend=backend).fused}
         targets.append({"target": target, "n_labels": len(masks),
                         **{k: binary_dice(np.asarray(v, bool), ref) for k, v in fused.items()},
                         "random": each[int(rng.integers(len(each)))], "mean_all": float(np.mean(each)),
@@ -111,14 +115,16 @@ def _n_train(n: int, val_fraction: float) -> int:
 
 def _recipe(name: str, data: dict, scale: Scale, *, epochs: int, n_labels: int, dp_update: str, seed: int,
             candidates: dict) -> Recipe:
-    steps = epochs * math.ceil(n_labels / scale.batch_size)
+    """The method's defaults (faithful learning-rate decay, weight-sum CE, whole batches) for ``epochs`` epochs of
+    ``n_labels`` training labels (fewer steps per epoch if registrations fail: the run then has more epochs)."""
+    steps = epochs * max(1, n_labels // scale.batch_size)  # method.drop_last: whole batches only
     return recipe_from_dict({
         "name": name, "seed": seed,
         "data": {**data, "batch_size": scale.batch_size, "val_fraction": 0.25, "num_workers": 0},
         "model": {"name": "unet", "kwargs": {"channels": list(scale.channels)}},
         "method": {"name": "deepstaple", "dp_update": dp_update, "candidates": candidates},
-        "train": {"max_steps": steps, "lr": 0.01, "schedule": "constant", "val_every_steps": steps,
-                  "checkpoint_every_steps": steps, "progress": False, "threads": torch.get_num_threads()},
+        "train": {"max_steps": steps, "lr": 0.01, "checkpoint_every_steps": steps, "progress": False,
+                  "threads": torch.get_num_threads()},
         "eval": {"overlap": 0.0, "sw_batch_size": 1},
     })
 
@@ -286,6 +292,7 @@ def run_deepstaple_experiments(out: Path, *, fast: bool = False, overwrite: bool
                        title="Multi-atlas (synthetic): θ vs registered-label Dice")
     t2 = time.perf_counter()
     s1 = experiment_i_recipe(scale, dp_update="ool", seed=seed)
+    s0 = s1.method
     lines = [
         "# DeepSTAPLE on the synthetic phantom",
         "",
@@ -297,8 +304,11 @@ def run_deepstaple_experiments(out: Path, *, fast: bool = False, overwrite: bool
         f"- time: experiment I {(t1 - t0) / 60:.1f} min, multi-atlas {(t2 - t1) / 60:.1f} min on "
         f"{torch.get_num_threads()} CPU thread(s), {platform.processor() or platform.machine()}; "
         f"{date.today().isoformat()}",
-        f"- network: 2D U-Net, channels {list(scale.channels)}, 2 softmax classes, AdamW lr 0.01, SparseAdam lr 0.1 "
-        f"for θ, batch {scale.batch_size}; risk regulariser on, fixed weighting ln(n+e)+e; DP loss unweighted CE",
+        f"- network: 2D U-Net, channels {list(scale.channels)}, 2 softmax classes, AdamW lr 0.01 decayed "
+        f"×{s0.lr_gamma} per batch in epochs 0, {s0.lr_decay_every}, {2 * s0.lr_decay_every}, …, SparseAdam lr 0.1 "
+        f"for θ, batch {scale.batch_size} (whole batches only); model step class-weighted CE / sum of weights; "
+        f"risk regulariser on, fixed weighting ln(n+e)+e; DP loss unweighted CE; STAPLE backend "
+        f"{s0.staple_backend}; validation once per epoch",
         "- fusions are scored on the training targets (those with data parameters) against their true labels; "
         "DP consensus = 1[Σ softmax(θ)·y > 0.5] over each target's labels; 'best single label' is an oracle",
         "",

@@ -207,14 +207,18 @@ class CandidateLabelDataset(Dataset):
     """(target image, candidate label, label index) samples; one epoch is a seeded shuffled pass over the labels.
 
     Items: ``{"image" (M, *P) float32, "available" (M,) bool, "label" (*P) long, "label_id" long}``; patches of
-    ``patch_size`` at a random position (zero-padded where the image is smaller).
+    ``patch_size`` at a random position (zero-padded where the image is smaller). With ``whole_batches_of=B`` an
+    epoch is the first ``⌊N/B⌋·B`` labels of its shuffled order (``drop_last``: the labels left out change from
+    epoch to epoch).
     """
 
     def __init__(self, *, labels: Sequence[CandidateLabel], targets: dict[str, TargetImage],
-                 patch_size: Sequence[int], seed: int) -> None:
+                 patch_size: Sequence[int], seed: int, whole_batches_of: int | None = None) -> None:
         self.labels, self.targets = list(labels), targets
         self.patch_size, self.seed, self.epoch = tuple(int(p) for p in patch_size), seed, 0
         self._order: tuple[int, np.ndarray] | None = None
+        n = len(self.labels)
+        self.length = n if whole_batches_of is None else n - n % whole_batches_of
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -226,9 +230,11 @@ class CandidateLabelDataset(Dataset):
         return self._order[1]
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return self.length
 
     def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.length:
+            raise IndexError(f"sample {i} out of range for an epoch of {self.length}")
         j = int(self.order()[i])
         rng = np.random.default_rng([self.seed, self.epoch, i])
         lab = self.labels[j]
@@ -267,14 +273,23 @@ class DeepStapleDataModule(L.LightningDataModule):
 
     ``batch_size`` is the global batch; in multi-process training each rank takes its share of every batch of the
     epoch's label order (:class:`~medmodal.engine.distributed.RankShard`) and every ``W``-th validation target.
+    ``drop_last`` leaves out each epoch's last, partial global batch (see :class:`CandidateLabelDataset`).
     """
 
     def __init__(self, *, label_set: LabelSet, train_ids: Sequence[str], val_ids: Sequence[str],
-                 patch_size: Sequence[int], batch_size: int, num_workers: int = 0, seed: int = 0) -> None:
+                 patch_size: Sequence[int], batch_size: int, num_workers: int = 0, seed: int = 0,
+                 drop_last: bool = True) -> None:
         super().__init__()
         self.label_set, self.train_ids, self.val_ids = label_set, list(train_ids), list(val_ids)
         self.train_labels = [lab for lab in label_set.labels if lab.target in set(self.train_ids)]
         self.patch_size, self.batch_size, self.num_workers, self.seed = patch_size, batch_size, num_workers, seed
+        self.drop_last = drop_last
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Global batches (steps) in one epoch: one pass over the training labels."""
+        n, b = len(self.train_labels), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
 
     @property
     def _ranks(self) -> tuple[int, int]:
@@ -283,7 +298,8 @@ class DeepStapleDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = CandidateLabelDataset(labels=self.train_labels, targets=self.label_set.targets,
-                                   patch_size=self.patch_size, seed=self.seed)
+                                   patch_size=self.patch_size, seed=self.seed,
+                                   whole_batches_of=self.batch_size if self.drop_last else None)
         rank, world = self._ranks
         shard = RankShard(ds, rank=rank, world_size=world, batch_size=self.batch_size)
         return DataLoader(shard, batch_size=shard.local_batch, shuffle=False, num_workers=self.num_workers)
@@ -338,8 +354,13 @@ def build_deepstaple(recipe: Recipe) -> Training:
     label_set = load_label_set(recipe)
     train_ids, val_ids = split_cases(sorted(label_set.targets), val_fraction=d.val_fraction, seed=recipe.seed)
     data = DeepStapleDataModule(label_set=label_set, train_ids=train_ids, val_ids=val_ids, patch_size=d.patch_size,
-                                batch_size=d.batch_size, num_workers=d.num_workers, seed=recipe.seed)
+                                batch_size=d.batch_size, num_workers=d.num_workers, seed=recipe.seed,
+                                drop_last=m.drop_last)
     labels = data.train_labels
+    if data.batches_per_epoch == 0:
+        raise RecipeError(f"data.batch_size: {d.batch_size} is more than the {len(labels)} training labels, so "
+                          "method.drop_last leaves no batch; lower data.batch_size or set method.drop_last: false")
+    _warn_ignored_train_settings(recipe, data.batches_per_epoch)
     counts = {tid: sum(lab.target == tid for lab in labels) for tid in train_ids}
     single = sorted(tid for tid, c in counts.items() if c < 2)
     if single:
@@ -353,6 +374,7 @@ def build_deepstaple(recipe: Recipe) -> Training:
         true_dice=[lab.true_dice for lab in labels], dp_update=m.dp_update,
         risk_regularization=m.risk_regularization, fixed_weighting=m.fixed_weighting,
         dp_loss_class_weights=m.dp_loss_class_weights, dp_lr=m.dp_lr, class_weight_exponent=m.class_weight_exponent,
+        ce_normalisation=m.ce_normalisation,
         optimizer=t.optimizer, lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum, schedule=t.schedule,
         max_steps=t.max_steps, lr_decay=m.lr_decay, lr_gamma=m.lr_gamma, lr_decay_every=m.lr_decay_every,
         roi_size=recipe.eval_roi_size, overlap=recipe.eval.overlap, sw_batch_size=recipe.eval.sw_batch_size,
@@ -371,6 +393,24 @@ def build_deepstaple(recipe: Recipe) -> Training:
                    "sw_batch_size": recipe.eval.sw_batch_size},
         callbacks=[DataParameterExport(labels)],
     )
+
+
+def _warn_ignored_train_settings(recipe: Recipe, batches_per_epoch: int) -> None:
+    """Warn (once per run) about ``train`` settings a DeepSTAPLE run does not follow.
+
+    DeepSTAPLE validates once per epoch (one pass over the training labels), as the official code, and its
+    epoch-based learning-rate decay needs that epoch; ``train.schedule`` only applies with
+    ``method.lr_decay: schedule``. A value left at the ``train`` default (which every stored recipe carries)
+    is not warned about.
+    """
+    t, m = recipe.train, recipe.method
+    defaults = type(t).model_fields
+    if t.val_every_steps not in (defaults["val_every_steps"].default, batches_per_epoch):
+        log.warning("train.val_every_steps %d is ignored: DeepSTAPLE validates once per epoch (%d steps: one pass "
+                    "over the training labels); remove it", t.val_every_steps, batches_per_epoch)
+    if m.lr_decay != "schedule" and t.schedule != defaults["schedule"].default:
+        log.warning("train.schedule %r is ignored: method.lr_decay is %r; set method.lr_decay: schedule to use it",
+                    t.schedule, m.lr_decay)
 
 
 def consensus_inputs(run_dir: Path) -> tuple[LabelSet, dict[str, tuple[np.ndarray, np.ndarray, list[dict]]]]:

@@ -7,8 +7,9 @@ initialised to 0, stepped by ``SparseAdam``) learns how well label ``j`` can be 
 
 Per batch, the **out-of-line** (``"ool"``) update of the paper (manual optimisation):
 
-1. *model step*: class-weighted cross-entropy of the network's logits, one network optimiser step; θ is not
-   involved;
+1. *model step*: class-weighted cross-entropy of the network's logits (normalised by the sum of the voxels'
+   class weights, as ``nn.CrossEntropyLoss(weight=w)`` in the official code, or by the voxel count), one network
+   optimiser step; θ is not involved;
 2. *DP step*: a second forward of the frozen network (train mode as in the paper, so batch-norm running
    statistics, if any, see it too; no graph, so the parameters stay bit-identical), then
    ``L_dp = Σ_b w_b ℓ_b + R`` (:func:`~medmodal.losses.data_parameters.data_parameter_loss`) and one SparseAdam
@@ -33,6 +34,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
@@ -47,6 +49,7 @@ from medmodal.losses.data_parameters import (
     foreground_fraction,
     per_sample_cross_entropy,
 )
+from medmodal.methods.deepstaple.config import LR_DECAYS
 
 
 def _correlation(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, fn: Any) -> float:
@@ -85,10 +88,15 @@ class DeepStapleSystem(MethodSystem):
         dp_loss_class_weights: class-weight ``ℓ_b`` in ``L_dp`` (the official code does not).
         dp_lr: SparseAdam learning rate of θ (0.1).
         class_weight_exponent: ``w_c ∝ N_c^(-exponent)``.
+        ce_normalisation: the model step's class-weighted CE ``Σ_i w_{y_i} ℓ_i`` over the batch's voxels is
+            divided by ``Σ_i w_{y_i}`` (``"weight_sum"``: torch's ``F.cross_entropy(weight=w)``, the official
+            code) or by the number of voxels (``"voxel_mean"``; its scale then moves with the batch's foreground
+            share). In multi-process training the divisor is that of the global batch.
         optimizer, lr, weight_decay, momentum: network optimiser (``"adamw"`` or Nesterov ``"sgd"``).
         schedule, max_steps: ``lr_factor`` schedule per step when ``lr_decay="schedule"``.
-        lr_decay: ``"schedule"`` or ``"faithful"``: exponential decay ``lr_gamma`` per batch, but only in epochs
-            that are multiples of ``lr_decay_every`` (the official code's behaviour).
+        lr_decay: exponential decay by ``lr_gamma``: ``"every_kth_epoch_per_batch"`` (every batch, but only in
+            epochs that are multiples of ``lr_decay_every``: the official code), ``"per_epoch"`` (once at the
+            end of every epoch) or ``"per_batch"``; ``"schedule"`` follows ``schedule`` instead.
         roi_size, overlap, sw_batch_size: sliding-window validation.
         callbacks: extra callbacks this system brings to the Trainer (e.g. one that writes θ at the end).
 
@@ -110,13 +118,15 @@ class DeepStapleSystem(MethodSystem):
         dp_loss_class_weights: bool = False,
         dp_lr: float = 0.1,
         class_weight_exponent: float = 0.35,
+        ce_normalisation: Literal["weight_sum", "voxel_mean"] = "weight_sum",
         optimizer: Literal["adamw", "sgd"] = "adamw",
         lr: float = 0.01,
         weight_decay: float = 1e-4,
         momentum: float = 0.99,
         schedule: Literal["poly", "cosine", "constant"] = "constant",
         max_steps: int = 1000,
-        lr_decay: Literal["schedule", "faithful"] = "schedule",
+        lr_decay: Literal["every_kth_epoch_per_batch", "per_epoch", "per_batch", "schedule"] = (
+            "every_kth_epoch_per_batch"),
         lr_gamma: float = 0.99,
         lr_decay_every: int = 10,
         roi_size: Sequence[int],
@@ -129,8 +139,10 @@ class DeepStapleSystem(MethodSystem):
             raise ValueError(f"dp_update must be 'ool' or 'inline', got {dp_update!r}")
         if fixed_weighting not in ("log_fg", "off"):
             raise ValueError(f"fixed_weighting must be 'log_fg' or 'off', got {fixed_weighting!r}")
-        if lr_decay not in ("schedule", "faithful"):
-            raise ValueError(f"lr_decay must be 'schedule' or 'faithful', got {lr_decay!r}")
+        if lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {', '.join(LR_DECAYS)}, got {lr_decay!r}")
+        if ce_normalisation not in ("weight_sum", "voxel_mean"):
+            raise ValueError(f"ce_normalisation must be 'weight_sum' or 'voxel_mean', got {ce_normalisation!r}")
         self.automatic_optimization = False
         # θ is updated identically on every rank from the gathered global batch (see _dp_loss), not by DDP
         self._ddp_params_and_buffers_to_ignore = ["data_parameters.weight"]
@@ -150,6 +162,7 @@ class DeepStapleSystem(MethodSystem):
         self.register_buffer("true_dice", dice)
         self.dp_update, self.risk_regularization = dp_update, risk_regularization
         self.fixed_weighting, self.dp_loss_class_weights, self.dp_lr = fixed_weighting, dp_loss_class_weights, dp_lr
+        self.ce_normalisation = ce_normalisation
         self.optimizer_name, self.lr, self.weight_decay, self.momentum = optimizer, lr, weight_decay, momentum
         self.schedule, self.max_steps = schedule, max_steps
         self.lr_decay, self.lr_gamma, self.lr_decay_every = lr_decay, lr_gamma, lr_decay_every
@@ -203,11 +216,31 @@ class DeepStapleSystem(MethodSystem):
     def forward(self, image: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
         return self.network(image, available)
 
+    def model_loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """The model step's class-weighted cross-entropy of ``logits (B, 2, *S)`` against ``label (B, *S)``.
+
+        ``Σ_i w_{y_i} ℓ_i / Σ_i w_{y_i}`` over the batch's voxels with ``ce_normalisation="weight_sum"`` (equal to
+        ``F.cross_entropy(logits, label, weight=w)``; in multi-process training the divisor is the global batch's
+        divided by the world size, so that DDP's gradient average is that of the global batch), or
+        ``Σ_i w_{y_i} ℓ_i / #voxels`` with ``"voxel_mean"``.
+        """
+        if self.ce_normalisation == "voxel_mean":
+            return per_sample_cross_entropy(logits, label, weight=self.class_weight).mean()
+        w = self.class_weight.float()
+        target = label.long()
+        weighted = F.cross_entropy(logits.float(), target, weight=w, reduction="none")  # w_{y_i} ℓ_i
+        divisor = w[target].sum()
+        world = 1 if self._trainer is None else self.trainer.world_size
+        if world > 1:
+            divisor = self._gather(divisor.detach()[None]).sum() / world
+        return weighted.sum() / divisor
+
     def model_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """OOL step 1: class-weighted CE, one network optimiser step. Returns the loss (detached)."""
+        """OOL step 1: class-weighted CE (:meth:`model_loss`), one network optimiser step. Returns the loss
+        (detached)."""
         opt_net = self.optimizers()[0]
         logits = self.network(batch["image"], batch["available"])
-        loss = per_sample_cross_entropy(logits, batch["label"], weight=self.class_weight).mean()
+        loss = self.model_loss(logits, batch["label"])
         opt_net.zero_grad()
         self.manual_backward(loss)
         opt_net.step()
@@ -244,7 +277,7 @@ class DeepStapleSystem(MethodSystem):
             dp_loss = self.dp_step(batch)
         else:
             loss, dp_loss = self.inline_step(batch)
-        self._step_schedule()
+        self._step_schedule(batch_idx)
         n = len(batch["label_id"])
         self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log("train/dp_loss", dp_loss, batch_size=n)
@@ -254,11 +287,17 @@ class DeepStapleSystem(MethodSystem):
                 self.log("train/spearman_theta_dice", rho, batch_size=n)
             self.log("train/theta_std", self.theta.std(), batch_size=n)
 
-    def _step_schedule(self) -> None:
+    def _step_schedule(self, batch_idx: int) -> None:
         sched = self.lr_schedulers()
         if sched is None:
             return
-        if self.lr_decay == "schedule" or self.current_epoch % self.lr_decay_every == 0:
+        if self.lr_decay == "every_kth_epoch_per_batch":
+            step = self.current_epoch % self.lr_decay_every == 0
+        elif self.lr_decay == "per_epoch":
+            step = self._trainer is not None and batch_idx + 1 == self.trainer.num_training_batches
+        else:  # "per_batch" and "schedule": every batch
+            step = True
+        if step:
             sched.step()
 
     def val_metric_names(self) -> Sequence[str]:
@@ -283,7 +322,7 @@ class DeepStapleSystem(MethodSystem):
         opt = make_optimizer(self.network.parameters(), name=self.optimizer_name, lr=self.lr,
                              weight_decay=self.weight_decay, momentum=self.momentum)
         theta_opt = torch.optim.SparseAdam(self.data_parameters.parameters(), lr=self.dp_lr, betas=(0.9, 0.999))
-        if self.lr_decay == "faithful":
+        if self.lr_decay != "schedule":
             sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.ExponentialLR(
                 opt, gamma=self.lr_gamma)
         else:
