@@ -78,3 +78,35 @@ def test_user_errors_exit_2_naming_the_file_or_option(tmp_path: Path, labels: li
         code, text = invoke("fuse", *args, "--out", out)
         assert code == 2 and message in text, (args, text)
     assert not out.exists()
+
+
+def test_help_explains_the_undecided_label() -> None:
+    code, text = invoke("fuse", "--help")
+    assert code == 0
+    assert "largest input label + 1" in text and "--undecided-label" in text and "--max-labels" in text
+
+
+def test_undecided_label_and_max_labels_options(tmp_path: Path, labels: list[Path]) -> None:
+    maps = []
+    for k, path in enumerate(labels):  # 3 maps whose disagreements are 3-way ties where the shifts overlap
+        array = np.asarray(nib.load(path).dataobj) * (k + 1)
+        maps.append(tmp_path / f"map{k}.nii.gz")
+        nib.save(nib.Nifti1Image(array.astype(np.uint8), AFFINE), maps[-1])
+    out = tmp_path / "vote.nii.gz"
+    code, text = invoke("fuse", *maps, "--method", "majority", "--out", out, "--undecided-label", 7)
+    assert code == 0, text
+    fused = np.asarray(nib.load(out).dataobj)
+    sidecar = json.loads((tmp_path / "vote.majority.json").read_text())
+    assert int((fused == 7).sum()) == sidecar["tied_voxels"] > 0
+    assert f"{sidecar['tied_voxels']} tied voxel(s), given label 7" in text
+    code, text = invoke("fuse", *maps, "--method", "staple", "--out", tmp_path / "s.nii.gz")
+    assert code == 0 and "(label 4: not a class, see the sidecar)" in text, text
+    code, text = invoke("fuse", *maps, "--method", "staple", "--out", tmp_path / "s0.nii.gz", "--undecided-label", 0)
+    assert code == 0 and "(label 0: a class)" in text, text
+    image = tmp_path / "t1.nii.gz"
+    nib.save(nib.Nifti1Image((np.arange(17 * 18 * 19) % 255).reshape(17, 18, 19).astype(np.uint8), AFFINE), image)
+    code, text = invoke("fuse", maps[0], image, "--method", "staple", "--out", tmp_path / "x.nii.gz")
+    assert code == 2 and "t1.nii.gz: holds 255 distinct values (0..254), more than --max-labels 250" in text
+    code, text = invoke("fuse", *maps, "--method", "staple", "--binary", "--undecided-label", 0,
+                        "--out", tmp_path / "y.nii.gz")
+    assert code == 2 and "holds the values 0, 2" in text, text

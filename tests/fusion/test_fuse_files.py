@@ -23,10 +23,11 @@ OBLIQUE = np.array([
 ])
 
 
-def save(folder: Path, arrays: np.ndarray | list[np.ndarray], affine: np.ndarray = OBLIQUE) -> list[Path]:
+def save(folder: Path, arrays: np.ndarray | list[np.ndarray], affine: np.ndarray = OBLIQUE, *,
+         prefix: str = "rater") -> list[Path]:
     paths = []
     for k, array in enumerate(arrays):
-        path = folder / f"rater{k}.nii.gz"
+        path = folder / f"{prefix}{k}.nii.gz"
         nib.save(nib.Nifti1Image(np.asarray(array), affine), path)
         paths.append(path)
     return paths
@@ -60,7 +61,10 @@ def test_majority_on_2d_labels(tmp_path: Path) -> None:
     paths = save(tmp_path, masks.astype(np.int16), affine)
     result = fuse_label_files(paths, method="majority", out=tmp_path / "fused.nii.gz")
     img = nib.load(result.out)
-    assert img.shape == (23, 21) and result.sidecar is None and result.staple is None
+    assert img.shape == (23, 21) and result.staple is None
+    sidecar = json.loads(result.sidecar.read_text())
+    assert result.sidecar.name == "fused.majority.json" and sidecar["ties"] == "smallest tied label"
+    assert sidecar["tied_voxels"] == int((masks.sum(0) == 2).sum()) > 0  # 4 raters: 2-2 splits are ties
     np.testing.assert_allclose(img.affine, affine)
     np.testing.assert_array_equal(np.asarray(img.dataobj), majority_vote(torch.from_numpy(masks)).numpy())
 
@@ -123,3 +127,54 @@ def test_bad_inputs_are_data_errors_naming_the_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="must end in one of"):
         fuse_label_files(good, method="staple", out=tmp_path / "fused.png")
     assert not out.exists()
+
+
+def test_an_intensity_image_is_refused_naming_the_file(tmp_path: Path, raters3) -> None:
+    """A uint8 T1-like volume (255 distinct values) is not a label map: refused before any fusion work."""
+    t1 = np.random.default_rng(3).permutation(np.arange(17 * 18 * 19) % 255).reshape(17, 18, 19).astype(np.uint8)
+    paths = save(tmp_path, [raters3[1][0], t1])
+    out = tmp_path / "fused.nii.gz"
+    with pytest.raises(DataError, match=r"rater1\.nii\.gz: holds 255 distinct values \(0\.\.254\), more than "
+                                        r"--max-labels 250; it looks like an intensity image"):
+        fuse_label_files(paths, method="majority", out=out)
+    with pytest.raises(DataError, match=r"rater1\.nii\.gz: holds 255 distinct values.*--max-labels 20;"):
+        fuse_label_files(paths, method="staple", out=out, max_labels=20)
+    assert not out.exists()
+    result = fuse_label_files(paths, method="majority", out=out, max_labels=255)  # the user says it is labels
+    assert result.multilabel
+    a = np.arange(17 * 18 * 19, dtype=np.int16).reshape(17, 18, 19) % 6
+    b = a + 1  # 6 values each, 7 together
+    with pytest.raises(DataError, match=r"hold 7 distinct values together \(.*a0\.nii\.gz, .*a1\.nii\.gz\)"):
+        fuse_label_files(save(tmp_path, [a, b], prefix="a"), method="majority", out=tmp_path / "o.nii.gz", max_labels=6)
+
+
+def test_undecided_label_in_the_output_and_the_sidecar(tmp_path: Path) -> None:
+    labels = np.array([[[0, 1, 1, 2]], [[1, 0, 1, 2]], [[2, 2, 1, 0]]], dtype=np.uint8)[..., None]  # (3, 1, 4, 1)
+    labels = np.tile(labels, (1, 5, 1, 3))  # a 5×4×3 grid; each column: 3-way tie, 3-way tie, agreed 1, 2-of-3
+    paths = save(tmp_path, labels)
+    out = tmp_path / "vote.nii.gz"
+    result = fuse_label_files(paths, method="majority", out=out)
+    fused = np.asarray(nib.load(out).dataobj)
+    assert fused[0, :, 0].tolist() == [0, 0, 1, 2] and result.tied_voxels == 2 * 15
+    sidecar = json.loads((tmp_path / "vote.majority.json").read_text())
+    assert sidecar["ties"] == "smallest tied label" and sidecar["tied_voxels"] == 30
+    result = fuse_label_files(paths, method="majority", out=out, overwrite=True, undecided_label=9)
+    assert np.asarray(nib.load(out).dataobj)[0, :, 0].tolist() == [9, 9, 1, 2]
+    sidecar = json.loads((tmp_path / "vote.majority.json").read_text())
+    assert sidecar["undecided_label"] == 9 and "undecided_label (--undecided-label)" in sidecar["tie_rule"]
+
+    staple_out = tmp_path / "staple.nii.gz"
+    result = fuse_label_files(paths, method="staple", out=staple_out)
+    default = np.asarray(nib.load(staple_out).dataobj)
+    sidecar = json.loads(result.sidecar.read_text())
+    undecided = default == 3
+    assert sidecar["undecided_label"] == 3 and sidecar["undecided_voxels"] == int(undecided.sum()) > 0
+    assert sidecar["undecided_label_is_a_class"] is False and "largest input label + 1" in sidecar["undecided"]
+    result = fuse_label_files(paths, method="staple", out=staple_out, overwrite=True, undecided_label=0)
+    resolved = np.asarray(nib.load(staple_out).dataobj)
+    np.testing.assert_array_equal(resolved, np.where(undecided, 0, default))
+    sidecar = json.loads(result.sidecar.read_text())
+    assert sidecar["undecided_label"] == 0 and sidecar["undecided_label_is_a_class"] is True
+    binary = save(tmp_path, (labels == 1).astype(np.uint8), prefix="mask")
+    with pytest.raises(DataError, match="--undecided-label is used by --method majority and by multi-label STAPLE"):
+        fuse_label_files(binary, method="staple", out=tmp_path / "b.nii.gz", undecided_label=0)

@@ -37,13 +37,14 @@ def three_label_raters(*, seed: int, shape: tuple[int, ...] = (17, 18, 19)) -> t
 
 def test_matches_simpleitk_without_voting_ties() -> None:
     truth, labels = three_label_raters(seed=1)
-    ours = multilabel_staple(labels, max_iter=1000)
+    ours = multilabel_staple(labels, max_iter=1000, posterior=True)
     fused, confusion = sitk_multilabel(labels)
     assert ours.converged and ours.fused.dtype == torch.int64
     np.testing.assert_array_equal(ours.fused.numpy(), fused)
     for k in range(3):
         np.testing.assert_allclose(ours.confusion[k].numpy(), confusion[k], atol=1e-9)
     torch.testing.assert_close(ours.probability.sum(0), torch.ones(truth.shape, dtype=torch.float64))
+    torch.testing.assert_close(ours.confidence, ours.probability.max(0).values)
     torch.testing.assert_close(ours.confusion.sum(2), torch.ones(3, 3, dtype=torch.float64))
 
 
@@ -81,7 +82,7 @@ def test_identical_raters_return_that_label_map() -> None:
 def test_arbitrary_label_values_and_2d() -> None:
     _, labels = three_label_raters(seed=4, shape=(21, 22))
     values = np.array([-3, 4, 9], dtype=np.int16)
-    base, mapped = multilabel_staple(labels), multilabel_staple(values[labels])
+    base, mapped = multilabel_staple(labels, posterior=True), multilabel_staple(values[labels], posterior=True)
     np.testing.assert_array_equal(mapped.fused.numpy(), values[base.fused.numpy()])
     assert mapped.labels.tolist() == [-3, 4, 9] and mapped.probability.shape == (3, 21, 22)
     torch.testing.assert_close(mapped.probability, base.probability)
@@ -89,7 +90,7 @@ def test_arbitrary_label_values_and_2d() -> None:
 
 def test_pattern_compression_is_exact() -> None:
     _, labels = three_label_raters(seed=5, shape=(11, 12, 13))
-    fast, dense = multilabel_staple(labels), multilabel_staple(labels, compress=False)
+    fast, dense = multilabel_staple(labels, posterior=True), multilabel_staple(labels, compress=False, posterior=True)
     assert fast.iterations == dense.iterations
     torch.testing.assert_close(fast.probability, dense.probability, atol=1e-12, rtol=0)
     torch.testing.assert_close(fast.confusion, dense.confusion, atol=1e-12, rtol=0)
@@ -98,7 +99,7 @@ def test_pattern_compression_is_exact() -> None:
 
 def test_undecided_voxels_get_the_undecided_label_and_no_nan() -> None:
     labels = np.array([[[0, 1, 1]], [[1, 0, 1]]], dtype=np.uint8)  # voxels 1-2 split 1-1, voxel 3 agreed
-    result = multilabel_staple(labels)
+    result = multilabel_staple(labels, posterior=True)
     assert result.fused.tolist() == [[2, 2, 1]] and result.undecided_label == 2
     assert result.undecided.tolist() == [[True, True, False]]
     assert not bool(torch.isnan(result.probability).any())

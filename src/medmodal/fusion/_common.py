@@ -8,11 +8,20 @@ patterns (at most ``base ** K``; for 10 binary raters at most 1024, whatever the
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
 #: A ``(K, *spatial)`` stack of rater label maps, as a torch tensor or a numpy array.
 LabelStack = torch.Tensor | np.ndarray
+
+#: ``progress(done, total)``: called by long fusion work after each step (voxel chunk or EM pass).
+Progress = Callable[[int, int], None]
+
+#: Voxels (or rater patterns) per chunk of the fusion functions' per-voxel work: bounds their temporary memory
+#: to a few ``VOXEL_CHUNK × L`` float64 arrays (32 MiB each for 117 labels), whatever the volume.
+VOXEL_CHUNK = 1 << 15
 
 
 def as_label_tensor(labels: LabelStack, *, name: str = "labels") -> torch.Tensor:
@@ -66,16 +75,23 @@ def compress_patterns(
     Args:
         index: ``(K, N)`` integer or bool, rater k's label index at voxel n, each in ``[0, base)``.
         base: number of possible labels per rater (2 for binary masks).
-        compress: ``False`` keeps every voxel as its own pattern (the dense reference path). Compression is
-            also skipped when ``base ** K`` does not fit in 62 bits.
+        compress: ``False`` keeps every voxel as its own pattern (the dense reference path). When
+            ``base ** K`` does not fit in 62 bits the rows are compared as byte strings (slower, same result).
 
     Returns:
         ``patterns (K, U)`` int64, ``counts (U,)`` float64 (voxels per pattern) and ``inverse (N,)`` int64
         mapping each voxel to its pattern (``None`` when uncompressed: pattern n is voxel n).
     """
     k_raters, n_voxels = index.shape
-    if not compress or base**k_raters > 1 << 62:
+    if not compress:
         return index.long(), torch.ones(n_voxels, dtype=torch.float64, device=index.device), None
+    if base**k_raters > 1 << 62:  # the pattern does not fit one int64: sort the (N, K) rows as byte strings
+        small = index.to(torch.int16 if base <= 1 << 15 else torch.int32).T.contiguous().cpu().numpy()
+        rows = small.view(np.dtype((np.void, small.dtype.itemsize * k_raters))).ravel()
+        _, first, inverse_np, counts_np = np.unique(rows, return_index=True, return_inverse=True, return_counts=True)
+        patterns = torch.from_numpy(small[first].T.astype(np.int64)).to(index.device)
+        inverse = torch.from_numpy(inverse_np.reshape(-1).astype(np.int64)).to(index.device)
+        return patterns, torch.from_numpy(counts_np.astype(np.float64)).to(index.device), inverse
     code = torch.zeros(n_voxels, dtype=torch.int64, device=index.device)
     for k in reversed(range(k_raters)):  # rater 0 is the least significant digit
         code = code * base + index[k].long()
