@@ -8,10 +8,19 @@ silently ignored setting. ``load_recipe`` turns validation errors into :class:`R
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medmodal.engine.plugin import MethodSection, default_method, get_method, method_names
 
@@ -42,6 +51,124 @@ class PhantomConfig(_Section):
         return v
 
 
+def _increasing(v: tuple[float, float]) -> tuple[float, float]:
+    if v[0] > v[1]:
+        raise ValueError(f"must be [low, high] with low <= high, got {list(v)}")
+    return v
+
+
+_Range = Annotated[tuple[float, float], AfterValidator(_increasing)]
+
+
+class HistogramClipConfig(_Section):
+    """``data.histogram_clip``: clip each modality at the top of its histogram before the z-score (ShaSpec).
+
+    ``histogram_clip: {}`` turns it on with these defaults; see :class:`medmodal.data.preprocess.HistogramClip`.
+    """
+
+    min_count: int = Field(50, ge=1)  # a bin counts when it holds at least this many non-zero voxels
+    bins: int = Field(1000, ge=1)  # equal-width bins over the non-zero intensity range
+
+
+class _AugmentStep(_Section):
+    prob: float | None = Field(None, ge=0.0, le=1.0)  # None: the preset's probability
+
+
+class RescaleAugment(_AugmentStep):
+    range: _Range = (0.9, 1.1)
+
+
+class AffineAugment(_AugmentStep):
+    rotate_degrees: float = Field(15.0, ge=0.0, le=180.0)
+    scale: _Range = (0.85, 1.25)
+
+
+class ElasticAugment(_AugmentStep):
+    sigma: _Range = (9.0, 13.0)
+    magnitude: _Range = (0.0, 900.0)
+
+
+class FlipAugment(_AugmentStep):
+    pass
+
+
+class NoiseAugment(_AugmentStep):
+    std: float = Field(0.1, ge=0.0)
+
+
+class BlurAugment(_AugmentStep):
+    sigma: _Range = (0.5, 1.0)
+
+
+class BrightnessAugment(_AugmentStep):
+    range: _Range = (0.75, 1.25)
+
+
+class ContrastAugment(_AugmentStep):
+    range: _Range = (0.75, 1.25)
+
+
+class LowResolutionAugment(_AugmentStep):
+    zoom: _Range = (0.5, 1.0)
+
+
+class GammaAugment(_AugmentStep):
+    range: _Range = (0.7, 1.5)
+
+
+#: probability of each transform per preset. ``nnunet_like``: the batchgenerators pipeline of ShaSpec's released code
+#: except elastic deformation, off because it costs 0.5-1.3 s per 3D patch here (benchmarks/augmentation.py).
+AUGMENTATION_PRESETS: dict[str, dict[str, float]] = {
+    "nnunet_like": {"rescale": 0.5, "affine": 0.2, "elastic": 0.0, "flip": 0.5, "noise": 0.1, "blur": 0.2,
+                    "brightness": 0.15, "contrast": 0.15, "low_resolution": 0.25, "gamma": 0.15},
+    "none": {"rescale": 0.0, "affine": 0.0, "elastic": 0.0, "flip": 0.0, "noise": 0.0, "blur": 0.0,
+             "brightness": 0.0, "contrast": 0.0, "low_resolution": 0.0, "gamma": 0.0},
+}
+
+
+class AugmentationConfig(_Section):
+    """``data.augmentation``: random augmentation of training patches
+    (:class:`medmodal.transforms.augment.PatchAugmentation`).
+
+    Off unless ``enabled``. Each transform has a ``prob`` (per patch; ``flip``: per axis) and its ranges; a
+    ``prob`` left out takes the ``preset``'s value, and the resolved recipe records every value used.
+    """
+
+    enabled: bool = False
+    preset: Literal["nnunet_like", "none"] = "nnunet_like"
+    rescale: RescaleAugment = RescaleAugment()
+    affine: AffineAugment = AffineAugment()
+    elastic: ElasticAugment = ElasticAugment()
+    flip: FlipAugment = FlipAugment()
+    noise: NoiseAugment = NoiseAugment()
+    blur: BlurAugment = BlurAugment()
+    brightness: BrightnessAugment = BrightnessAugment()
+    contrast: ContrastAugment = ContrastAugment()
+    low_resolution: LowResolutionAugment = LowResolutionAugment()
+    gamma: GammaAugment = GammaAugment()
+
+    @model_validator(mode="after")
+    def _preset_probabilities(self) -> AugmentationConfig:
+        for name, p in AUGMENTATION_PRESETS[self.preset].items():
+            step = getattr(self, name)
+            if step.prob is None:
+                step.prob = p
+        return self
+
+    def transform_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`~medmodal.transforms.augment.PatchAugmentation` (less
+        ``spatial_dims`` and ``patch_size``); every probability is 0 when not ``enabled``."""
+        on = 1.0 if self.enabled else 0.0
+        return {
+            **{f"{name}_prob": on * float(getattr(self, name).prob) for name in AUGMENTATION_PRESETS[self.preset]},
+            "rescale_range": self.rescale.range, "rotate_degrees": self.affine.rotate_degrees,
+            "scale_range": self.affine.scale, "elastic_sigma": self.elastic.sigma,
+            "elastic_magnitude": self.elastic.magnitude, "noise_std": self.noise.std, "blur_sigma": self.blur.sigma,
+            "brightness_range": self.brightness.range, "contrast_range": self.contrast.range,
+            "low_resolution_zoom": self.low_resolution.zoom, "gamma_range": self.gamma.range,
+        }
+
+
 class DataConfig(_Section):
     path: Path | None = None
     format: Literal["auto", "brats", "nnunet", "manifest"] = "auto"
@@ -54,6 +181,8 @@ class DataConfig(_Section):
     batch_size: int = Field(2, ge=1)
     foreground_fraction: float = Field(1 / 3, ge=0.0, le=1.0)
     num_workers: int = Field(1, ge=0)
+    histogram_clip: HistogramClipConfig | None = None  # None: plain z-score
+    augmentation: AugmentationConfig = AugmentationConfig()
 
     @model_validator(mode="before")
     @classmethod
