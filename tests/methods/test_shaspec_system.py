@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from medmodal.data.case import Batch
 from medmodal.engine.evaluate import evaluate_run
-from medmodal.engine.recipe import RecipeError, builtin_recipe_path, load_recipe, recipe_from_dict
+from medmodal.engine.recipe import RecipeError, builtin_recipe_path, dump_recipe, load_recipe, recipe_from_dict
 from medmodal.engine.run import RunError
 from medmodal.engine.train import build_training, train
 from medmodal.evaluation.inference import nonempty_subsets, predict_subsets, subset_masks
@@ -213,3 +214,113 @@ def test_classification_with_instance_norm_and_gap_warns(tiny_recipe_dict, caplo
     with caplog.at_level("WARNING", logger="medmodal"):
         network_kwargs(recipe_from_dict(d), MODS, out_channels=0, classification=True)
     assert not caplog.text
+
+
+def _aux_gradients(system: ShaSpecSystem, batch: Batch, keep: torch.Tensor, monkeypatch) -> dict:
+    """Gradients of the auxiliary losses alone (DAO + DCO) w.r.t. the network's parameters and its raw shared
+    and specific features."""
+    seen = {}
+    forward = system.network.forward_features
+
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.shared.retain_grad()
+        out.specific.retain_grad()
+        seen["out"] = out
+        return out
+
+    monkeypatch.setattr(system.network, "forward_features", spy)
+    system.network.zero_grad()
+    parts = system.losses(batch, keep)
+    (parts["dao"] + parts["dco"]).backward()
+    grads = {n: p.grad for n, p in system.network.named_parameters()}
+    return {"params": grads, "shared": seen["out"].shared.grad, "specific": seen["out"].specific.grad}
+
+
+@pytest.mark.parametrize("aux_on_missing", [False, True])
+def test_zero_encoded_missing_modality_gets_no_aux_gradient(aux_on_missing: bool, monkeypatch) -> None:
+    # Spec invariant 7 with missing_input="zero": the missing modality's zero image IS encoded (its specific
+    # encoder runs), yet with aux_on_missing=false DAO and DCO give its specific encoder no gradient, and no
+    # gradient reaches the shared encoder through the missing slot. aux_on_missing=true (the released code) does.
+    # Batch norm, because instance norm maps an all-zero image to all-zero features whatever the weights, so no
+    # encoder parameter could get a gradient through a zero image and the test would pass with the flag ignored.
+    torch.manual_seed(0)
+    system = _system(aux_on_missing=aux_on_missing, net_kwargs={"missing_input": "zero", "norm": "batch"})
+    calls: list[int] = []
+    system.network.specific_encoders["t2"].register_forward_hook(lambda _m, a, _o: calls.append(a[0].shape[0]))
+    label = torch.zeros(2, 1, 11, 12, 13, dtype=torch.long)
+    batch = Batch(image=torch.randn(2, 4, 11, 12, 13), available=torch.ones(2, 4).bool(), modalities=MODS,
+                  label=label)
+    keep = torch.tensor([[True, True, False, True], [False, True, False, True]])  # t2 missing everywhere
+    g = _aux_gradients(system, batch, keep, monkeypatch)
+    assert calls == [2]  # the zero images of t2 were encoded
+    t2 = [v for n, v in g["params"].items() if n.startswith("specific_encoders.t2.")]
+    t1c = [v for n, v in g["params"].items() if n.startswith("specific_encoders.t1c.")]
+    assert all(v is not None and v.any() for v in t1c)
+    missing = ~keep
+    if aux_on_missing:
+        assert any(v is not None and v.any() for v in t2)
+        assert g["shared"][missing].any() and g["specific"][missing].any()
+    else:
+        assert all(v is None or not v.any() for v in t2)
+        assert not g["shared"][missing].any() and not g["specific"][missing].any()
+        assert g["shared"][keep].any() and g["specific"][keep].any()
+
+
+def test_first_fill_draws_a_random_available_modality_per_sample() -> None:
+    keep = torch.tensor([[True, False, True, True], [False, True, False, False], [True, True, True, True]] * 50)
+    draws = []
+    for seed in (0, 1):
+        system = _system(seed=seed, net_kwargs={"missing_fill": "first"})
+        draw = system.draw_fill_source(keep)
+        assert draw.shape == (150,) and keep[torch.arange(150), draw].all()  # always an available modality
+        draws.append(draw)
+    assert not torch.equal(draws[0], draws[1])  # the seed matters
+    assert torch.equal(_system(seed=0, net_kwargs={"missing_fill": "first"}).draw_fill_source(keep), draws[0])
+    assert set(draws[0][::3].tolist()) == {0, 2, 3} and set(draws[0][1::3].tolist()) == {1}  # not always the first
+    # other fills draw nothing, so the subset sampler's stream is unchanged
+    for fill in ("mean", "first_in_order"):
+        system = _system(net_kwargs={"missing_fill": fill})
+        state = system.generator.get_state()
+        assert system.draw_fill_source(keep) is None and torch.equal(system.generator.get_state(), state)
+
+
+def test_first_fill_changes_the_training_loss_and_evaluation_is_deterministic() -> None:
+    torch.manual_seed(0)
+    system = _system(net_kwargs={"missing_fill": "first"})
+    label = torch.randint(0, 3, (1, 1, 12, 13, 11))
+    batch = Batch(image=torch.randn(1, 4, 12, 13, 11), available=torch.ones(1, 4).bool(), modalities=MODS,
+                  label=label)
+    keep = torch.tensor([[True, False, True, False]])
+    system.eval()
+    with torch.no_grad():
+        a = system.losses(batch, keep, fill_source=torch.tensor([0]))
+        b = system.losses(batch, keep, fill_source=torch.tensor([2]))
+        default = system.losses(batch, keep)
+        assert a["task"] != b["task"] and torch.equal(default["task"], a["task"])  # eval: first in order
+        assert torch.equal(system(batch.image, keep), system(batch.image, keep))
+
+
+def test_loss_switches_reach_the_system_and_the_resolved_recipe(tiny_recipe_dict) -> None:
+    logits = torch.randn(2, 3, 6, 7, 5)
+    target = (torch.rand(2, 3, 6, 7, 5) > 0.5).float()
+    systems = {}
+    for method in ("shaspec", "zero_fill"):
+        d = _shaspec_recipe(tiny_recipe_dict) if method == "shaspec" else {**tiny_recipe_dict(dims=3),
+                                                                            "method": {"name": "zero_fill"}}
+        recipe = recipe_from_dict(d)
+        dumped = yaml.safe_load(dump_recipe(recipe))
+        assert {k: dumped["method"][k] for k in ("bce_reduction", "dice_reduction", "dice_smooth_nr",
+                                                  "dice_smooth_dr")} == {"bce_reduction": "sum",
+                                                                         "dice_reduction": "sample",
+                                                                         "dice_smooth_nr": 0.0, "dice_smooth_dr": 1.0}
+        assert dumped["train"]["weight_decay"] == 0.0
+        default = build_training(recipe).system
+        d["method"].update(bce_reduction="mean", lambda_dice=0.0)
+        mean = build_training(recipe_from_dict(d)).system
+        torch.testing.assert_close(default.loss_fn.bce(logits, target), 3 * mean.loss_fn(logits, target))
+        systems[method] = default
+        opt = default.configure_optimizers()["optimizer"]
+        assert opt.param_groups[0]["weight_decay"] == 0.0
+    # one loss rule for both models of the quickstart comparison
+    torch.testing.assert_close(systems["shaspec"].loss_fn(logits, target), systems["zero_fill"].loss_fn(logits, target))

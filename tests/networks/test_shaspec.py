@@ -1,5 +1,5 @@
 """ShaSpec network (Wang et al., CVPR 2023): the invariants of ``shared/methods/shaspec.md`` §3 (1–5, 10, 11,
-13-shapes) and the encode-once / decode-many API."""
+12, 13-shapes), the encode-once / decode-many API, and the ``missing_fill`` and ``cls_head`` switches."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ def test_full_input_fill_switches_have_no_effect(dims: int) -> None:
         a = ref.forward_features(x, available)
         for fill, skip, inp in [
             ("first", "mean", "skip"),
+            ("first_in_order", "mean", "skip"),
             ("mean", "mean", "zero"),
             ("mean", "zero_input", "zero"),
             ("first", "zero_input", "zero"),
@@ -69,7 +70,7 @@ def test_missing_slots_are_filled_from_shared_features(dims: int) -> None:
     # two missing: identical slots
     assert torch.equal(out.fused[2, 1], out.fused[2, 2])
     torch.testing.assert_close(out.fused[2, 1], (r[2, 0] + r[2, 3]) / 2, atol=1e-6, rtol=0)
-    # `first`: the first available modality in modality order (the released code; it shuffles its list)
+    # `first` without a drawn source (evaluation): the first available modality in modality order
     assert torch.equal(first.fused[0, 1], r[0, 0])
     assert torch.equal(first.fused[2, 2], r[2, 0])
     # present slots do not depend on the fill
@@ -212,6 +213,7 @@ def test_bad_inputs_are_clear_errors() -> None:
         ({"modalities": ()}, "at least one modality"),
         ({"modalities": ("t1", "t1")}, "unique"),
         ({"missing_fill": "median"}, "missing_fill"),
+        ({"num_classes": 2, "cls_head": "gelu"}, "cls_head must be"),
         ({"spatial_dims": 4}, "spatial_dims"),
     ],
 )
@@ -229,3 +231,84 @@ def test_avgmax_pool_head_and_bad_pool() -> None:
     with pytest.raises(ValueError, match="cls_pool must be"):
         make(2, out_channels=0, num_classes=3, cls_pool="max")
 
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_first_fill_copies_the_drawn_source_modality(dims: int) -> None:
+    # The released code fills missing slots from the first modality of a *shuffled* subset: a random available
+    # one, drawn by the training system and passed as fill_source.
+    available = torch.tensor([[True, False, True, True], [False, True, False, True]])
+    x = image(dims)
+    net = make(dims, missing_fill="first")
+    in_order = make(dims, missing_fill="first_in_order")
+    with torch.no_grad():
+        a = net.forward_features(x, available, fill_source=torch.tensor([3, 1]))
+        b = net.forward_features(x, available, fill_source=torch.tensor([2, 3]))
+        default = net.forward_features(x, available)
+        ordered = in_order.forward_features(x, available)
+    r = a.shared
+    assert torch.equal(a.fused[0, 1], r[0, 3]) and torch.equal(b.fused[0, 1], r[0, 2])
+    assert all(torch.equal(a.fused[1, m], r[1, 1]) and torch.equal(b.fused[1, m], r[1, 3]) for m in (0, 2))
+    assert not torch.equal(a.logits, b.logits)  # the source reaches the output
+    assert torch.equal(a.fused[available], b.fused[available])  # present slots do not depend on it
+    # no source: the first available in modality order, which is what `first_in_order` always does
+    assert torch.equal(default.fused[0, 1], r[0, 0]) and torch.equal(default.fused[1, 0], r[1, 1])
+    assert torch.equal(default.logits, ordered.logits)
+
+
+def test_fill_source_errors() -> None:
+    available = torch.tensor([[True, False, True, True], [False, True, False, True]])
+    x = image(2)
+    with pytest.raises(ValueError, match=r"available modality; not so for sample\(s\) \[1\]"):
+        make(2, missing_fill="first").forward_features(x, available, fill_source=torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match=r"available modality; not so for sample\(s\) \[0\]"):
+        make(2, missing_fill="first").forward_features(x, available, fill_source=torch.tensor([7, 1]))
+    with pytest.raises(ValueError, match=r"\(2,\) integer tensor"):
+        make(2, missing_fill="first").forward_features(x, available, fill_source=torch.tensor([0.0, 1.0]))
+    for fill in ("mean", "first_in_order"):
+        with pytest.raises(ValueError, match="missing_fill='first' only"):
+            make(2, missing_fill=fill).forward_features(x, available, fill_source=torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_paper_classification_head_has_no_relu(dims: int) -> None:
+    # Spec §2.2: GAP per slot, concat, FC, dropout, FC. The `relu` head adds a ReLU after the first FC.
+    paper = make(dims, num_classes=3, cls_hidden=16)
+    relu = make(dims, num_classes=3, cls_hidden=16, cls_head="relu")
+    assert [type(m).__name__ for m in paper.cls_head] == ["Linear", "Dropout", "Linear"]
+    assert [type(m).__name__ for m in relu.cls_head] == ["Linear", "ReLU", "Dropout", "Linear"]
+    with pytest.raises(RuntimeError, match="cls_head"):  # a relu checkpoint does not load silently
+        paper.load_state_dict(relu.state_dict())
+    state = relu.state_dict()
+    state["cls_head.2.weight"], state["cls_head.2.bias"] = state.pop("cls_head.3.weight"), state.pop("cls_head.3.bias")
+    paper.load_state_dict(state)
+    x, available = image(dims), torch.tensor([[True, False, True, True], [False, True, False, False]])
+    with torch.no_grad():
+        a, b = paper.forward_features(x, available), relu.forward_features(x, available)
+        assert torch.equal(a.fused, b.fused)
+        pooled = a.fused.flatten(3).mean(3).reshape(2, -1)
+        first, last = paper.cls_head[0], paper.cls_head[2]
+        torch.testing.assert_close(a.class_logits, last(first(pooled)))  # affine at evaluation
+        torch.testing.assert_close(b.class_logits, last(torch.relu(first(pooled))))
+    assert not torch.allclose(a.class_logits, b.class_logits)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+@pytest.mark.parametrize("mode", ["paper", "code"])
+def test_batch_of_one_trains_at_a_one_voxel_bottleneck(dims: int, norm: str, mode: str) -> None:
+    # Spec invariant 12 (billhhh/ShaSpec#1): four stages on an 8^d input would leave a 1-voxel bottleneck, where
+    # instance norm (and batch norm at batch 1) cannot normalise; the network pads it to 2 voxels per axis.
+    kw = {"missing_input": "zero", "skip_fill": "zero_input", "missing_fill": "first"} if mode == "code" else {}
+    torch.manual_seed(0)
+    net = ShaSpecNet(spatial_dims=dims, modalities=MODS, out_channels=3, channels=(4, 8, 8, 8), norm=norm,
+                     num_classes=2, **kw).train()
+    x = torch.randn(1, len(MODS), *([8] * dims))
+    out = net.forward_features(x, torch.tensor([[True, False, True, True]]))
+    assert out.logits.shape == (1, 3, *([8] * dims)) and out.class_logits.shape == (1, 2)
+    assert out.shared.shape == (1, len(MODS), 8, *([2] * dims))
+    (out.logits.mean() + out.class_logits.mean() + out.domain_logits.mean()).backward()
+    assert torch.isfinite(net.shared_encoder.stages[0].conv1.conv.weight.grad).all()
+    if dims == 2:  # only the degenerate case is padded further: 8 x 16 keeps its 1 x 2 bottleneck
+        wide = net.forward_features(torch.randn(1, len(MODS), 8, 16), torch.ones(1, 4, dtype=torch.bool))
+        assert wide.shared.shape[-2:] == (1, 2)

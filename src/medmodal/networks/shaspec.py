@@ -10,9 +10,12 @@ head sees a fixed width ``M·C`` whatever is missing. This module is the generic
 
 Paper-versus-released-code switches (spec §2.5; the default is the paper's intent):
 
-* ``missing_fill``: ``"mean"`` of the available ``r_j`` (Eq. 4) or ``"first"`` available ``r_j`` in modality
-  order. The released code uses the first modality of its drawn subset list, which it *shuffles* in random
-  mode, so there it is a random available modality; a training system can emulate that by permuting.
+* ``missing_fill``: ``"mean"`` of the available ``r_j`` (Eq. 4); ``"first"``, the released code's rule: the
+  ``r_j`` of the first modality of its drawn subset list, which it *shuffles* in random mode, so a **random
+  available** modality. The network is pure, so the draw is the caller's: ``fill_source (B,)`` names the
+  modality per sample (the ShaSpec training system draws it from its seeded generator); without it, as in
+  evaluation, the first available modality in modality order is used (a deterministic choice [ours]).
+  ``"first_in_order"`` always uses the first available modality in modality order, in training too.
 * ``skip_fill``: skips of a missing slot are the ``"mean"`` of the available slots' shared skips [ours], or
   the shared skips of an encoded zero image (``"zero_input"``, the code; needs ``missing_input="zero"``).
 * ``missing_input``: missing modalities are not encoded at all (``"skip"``), or zero images are encoded
@@ -34,10 +37,11 @@ from torch import nn
 from medmodal.networks.registry import register_network
 from medmodal.networks.unet import UNetEncoder, crop_to, mask_missing, pad_to_multiple
 
-MissingFill = Literal["mean", "first"]
+MissingFill = Literal["mean", "first", "first_in_order"]
 SkipFill = Literal["mean", "zero_input"]
 MissingInput = Literal["skip", "zero"]
 ClsPool = Literal["avg", "avgmax"]
+ClsHead = Literal["paper", "relu"]
 
 
 @dataclass
@@ -152,9 +156,13 @@ class ShaSpecNet(nn.Module):
         modalities: modality names in the batch's channel order (keys of the specific encoders).
         out_channels: segmentation output channels; 0 = no decoder (classification only).
         channels: encoder widths per stage; the bottleneck width is ``C = channels[-1]``.
-        num_classes: classes of the classification head (paper: GAP, concat, FC-ReLU-dropout-FC); 0 = none.
+        num_classes: classes of the classification head (GAP of every slot, concatenated, then ``cls_head``);
+            0 = none.
         cls_hidden: hidden width of the classification head.
         cls_dropout: dropout of the classification head.
+        cls_head: ``"paper"``: FC → dropout → FC (the paper's head, spec §2.2; no activation, so at evaluation it
+            is one affine map); ``"relu"``: FC → ReLU → dropout → FC (a nonlinear head [ours], what medmodal
+            shipped before; its checkpoints load only with ``cls_head="relu"``).
         cls_pool: how each fused slot is pooled for the classification head: ``"avg"`` (paper: GAP) or
             ``"avgmax"`` (GAP and global max pooling, concatenated).
         norm: MONAI norm name of the encoder/decoder blocks. With ``"instance"`` every bottleneck channel has
@@ -162,6 +170,11 @@ class ShaSpecNet(nn.Module):
             each channel's distribution: on the 2D phantom it learns nothing (constant class). Classification
             wants ``"batch"`` (the paper's small classification model) or ``cls_pool="avgmax"``.
         missing_fill, skip_fill, missing_input: paper-vs-code switches, see the module docstring.
+
+    Inputs are zero-padded at the end to a multiple of ``2**(len(channels) - 1)``; an input whose bottleneck
+    would then be a single voxel (e.g. 8³ with four stages) is padded to twice that per axis, because instance
+    norm cannot normalise one value and batch norm cannot at batch 1 in training (spec invariant 12,
+    billhhh/ShaSpec#1). Outputs are cropped back to the input size.
 
     Shapes: ``image (B, M, *S)``, ``available (B, M) bool`` → :meth:`forward` gives ``(B, out_channels, *S)``
     logits (or ``(B, num_classes)`` without a decoder); :meth:`forward_features` gives a :class:`ShaSpecOutput`.
@@ -178,6 +191,7 @@ class ShaSpecNet(nn.Module):
         cls_hidden: int = 64,
         cls_dropout: float = 0.5,
         cls_pool: ClsPool = "avg",
+        cls_head: ClsHead = "paper",
         norm: str = "instance",
         missing_fill: MissingFill = "mean",
         skip_fill: SkipFill = "mean",
@@ -193,11 +207,13 @@ class ShaSpecNet(nn.Module):
             cls_hidden,
             cls_dropout,
             cls_pool,
+            cls_head,
             missing_fill,
             skip_fill,
             missing_input,
         )
         self.cls_pool = cls_pool
+        self.cls_head_kind = cls_head
         self.spatial_dims = spatial_dims
         self.missing_fill = missing_fill
         self.skip_fill = skip_fill
@@ -224,7 +240,7 @@ class ShaSpecNet(nn.Module):
         self.cls_head = (
             nn.Sequential(
                 nn.Linear(num_mod * width * (2 if cls_pool == "avgmax" else 1), cls_hidden),
-                nn.ReLU(inplace=True),
+                *([nn.ReLU(inplace=True)] if cls_head == "relu" else []),
                 nn.Dropout(cls_dropout),
                 nn.Linear(cls_hidden, num_classes),
             )
@@ -257,6 +273,15 @@ class ShaSpecNet(nn.Module):
         return available
 
     # ------------------------------------------------------------------ encode
+    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Zero-pad ``(N, 1, *S)`` at the end to a multiple of the encoder's divisor ``d``, and to ``2d`` per axis
+        if the bottleneck would otherwise be one voxel (no norm can normalise it); returns the original ``S``."""
+        divisor = self.shared_encoder.divisor
+        x, size = pad_to_multiple(x, divisor)
+        if all(s == divisor for s in x.shape[2:]):
+            x, _ = pad_to_multiple(x, 2 * divisor)
+        return x, size
+
     def encode(self, image: torch.Tensor, available: torch.Tensor) -> ShaSpecFeatures:
         """Run the shared and specific encoders on the slots to encode.
 
@@ -277,7 +302,7 @@ class ShaSpecNet(nn.Module):
             encoded = available
         batch, num_mod = encoded.shape
         b_idx, m_idx = torch.nonzero(encoded, as_tuple=True)
-        x, size = pad_to_multiple(image[b_idx, m_idx].unsqueeze(1), self.shared_encoder.divisor)
+        x, size = self._pad(image[b_idx, m_idx].unsqueeze(1))
         with_zero = self.skip_fill == "zero_input"
         if with_zero:  # one extra all-zero image in the same batched call (instance norm is per sample)
             x = torch.cat([x, x.new_zeros((1, *x.shape[1:]))])
@@ -291,7 +316,7 @@ class ShaSpecNet(nn.Module):
             rows = torch.nonzero(encoded[:, m]).flatten()
             if rows.numel() == 0:
                 continue  # E_spec[m] is never called when no sample has modality m
-            xm, _ = pad_to_multiple(image[rows, m].unsqueeze(1), self.shared_encoder.divisor)
+            xm, _ = self._pad(image[rows, m].unsqueeze(1))
             pieces.append((rows, m, self.specific_encoders[name](xm)[-1]))
         bottleneck = shared[-1]
         specific = bottleneck.new_zeros(bottleneck.shape)
@@ -300,14 +325,36 @@ class ShaSpecNet(nn.Module):
         return ShaSpecFeatures(shared=shared, specific=specific, encoded=encoded, size=size, zero_shared=zero_shared)
 
     # ------------------------------------------------------------------ decode
-    def _fill(self, feat: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+    def _fill(
+        self, feat: torch.Tensor, available: torch.Tensor, fill_source: torch.Tensor | None
+    ) -> torch.Tensor:
         """Per-sample fill ``(B, C, *s)`` for missing slots from ``feat (B, M, C, *s)``'s available slots."""
-        if self.missing_fill == "first":
-            first = available.to(torch.uint8).argmax(1)  # the first True in modality order
-            return feat[torch.arange(feat.shape[0], device=feat.device), first]
-        return _slot_mean(feat, available)
+        if self.missing_fill == "mean":
+            return _slot_mean(feat, available)
+        if fill_source is None:
+            fill_source = available.to(torch.uint8).argmax(1)  # the first True in modality order
+        return feat[torch.arange(feat.shape[0], device=feat.device), fill_source]
 
-    def decode(self, features: ShaSpecFeatures, available: torch.Tensor) -> ShaSpecOutput:
+    def _check_fill_source(self, fill_source: torch.Tensor | None, available: torch.Tensor) -> torch.Tensor | None:
+        if fill_source is None:
+            return None
+        if self.missing_fill != "first":
+            raise ValueError(f"fill_source is used by missing_fill='first' only, not {self.missing_fill!r}")
+        batch, num_mod = available.shape
+        if tuple(fill_source.shape) != (batch,) or fill_source.is_floating_point() or fill_source.dtype == torch.bool:
+            raise ValueError(f"fill_source must be a ({batch},) integer tensor, got {fill_source.dtype} "
+                             f"{tuple(fill_source.shape)}")
+        fill_source = fill_source.to(device=available.device, dtype=torch.long)
+        inside = (fill_source >= 0) & (fill_source < num_mod)
+        picked = available[torch.arange(batch, device=available.device), fill_source.clamp(0, num_mod - 1)]
+        bad = _rows(~(inside & picked))
+        if bad:
+            raise ValueError(f"fill_source must name an available modality; not so for sample(s) {bad}")
+        return fill_source
+
+    def decode(
+        self, features: ShaSpecFeatures, available: torch.Tensor, *, fill_source: torch.Tensor | None = None
+    ) -> ShaSpecOutput:
         """Fuse the slots under ``available`` and run the heads.
 
         Present slot ``m``: ``f_m = r_m + P([r_m, s_m])`` (paper Eq. 3); missing slot: the ``missing_fill`` of
@@ -316,19 +363,23 @@ class ShaSpecNet(nn.Module):
         Args:
             features: from :meth:`encode`.
             available: ``(B, M) bool``, a subset of ``features.encoded`` with at least one True per row.
+            fill_source: with ``missing_fill="first"`` only: ``(B,)`` integer, the available modality whose
+                ``r`` fills sample ``b``'s missing slots (the training system's random draw); ``None``: the
+                first available one in modality order.
         """
         encoded = features.encoded
         available = self._check_available(available, encoded.shape[0])
         bad = _rows((available & ~encoded).any(1))
         if bad:
             raise ValueError(f"available must be a subset of features.encoded; not so for sample(s) {bad}")
+        fill_source = self._check_fill_source(fill_source, available)
         r, s = features.shared[-1], features.specific
         batch, num_mod = available.shape
         b_idx, m_idx = torch.nonzero(available, as_tuple=True)
         r_present = r[b_idx, m_idx]
         f_present = r_present + self.fusion(torch.cat([r_present, s[b_idx, m_idx]], dim=1))
         present = r.new_zeros(r.shape).index_put((b_idx, m_idx), f_present)
-        fused = torch.where(_bcast(available, r.ndim), present, self._fill(r, available).unsqueeze(1))
+        fused = torch.where(_bcast(available, r.ndim), present, self._fill(r, available, fill_source).unsqueeze(1))
 
         logits = None
         if self.decoder is not None:
@@ -395,9 +446,12 @@ class ShaSpecNet(nn.Module):
         return self.decode(expanded, masks.repeat(batch, 1))
 
     # ------------------------------------------------------------------ forward
-    def forward_features(self, image: torch.Tensor, available: torch.Tensor) -> ShaSpecOutput:
-        """``decode(encode(image, available), available)``: every output the training system needs."""
-        return self.decode(self.encode(image, available), available)
+    def forward_features(
+        self, image: torch.Tensor, available: torch.Tensor, *, fill_source: torch.Tensor | None = None
+    ) -> ShaSpecOutput:
+        """``decode(encode(image, available), available, fill_source=...)``: every output the training system
+        needs."""
+        return self.decode(self.encode(image, available), available, fill_source=fill_source)
 
     def forward(self, image: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
         """``image (B, M, *S)``, ``available (B, M) bool`` → segmentation logits ``(B, out_channels, *S)``, or
@@ -422,6 +476,7 @@ def _validate(
     cls_hidden: int,
     cls_dropout: float,
     cls_pool: str,
+    cls_head: str,
     missing_fill: str,
     skip_fill: str,
     missing_input: str,
@@ -444,8 +499,10 @@ def _validate(
         raise ValueError(f"cls_dropout must be in [0, 1), got {cls_dropout}")
     if cls_pool not in ("avg", "avgmax"):
         raise ValueError(f"cls_pool must be 'avg' or 'avgmax', got {cls_pool!r}")
-    if missing_fill not in ("mean", "first"):
-        raise ValueError(f"missing_fill must be 'mean' or 'first', got {missing_fill!r}")
+    if cls_head not in ("paper", "relu"):
+        raise ValueError(f"cls_head must be 'paper' or 'relu', got {cls_head!r}")
+    if missing_fill not in ("mean", "first", "first_in_order"):
+        raise ValueError(f"missing_fill must be 'mean', 'first' or 'first_in_order', got {missing_fill!r}")
     if skip_fill not in ("mean", "zero_input"):
         raise ValueError(f"skip_fill must be 'mean' or 'zero_input', got {skip_fill!r}")
     if missing_input not in ("skip", "zero"):

@@ -54,7 +54,7 @@ class ShaSpecPlugin(CasesPlugin):
             network=network, task=m.task, alpha=m.alpha, beta=m.beta, dao_form=m.dao_form, dao_pairs=m.dao_pairs,
             aux_on_missing=m.aux_on_missing, subset_sampler=m.subset_sampler, sample_per=m.sample_per,
             dedicated=m.dedicated, phases=[(p.steps, p.sampler) for p in m.phases or []],
-            phase_schedule=m.phase_schedule, lambda_dice=m.lambda_dice, lambda_bce=m.lambda_bce, **common,
+            phase_schedule=m.phase_schedule, **m.loss_kwargs(), **common,
         )
 
     def default_subsets(self, run: LoadedRun) -> list[tuple[str, ...]] | None:

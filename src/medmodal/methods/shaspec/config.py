@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from medmodal.engine.plugin import MethodSection
+from medmodal.methods.zero_fill.config import RegionLossFields
 
 
 class ShaSpecPhase(BaseModel):
@@ -18,11 +19,13 @@ class ShaSpecPhase(BaseModel):
     sampler: Literal["full", "random"] = "random"
 
 
-class ShaSpecMethod(MethodSection):
+class ShaSpecMethod(RegionLossFields, MethodSection):
     """ShaSpec (Wang et al., CVPR 2023): shared + specific encoders, DAO and DCO auxiliary losses.
 
     Defaults follow the paper where it is explicit (``../shared/methods/shaspec.md`` §2.5); the released
-    code's behaviour is one switch away.
+    code's behaviour is one switch away. The region-loss fields (``lambda_dice``, ``lambda_bce``,
+    ``bce_reduction``, ``dice_reduction``, ``dice_smooth_nr``, ``dice_smooth_dr``) are the zero-fill baseline's
+    (:class:`~medmodal.methods.zero_fill.config.RegionLossFields`), with the released code's loss as default.
     """
 
     name: Literal["shaspec"] = "shaspec"
@@ -37,8 +40,6 @@ class ShaSpecMethod(MethodSection):
     dedicated: list[str] | None = None  # a fixed modality subset: "dedicated" training and evaluation
     phases: list[ShaSpecPhase] | None = None  # None: random subsets throughout
     phase_schedule: Literal["continuous", "restart"] = "continuous"  # restart: each phase decays to 0 (code)
-    lambda_dice: float = 1.0
-    lambda_bce: float = 1.0
 
     @field_validator("dedicated")
     @classmethod

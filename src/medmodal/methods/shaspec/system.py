@@ -11,6 +11,11 @@ training come from a subset sampler:
   and the author advises the warm-up (billhhh/ShaSpec#4, #7);
 * **dedicated** training: one fixed subset, for training and evaluation.
 
+With a network built with ``missing_fill="first"`` (the released code's fill), the system also draws, per
+training sample, the random available modality whose shared feature fills the missing slots (the code takes the
+first of its shuffled subset list), from the same seeded per-rank generator as the subsets; validation and
+evaluation call the network without a draw, which then uses the first available modality in modality order.
+
 The network is any model with ShaSpec's ``forward_features(image, available)`` (see
 :class:`medmodal.networks.shaspec.ShaSpecNet`); the system owns everything else.
 """
@@ -141,10 +146,23 @@ class ShaSpecSystem(SegmentationSystem):
             available, p=1.0, sampler=self.subset_sampler, per=self.sample_per, generator=self.generator
         )
 
+    def draw_fill_source(self, keep: torch.Tensor) -> torch.Tensor | None:
+        """``(B,) long``: a uniformly random modality among each sample's ``keep (B, M)``, drawn from
+        :attr:`generator`, for a network with ``missing_fill="first"``; ``None`` for any other network (and then
+        nothing is drawn, so the other random streams are unchanged)."""
+        if getattr(self.network, "missing_fill", None) != "first":
+            return None
+        scores = torch.rand(keep.shape, generator=self.generator).to(keep.device)
+        return scores.masked_fill(~keep.to(torch.bool), -1.0).argmax(1)
+
     # -- losses -------------------------------------------------------------------------------------------
-    def losses(self, batch: Batch, keep: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Task, DAO, DCO and total loss of ``batch`` seen with modalities ``keep (B, M)``."""
-        out = self.network.forward_features(batch.image, keep)
+    def losses(
+        self, batch: Batch, keep: torch.Tensor, *, fill_source: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Task, DAO, DCO and total loss of ``batch`` seen with modalities ``keep (B, M)``; ``fill_source``
+        (``(B,)``, see :meth:`draw_fill_source`) picks the modality that fills missing slots."""
+        extra = {} if fill_source is None else {"fill_source": fill_source}
+        out = self.network.forward_features(batch.image, keep, **extra)
         if self.task == "segmentation":
             if batch.label is None:
                 raise ValueError(f"segmentation training needs labelled cases; unlabelled: {batch.case_id}")
@@ -161,7 +179,7 @@ class ShaSpecSystem(SegmentationSystem):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         keep = self.training_keep(batch.available, self.global_step)
-        parts = self.losses(batch, keep)
+        parts = self.losses(batch, keep, fill_source=self.draw_fill_source(keep))
         n = len(batch)
         self.log("train/loss", parts["loss"], prog_bar=True, batch_size=n, sync_dist=True)
         for name in ("task", "dao", "dco"):

@@ -24,8 +24,7 @@ class ZeroFillPlugin(CasesPlugin):
         from medmodal.methods.zero_fill.system import SegmentationSystem
 
         m = recipe.method
-        return SegmentationSystem(network=network, modality_dropout=m.modality_dropout, lambda_dice=m.lambda_dice,
-                                  lambda_bce=m.lambda_bce, **common)
+        return SegmentationSystem(network=network, modality_dropout=m.modality_dropout, **m.loss_kwargs(), **common)
 
     def contract_recipe(self, spatial_dims: int) -> dict[str, Any]:
         return tiny_case_recipe(spatial_dims, method={"name": self.name})
