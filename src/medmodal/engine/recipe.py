@@ -215,7 +215,7 @@ class TrainConfig(_Section):
     max_steps: int = Field(600, ge=1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(0.0, ge=0)  # none unless a recipe asks for it (as torch.optim.SGD)
     momentum: float = Field(0.99, ge=0, lt=1)
     schedule: Literal["poly", "cosine", "constant"] = "poly"
     warmup_steps: int = Field(0, ge=0)  # linear warm-up of the learning rate
