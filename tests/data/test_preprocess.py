@@ -167,3 +167,89 @@ def test_modalities_outside_the_selection_are_left_out() -> None:
     del case.images["flair"], case.images["t1"]
     with pytest.raises(DataError, match="none of the selected modalities"):
         preprocess_case(case, ("flair", "t1"), target_spacing=None)
+
+
+# -- histogram clip (ShaSpec spec §2.6) ------------------------------------------------------------------------
+def _steps(shape: tuple[int, ...], *, outliers: int = 0) -> np.ndarray:
+    """Foreground values 1..20 (every value on hundreds of voxels), a zero border, ``outliers`` voxels of 1000."""
+    image = np.zeros(shape, np.float32)
+    inner = tuple(slice(1, s - 1) for s in shape)
+    n = int(np.prod([s - 2 for s in shape]))
+    image[inner] = (1 + np.arange(n) % 20).reshape([s - 2 for s in shape])
+    flat = image.reshape(-1)
+    flat[np.flatnonzero(flat)[:outliers]] = 1000.0
+    return image
+
+
+@pytest.mark.parametrize("shape", [(17, 18, 19), (53, 54)], ids=["3d", "2d"])
+def test_histogram_clip_cuts_outliers_at_the_upper_edge_of_the_last_full_bin(shape: tuple[int, ...]) -> None:
+    from medmodal.data.preprocess import HistogramClip
+
+    image = _steps(shape, outliers=3)
+    clip = HistogramClip(min_count=50, bins=1000)
+    # 1000 bins over the non-zero range [1, 1000] are 0.999 wide; value 20 sits in bin 19, upper edge 1 + 20·0.999
+    # (the code's lower edge would be 19.981; a histogram with the zero background would give 21)
+    assert clip.value(image) == pytest.approx(1 + 20 * 0.999, abs=1e-9)
+    out = clip(image)
+    outlier = image == 1000
+    assert outlier.sum() == 3
+    np.testing.assert_allclose(out[outlier], 20.98, rtol=1e-6)
+    np.testing.assert_array_equal(out[~outlier], image[~outlier])  # zeros and 1..20 untouched
+    assert out.dtype == np.float32 and image.max() == 1000  # the input is not modified
+
+
+@pytest.mark.parametrize("shape", [(17, 18, 19), (53, 54)], ids=["3d", "2d"])
+def test_histogram_clip_leaves_a_volume_without_outliers_unchanged(shape: tuple[int, ...]) -> None:
+    from medmodal.data.preprocess import HistogramClip
+
+    image = _steps(shape)
+    clip = HistogramClip()
+    assert clip.value(image) == 20.0  # the top bin holds value 20: its upper edge is the maximum
+    np.testing.assert_array_equal(clip(image), image)
+    # too few voxels in every bin: no clip at all
+    assert HistogramClip(min_count=10**6).value(image) is None
+    np.testing.assert_array_equal(HistogramClip(min_count=10**6)(image), image)
+
+
+def test_histogram_clip_in_preprocess_case() -> None:
+    from medmodal.data.preprocess import HistogramClip, zscore_foreground
+
+    shape = (17, 18, 19)
+    case = make_case(shape, affine=np.eye(4), present=("t1",))
+    raw = _steps(shape, outliers=3)
+    case.images["t1"] = Volume(raw, np.eye(4))
+    plain, *_ = preprocess_case(case, ("t1",), target_spacing=None)
+    clipped, _, _, geometry = preprocess_case(case, ("t1",), target_spacing=None, histogram_clip=HistogramClip())
+    window = (slice(None), *(slice(a, b) for a, b in geometry.crop))
+    np.testing.assert_allclose(clipped[0], zscore_foreground(np.minimum(raw, 20.98)[window[1:]]), atol=1e-5)
+    assert plain[0].max() > 30 and clipped[0].max() < 2.5  # the outliers no longer squash the z-score
+    with pytest.raises(ValueError, match="min_count"):
+        HistogramClip(min_count=0)
+
+
+def test_histogram_clip_is_recorded_and_repeated_by_predict(tmp_path) -> None:
+    """A run trained with ``data.histogram_clip`` records it in run.json; the preprocessing that predict
+    rebuilds from run.json gives the cached training arrays exactly (without it they differ)."""
+    from medmodal.data.cache import CacheIndex
+    from medmodal.data.io import read_case
+    from medmodal.engine.cases import tiny_case_recipe
+    from medmodal.engine.datamodule import resolve_source
+    from medmodal.engine.recipe import recipe_from_dict
+    from medmodal.engine.runinfo import load_run
+    from medmodal.engine.train import train
+
+    d = tiny_case_recipe(3, method={"name": "zero_fill"}, histogram_clip={"min_count": 5, "bins": 50})
+    d["train"].update(max_steps=1, val_every_steps=1)
+    run = load_run(train(recipe_from_dict(d), tmp_path / "run"))
+    pre = run.info.preprocessing
+    assert pre["histogram_clip"] == {"min_count": 5, "bins": 50} and "histogram bins" in pre["normalisation"]
+    source = resolve_source(run.recipe.data)
+    index = CacheIndex.load(source.cache_dir)
+    info, records = source.records()
+    record = next(r for r in records if r.case_id == index.cases[0].case_id)
+    case = read_case(record, info)
+    options = run.info.preprocessing_options()
+    image, *_ = preprocess_case(case, source.modalities, **options)
+    np.testing.assert_array_equal(image, np.asarray(index.cases[0].image()))
+    unclipped, *_ = preprocess_case(case, source.modalities, target_spacing=None)
+    assert not np.allclose(unclipped, image)

@@ -29,7 +29,7 @@ import numpy as np
 
 from medmodal.atomic import atomic_write
 from medmodal.data.case import Case, CaseRecord, DataError, DatasetInfo
-from medmodal.data.preprocess import CaseGeometry, preprocess_case
+from medmodal.data.preprocess import CaseGeometry, HistogramClip, preprocess_case
 
 FORMAT_VERSION = 1
 INDEX_NAME = "cache.json"
@@ -129,6 +129,7 @@ def build_cache(
     cache_dir: Path | str,
     *,
     target_spacing: Sequence[float] | None = None,
+    histogram_clip: HistogramClip | None = None,
     fingerprint: str | None = None,
     progress: bool = False,
     num_workers: int = 0,
@@ -140,6 +141,7 @@ def build_cache(
         info: the dataset; ``info.modalities`` fixes the ``M`` axis.
         cache_dir: output folder (created). An existing cache with other parameters is rebuilt in place.
         target_spacing: voxel size (mm) per canonical axis, or ``None`` to keep each case's spacing.
+        histogram_clip: clip each modality's bright tail before the z-score, or ``None`` (the default) not to.
         fingerprint: a string identifying the source (e.g. ``"phantom-seed0-n8"``). If the cache was built
             with the same fingerprint and parameters it is returned without touching ``cases``.
         progress: show a rich progress bar.
@@ -155,6 +157,8 @@ def build_cache(
         "modalities": list(info.modalities),
         "target_spacing": None if target_spacing is None else [float(s) for s in target_spacing],
     }
+    if histogram_clip is not None:  # absent when off, so caches built before the option stay valid
+        params["histogram_clip"] = histogram_clip.to_dict()
     old = _read_index(root)
     previous = {e["case_id"]: e for e in old["cases"]} if old is not None else {}
     reusable: dict[str, dict] = {}
@@ -191,6 +195,7 @@ def _run(
     index that describes arrays it did not write.
     """
     ts = params["target_spacing"]
+    clip = HistogramClip.from_dict(params.get("histogram_clip"))
     seen: set[str] = set()
     jobs = ((item, _source_key(item)) for item in items if _check_id(item.case_id, root, seen))
     if workers <= 0:
@@ -198,7 +203,7 @@ def _run(
             reused = _reusable(old.get(item.case_id), key, root)
             if reused is None:
                 (root / INDEX_NAME).unlink(missing_ok=True)
-            yield reused or _process(item, key, info, root, ts)
+            yield reused or _process(item, key, info, root, ts, clip)
         return
     window = 2 * workers  # bounded look-ahead so a generator of cases is not materialised at once
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
@@ -207,7 +212,7 @@ def _run(
             reused = _reusable(old.get(item.case_id), key, root)
             if reused is None:
                 (root / INDEX_NAME).unlink(missing_ok=True)
-            pending.append(reused or pool.submit(_process, item, key, info, root, ts))
+            pending.append(reused or pool.submit(_process, item, key, info, root, ts, clip))
             while len(pending) >= window:
                 head = pending.pop(0)
                 yield head if isinstance(head, dict) else head.result()
@@ -215,7 +220,9 @@ def _run(
             yield head if isinstance(head, dict) else head.result()
 
 
-def _process(item: Case | CaseRecord, key: str, info: DatasetInfo, root: Path, ts: list | None) -> dict:
+def _process(
+    item: Case | CaseRecord, key: str, info: DatasetInfo, root: Path, ts: list | None, clip: HistogramClip | None
+) -> dict:
     """Read (if a record), preprocess and write one case; return its index entry."""
     if isinstance(item, CaseRecord):
         from medmodal.data.io import read_case
@@ -224,7 +231,7 @@ def _process(item: Case | CaseRecord, key: str, info: DatasetInfo, root: Path, t
     else:
         case = item
     info.check_modalities(list(case.images), where=f"case {case.case_id!r}")
-    image, label, available, geometry = preprocess_case(case, info.modalities, target_spacing=ts)
+    image, label, available, geometry = preprocess_case(case, info.modalities, target_spacing=ts, histogram_clip=clip)
     files = {"image": f"{case.case_id}_img.npy"}
     atomic_write(root / files["image"], lambda f: np.save(f, image))
     if label is not None:

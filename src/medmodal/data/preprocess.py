@@ -11,7 +11,8 @@ Steps of :func:`preprocess_case`, in order (2D and 3D share the code path; ``S``
 2. **resample** to ``target_spacing`` (linear for images, per-label linear + argmax for label maps; ``None``
    keeps the spacing);
 3. **crop** to the bounding box of the non-zero region of the union of present modalities (nnU-Net);
-4. **z-score** each modality over its own non-zero voxels, background set to 0.
+4. **normalise** each modality over its own non-zero voxels: optionally clip its bright tail at the histogram
+   rule of :class:`HistogramClip` (ShaSpec's released code), then z-score; background set to 0.
 """
 
 from __future__ import annotations
@@ -181,6 +182,60 @@ def nonzero_bbox(mask: np.ndarray) -> tuple[tuple[int, int], ...]:
     return tuple(box)
 
 
+@dataclass(frozen=True)
+class HistogramClip:
+    """Clip a modality's bright tail at the top of its histogram before the z-score (ShaSpec spec §2.6).
+
+    The histogram is taken over the **non-zero** voxels ``v`` of one modality: ``bins`` equal-width bins
+    spanning ``[min(v), max(v)]`` (numpy's ``np.histogram(v, bins)``, the last bin closed). The clip value is
+    the **upper edge** of the highest bin holding at least ``min_count`` voxels; every voxel above it is set to
+    it. A volume whose top bin holds ``min_count`` voxels or more is therefore unchanged, and one where no bin
+    does (tiny images) is left unclipped.
+
+    ShaSpec's released code (``truncate`` in ``BraTSDataSet.py``) histograms the whole volume, background
+    included, into ``int(max)`` bins (unit-wide bins for integer MRI intensities that start at 0) and clips at
+    the *index* of the highest bin with >= 50 voxels, i.e. about that bin's lower edge. Here the bin count is
+    fixed, so the rule does not depend on the intensity scale (float images, CT, phantoms), and the upper edge
+    is used, so a volume without outliers keeps its maximum.
+
+    Attributes:
+        min_count: voxels a bin must hold to count (ShaSpec: 50).
+        bins: number of equal-width bins over the non-zero range.
+    """
+
+    min_count: int = 50
+    bins: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.min_count < 1 or self.bins < 1:
+            raise ValueError(f"HistogramClip needs min_count >= 1 and bins >= 1, got {self}")
+
+    def to_dict(self) -> dict[str, int]:
+        return {"min_count": self.min_count, "bins": self.bins}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> HistogramClip | None:
+        """The inverse of :meth:`to_dict`; ``None`` (no clip) stays ``None``."""
+        return None if d is None else cls(min_count=int(d["min_count"]), bins=int(d["bins"]))
+
+    def value(self, image: np.ndarray) -> float | None:
+        """The clip value of ``image`` (any shape; its non-zero voxels count), or ``None`` if no bin qualifies."""
+        fg = image[image != 0]
+        if fg.size < self.min_count:
+            return None
+        counts, edges = np.histogram(fg.astype(np.float64, copy=False), bins=self.bins)
+        full = np.flatnonzero(counts >= self.min_count)
+        return None if full.size == 0 else float(edges[full[-1] + 1])
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """``image`` with its non-zero voxels above :meth:`value` set to it (a float32 copy; zeros stay 0)."""
+        out = np.array(image, dtype=np.float32)
+        top = self.value(out)
+        if top is not None:
+            np.minimum(out, np.float32(top), out=out, where=out != 0)
+        return out
+
+
 def zscore_foreground(image: np.ndarray) -> np.ndarray:
     """Z-score ``image`` over its non-zero voxels; zero voxels stay 0. Returns float32 of the same shape."""
     out = np.zeros(image.shape, dtype=np.float32)
@@ -219,15 +274,21 @@ def _label_array(case: Case) -> np.ndarray | None:
 
 
 def preprocess_case(
-    case: Case, modalities: Sequence[str], *, target_spacing: Sequence[float] | None
+    case: Case,
+    modalities: Sequence[str],
+    *,
+    target_spacing: Sequence[float] | None,
+    histogram_clip: HistogramClip | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, CaseGeometry]:
-    """Reorient, resample, crop to the non-zero region and z-score one case.
+    """Reorient, resample, crop to the non-zero region and normalise (clip, z-score) one case.
 
     Args:
         case: the case; its images (and label) must share one grid.
         modalities: the modality order of the ``M`` axis; images of other modalities are left out (training
             on a subset of a dataset's modalities).
         target_spacing: voxel size in mm per *canonical* (RAS) axis, or ``None`` to keep the spacing.
+        histogram_clip: clip each modality's bright tail before the z-score (:class:`HistogramClip`), or
+            ``None`` for the plain z-score.
 
     Returns:
         ``image (M, *S) float32`` (zeros for missing modalities), ``label (*S) uint8`` or ``None``,
@@ -277,7 +338,10 @@ def preprocess_case(
     window = tuple(slice(a, b) for a, b in crop)
     image = np.zeros((len(modalities), *(b - a for a, b in crop)), dtype=np.float32)
     for row, m in enumerate(present):
-        image[list(modalities).index(m)] = zscore_foreground(stack[row][window])
+        channel = stack[row][window]
+        if histogram_clip is not None:
+            channel = histogram_clip(channel)
+        image[list(modalities).index(m)] = zscore_foreground(channel)
     if label is not None:
         label = np.ascontiguousarray(label[window])
     geometry = CaseGeometry(

@@ -6,6 +6,12 @@ Both datasets return what :func:`medmodal.data.case.collate` stacks::
 
 Arrays are memory-mapped lazily in each DataLoader worker (nothing is opened in ``__init__``), and a patch
 reads only its own window of the present modalities from the map.
+
+Augmentation plugs into :class:`PatchDataset` as any :class:`PatchTransform` (the data layer imports no
+transform; :class:`medmodal.transforms.augment.PatchAugmentation` is the one the engine passes). It is a
+deterministic function of the patch and a per-sample seed, so the patch draws and the augmentation of item
+``i`` of epoch ``e`` both follow from ``(seed, e, i)`` alone: the same on any number of workers or ranks, and
+again after a resume.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,6 +32,26 @@ from medmodal.data.case import Batch, DataError, collate
 MAX_OPEN_CASES = 64
 
 _Opened = tuple[np.ndarray, np.ndarray | None, dict[int, np.ndarray]]
+#: ``SeedSequence`` spawn key of the augmentation stream (the patch draws use the root sequence).
+_AUGMENT_STREAM = 1
+
+
+class PatchTransform(Protocol):
+    """A random transform of training patches, deterministic given its seed.
+
+    Attributes:
+        patch_size: the spatial shape ``P`` it outputs.
+        input_size: the spatial shape ``R >= P`` it reads, centred on the patch (``R - P`` even).
+    """
+
+    patch_size: tuple[int, ...]
+    input_size: tuple[int, ...]
+
+    def __call__(
+        self, image: np.ndarray, label: np.ndarray | None, *, available: np.ndarray, seed: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``image (M, *R) float32`` and ``label (*R)`` or ``None`` → ``(M, *P)`` and ``(*P)`` or ``None``."""
+        ...
 
 
 class _MappedCases:
@@ -85,6 +112,9 @@ class PatchDataset(Dataset):
         samples_per_epoch: the dataset length.
         foreground_fraction: probability that a patch is centred on foreground.
         seed: base seed.
+        augment: a :class:`PatchTransform` applied to the window of ``augment.input_size`` centred on the
+            patch, with the seed ``SeedSequence([seed, epoch, i], spawn_key=(1,))`` (independent of the patch
+            draws, so the patch positions are those of the same data set without ``augment``); ``None``: none.
 
     Call :meth:`set_epoch` before creating each epoch's DataLoader iterator (with the default
     ``persistent_workers=False``) so that epochs draw different patches.
@@ -98,6 +128,7 @@ class PatchDataset(Dataset):
         samples_per_epoch: int,
         foreground_fraction: float = 1 / 3,
         seed: int = 0,
+        augment: PatchTransform | None = None,
     ) -> None:
         dims = _spatial_dims(index)
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -111,6 +142,9 @@ class PatchDataset(Dataset):
         self.samples_per_epoch = int(samples_per_epoch)
         self.foreground_fraction = float(foreground_fraction)
         self.seed = int(seed)
+        if augment is not None and tuple(augment.patch_size) != self.patch_size:
+            raise ValueError(f"augment outputs patches of {augment.patch_size}, the data set {self.patch_size}")
+        self.augment = augment
         self.epoch = 0
         self._maps = _MappedCases(index)
 
@@ -129,7 +163,13 @@ class PatchDataset(Dataset):
         case = self.index.cases[k]
         image, label, foreground = self._maps[k]
         start = self.patch_start(case.shape, foreground, rng)
-        return _sample_dict(case, *self._read(case, image, label, start))
+        if self.augment is None:
+            return _sample_dict(case, *self._read(case, image, label, start, self.patch_size))
+        size = tuple(self.augment.input_size)
+        wide = tuple(s - (r - p) // 2 for s, r, p in zip(start, size, self.patch_size, strict=True))
+        window, seg = self._read(case, image, label, wide, size)
+        seed = np.random.SeedSequence([self.seed, self.epoch, i], spawn_key=(_AUGMENT_STREAM,)).generate_state(1)
+        return _sample_dict(case, *self.augment(window, seg, available=case.available, seed=int(seed[0])))
 
     def patch_start(
         self, shape: Sequence[int], foreground: dict[int, np.ndarray], rng: np.random.Generator
@@ -154,22 +194,24 @@ class PatchDataset(Dataset):
             )
         return tuple(int(rng.integers(lo, hi + 1)) for lo, hi in zip(low, high, strict=True))
 
+    @staticmethod
     def _read(
-        self, case: CachedCase, image: np.ndarray, label: np.ndarray | None, start: Sequence[int]
+        case: CachedCase, image: np.ndarray, label: np.ndarray | None, start: Sequence[int], size: Sequence[int]
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Copy the patch at ``start`` out of the maps, zero-padded where it leaves the case."""
+        """Copy the window of ``size`` at ``start`` out of the maps, zero-padded where it leaves the case."""
+        size = tuple(size)
         src, dst = [], []
-        for s0, p, n in zip(start, self.patch_size, case.shape, strict=True):
+        for s0, p, n in zip(start, size, case.shape, strict=True):
             a, b = max(s0, 0), min(s0 + p, n)
             src.append(slice(a, b))
             dst.append(slice(a - s0, b - s0))
         src_t, dst_t = tuple(src), tuple(dst)
-        out = np.zeros((image.shape[0], *self.patch_size), dtype=np.float32)
+        out = np.zeros((image.shape[0], *size), dtype=np.float32)
         for m in np.flatnonzero(case.available):  # missing channels stay zero and are never read
             out[(m, *dst_t)] = image[(m, *src_t)]
         seg = None
         if label is not None:
-            seg = np.zeros(self.patch_size, dtype=np.uint8)
+            seg = np.zeros(size, dtype=np.uint8)
             seg[dst_t] = label[src_t]
         return out, seg
 

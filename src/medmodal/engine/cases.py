@@ -137,12 +137,12 @@ class CasesPlugin(MethodPlugin):
             source=source, patch_size=tuple(recipe.data.patch_size), batch_size=recipe.data.batch_size,
             steps_per_epoch=min(t.val_every_steps, t.max_steps), foreground_fraction=recipe.data.foreground_fraction,
             num_workers=recipe.data.num_workers, val_fraction=recipe.data.val_fraction, seed=recipe.seed,
-            progress=t.progress,
+            progress=t.progress, augmentation=recipe.data.augmentation,
         )
         return Training(
             system=system, data=data, network_name=recipe.model.name, network_kwargs=kwargs, task=task,
             modalities=tuple(source.modalities),
-            preprocessing={**PREPROCESSING, "target_spacing": list(source.target_spacing or []) or None},
+            preprocessing={**PREPROCESSING, **source.preprocessing()},
             inference=self.inference_settings(recipe),
         )
 

@@ -1,7 +1,8 @@
 """Where a recipe's data comes from, and the Lightning data module over the preprocessed cache.
 
 The cache is built once in ``prepare_data`` (one process per node, as Lightning guarantees), then every rank
-memory-maps it in ``setup``; training patches come from :class:`~medmodal.data.sampling.PatchDataset`,
+memory-maps it in ``setup``; training patches come from :class:`~medmodal.data.sampling.PatchDataset`
+(augmented by :class:`~medmodal.transforms.augment.PatchAugmentation` when ``data.augmentation.enabled``),
 validation uses whole cases.
 """
 
@@ -21,8 +22,9 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from medmodal.data.case import CaseRecord, DataError, DatasetInfo
+from medmodal.data.preprocess import HistogramClip
 from medmodal.engine.distributed import RankShard, ValidationShard
-from medmodal.engine.recipe import DataConfig, PhantomConfig
+from medmodal.engine.recipe import AugmentationConfig, DataConfig, PhantomConfig
 
 log = logging.getLogger("medmodal")
 
@@ -76,6 +78,19 @@ class DataSource:
     phantom: PhantomConfig | None
     cache_dir: Path
     target_spacing: tuple[float, ...] | None
+    histogram_clip: HistogramClip | None = None
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The preprocessing settings a run records in ``run.json`` (``predict`` repeats them; see
+        :meth:`medmodal.engine.runinfo.RunInfo.preprocessing_options`)."""
+        clip = self.histogram_clip
+        out: dict[str, Any] = {"target_spacing": list(self.target_spacing or []) or None,
+                               "histogram_clip": None if clip is None else clip.to_dict()}
+        if clip is not None:
+            out["normalisation"] = (f"per-modality clip at the upper edge of the highest of {clip.bins} histogram "
+                                    f"bins holding >= {clip.min_count} non-zero voxels, then z-score over the "
+                                    "foreground")
+        return out
 
     def records(self) -> tuple[DatasetInfo, list[CaseRecord]]:
         from medmodal.data.formats import open_dataset
@@ -104,9 +119,11 @@ def resolve_source(cfg: DataConfig) -> DataSource:
     modalities = tuple(cfg.modalities) if cfg.modalities else tuple(info.modalities)
     info.check_modalities(modalities, where="data.modalities")
     spacing = tuple(float(s) for s in cfg.target_spacing) if cfg.target_spacing else None
-    cache_dir = cfg.cache_dir or cache_root() / "preprocessed" / _key(
-        {"source": source_key, "modalities": modalities, "spacing": spacing}
-    )
+    clip = None if cfg.histogram_clip is None else HistogramClip(**cfg.histogram_clip.model_dump())
+    key: dict[str, Any] = {"source": source_key, "modalities": modalities, "spacing": spacing}
+    if clip is not None:  # absent when off: the caches built before the option keep their folder
+        key["histogram_clip"] = clip.to_dict()
+    cache_dir = cfg.cache_dir or cache_root() / "preprocessed" / _key(key)
     return DataSource(
         info=info,
         modalities=modalities,
@@ -115,6 +132,7 @@ def resolve_source(cfg: DataConfig) -> DataSource:
         phantom=cfg.phantom if cfg.path is None else None,
         cache_dir=cache_dir,
         target_spacing=spacing,
+        histogram_clip=clip,
     )
 
 
@@ -130,7 +148,8 @@ def prepare_cache(source: DataSource, *, progress: bool = False) -> Any:
     info, records = source.records()
     info = dataclasses.replace(info, modalities=source.modalities)
     records = [select_modalities(r, source.modalities) for r in records]
-    return build_cache(records, info, source.cache_dir, target_spacing=source.target_spacing, progress=progress)
+    return build_cache(records, info, source.cache_dir, target_spacing=source.target_spacing,
+                       histogram_clip=source.histogram_clip, progress=progress)
 
 
 def split_cases(case_ids: list[str], *, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -161,7 +180,8 @@ class CacheDataModule(L.LightningDataModule):
         foreground_fraction: share of patches centred on foreground (nnU-Net: 1/3).
         num_workers: DataLoader workers.
         val_fraction: share of labelled cases held out for validation.
-        seed: split and sampling seed.
+        seed: split, sampling and augmentation seed.
+        augmentation: the recipe's ``data.augmentation`` (``None`` or not ``enabled``: none).
     """
 
     def __init__(
@@ -176,6 +196,7 @@ class CacheDataModule(L.LightningDataModule):
         val_fraction: float = 0.2,
         seed: int = 0,
         progress: bool = False,
+        augmentation: AugmentationConfig | None = None,
     ) -> None:
         super().__init__()
         self.source = source
@@ -183,6 +204,7 @@ class CacheDataModule(L.LightningDataModule):
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
         self.foreground_fraction, self.num_workers = foreground_fraction, num_workers
         self.val_fraction, self.seed, self.progress = val_fraction, seed, progress
+        self.augmentation = augmentation
         self.index: Any = None
         self.train_ids: list[str] = []
         self.val_ids: list[str] = []
@@ -199,6 +221,21 @@ class CacheDataModule(L.LightningDataModule):
             log.info("%d unlabelled case(s) are not used for supervised training",
                      len(self.index.cases) - len(labelled))
         self.train_ids, self.val_ids = split_cases(labelled, val_fraction=self.val_fraction, seed=self.seed)
+        if stage in (None, "fit"):
+            augment = self._augment()
+            cfg = self.augmentation
+            log.info("augmentation of training patches: %s", "off" if augment is None else
+                     f"preset {cfg.preset if cfg else '-'}: {augment.describe()}")
+
+    def _augment(self) -> Any:
+        """The :class:`~medmodal.transforms.augment.PatchAugmentation` of the recipe, or ``None``."""
+        if self.augmentation is None or not self.augmentation.enabled:
+            return None
+        from medmodal.transforms.augment import PatchAugmentation
+
+        augment = PatchAugmentation(spatial_dims=len(self.patch_size), patch_size=self.patch_size,
+                                    **self.augmentation.transform_kwargs())
+        return augment if augment.active else None
 
     @property
     def _ranks(self) -> tuple[int, int]:
@@ -227,6 +264,7 @@ class CacheDataModule(L.LightningDataModule):
             samples_per_epoch=self.batch_size * self.steps_per_epoch,
             foreground_fraction=self.foreground_fraction,
             seed=self.seed,
+            augment=self._augment(),
         )
         rank, world = self._ranks
         shard = RankShard(dataset, rank=rank, world_size=world, batch_size=self.batch_size)
