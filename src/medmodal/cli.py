@@ -8,6 +8,7 @@ message that names the file or field, and 1 on an unexpected failure.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -57,11 +58,11 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more.
 @data_app.command("phantom")
 @user_errors
 def data_phantom(
-    out: Path = typer.Option(..., help="Output folder."),
+    out: Path = typer.Option(..., file_okay=False, help="Output folder."),
     cases: int = typer.Option(40, min=1, help="Number of cases."),
     dims: int = typer.Option(3, min=2, max=3, help="2 or 3 spatial dimensions."),
     size: int = typer.Option(64, min=8, help="Voxels per axis."),
-    seed: int = typer.Option(0, help="Random seed (same seed, same data)."),
+    seed: int = typer.Option(0, min=0, help="Random seed (same seed, same data)."),
     spacing: str | None = typer.Option(None, help="Voxel spacing in mm, e.g. 1,1,3 (default isotropic 1 mm)."),
     missing_rate: float = typer.Option(0.0, min=0.0, max=0.99, help="Chance each modality file is left out."),
     layout: str = typer.Option("brats", help="brats or nnunet."),
@@ -75,6 +76,8 @@ def data_phantom(
     sp = _floats(spacing, option="--spacing")
     if sp is not None and len(sp) != dims:
         raise DataError(f"--spacing: {len(sp)} values for a {dims}D phantom")
+    if sp is not None and not all(math.isfinite(v) and v > 0 for v in sp):
+        raise DataError(f"--spacing {spacing}: voxel sizes must be finite positive numbers in mm, e.g. 1,1,3")
     root = write_phantom(out, cases=cases, seed=seed, spatial_dims=dims, size=size, spacing=sp,
                          missing_rate=missing_rate, layout=layout, overwrite=overwrite, progress=True)
     console.print(f"wrote {cases} synthetic phantom case(s) ({dims}D, {layout} layout) to {root}")
@@ -106,7 +109,8 @@ def data_check(
 @user_errors
 def data_convert(
     src: Path = typer.Argument(..., help="Source data set."),
-    dst: Path = typer.Argument(..., help="Destination folder (or manifest file)."),
+    dst: Path = typer.Argument(..., help="Destination folder; with --to manifest a .csv/.json file instead lists "
+                               "the source's own files (paths relative to the manifest's folder), copying nothing."),
     to: str = typer.Option(..., help="brats, nnunet or manifest."),
     format: str = typer.Option("auto", help="Source format."),
     overwrite: bool = typer.Option(False, help="Write into a non-empty destination."),
@@ -137,7 +141,7 @@ def train(
     recipe: str | None = typer.Argument(
         None, help="A recipe YAML file or a built-in recipe name (default quickstart)."
     ),
-    out: Path | None = typer.Option(None, help="Run folder (default runs/<recipe name>)."),
+    out: Path | None = typer.Option(None, file_okay=False, help="Run folder (default runs/<recipe name>)."),
     resume: Path | None = typer.Option(None, help="Continue the interrupted run in this folder."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe field: --set train.max_steps=100."),
     devices: int | None = typer.Option(None, help="Processes per node (DDP when > 1)."),
@@ -197,7 +201,7 @@ def methods() -> None:
 @user_errors
 def evaluate(
     run: Path = typer.Argument(..., help="A trained run folder."),
-    out: Path | None = typer.Option(None, help="Output folder (default RUN/eval)."),
+    out: Path | None = typer.Option(None, file_okay=False, help="Output folder (default RUN/eval)."),
     split: str = typer.Option("val", help="val (the run's held-out cases) or all."),
     data: Path | None = typer.Option(None, help="Evaluate on every case of this labelled data set instead."),
     overwrite: bool = typer.Option(False, help="Replace an existing evaluation in --out."),
@@ -222,7 +226,8 @@ def evaluate(
 @user_errors
 def predict(
     run: Path = typer.Argument(..., help="A trained run folder (its training data is not needed)."),
-    out: Path = typer.Option(..., help="Output folder: <case>_seg.nii.gz per case, or predictions.csv."),
+    out: Path = typer.Option(..., file_okay=False,
+                             help="Output folder: <case>_seg.nii.gz per case, or predictions.csv."),
     data: Path | None = typer.Option(None, help="A data set (BraTS / nnU-Net / manifest) to process."),
     image: list[str] = typer.Option([], help="One case given as modality=file, repeated: --image t1=a.nii.gz."),
     case_id: str = typer.Option("case", help="Name of the --image case."),
@@ -313,7 +318,7 @@ def main() -> None:
     """Console-script entry point."""
     try:
         app()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outside a command (commands report Ctrl-C themselves: user_errors)
         err_console.print("interrupted")
         sys.exit(130)
 

@@ -4,49 +4,24 @@ model was not trained on, and a run where every case fails (issue 11, items 3, 4
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import pytest
-import yaml
-from typer.testing import CliRunner
+from cli_helpers import run_cli
 
-from medmodal.cli import app
-
-runner = CliRunner()
 PHANTOM_WARNING = "was trained only on synthetic data"
-
-
-def invoke(*args: str | Path) -> tuple[int, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, re.sub(r"\s+", " ", result.output)
+invoke = run_cli
 
 
 @pytest.fixture(scope="module")
-def phantom(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pi") / "phantom"
-    code, text = invoke("data", "phantom", "--out", out, "--cases", 5, "--dims", 3, "--size", 17, "--seed", 4)
-    assert code == 0, text
-    return out
+def phantom(tiny_phantom: Path) -> Path:
+    return tiny_phantom
 
 
 @pytest.fixture(scope="module")
-def t1c_t2_run(tmp_path_factory, phantom: Path) -> Path:
-    """A model of two modalities, t1c and t2, trained (4 steps) on the synthetic phantom."""
-    root = tmp_path_factory.mktemp("pirun")
-    recipe = {
-        "name": "two_modalities",
-        "data": {"path": str(phantom), "modalities": ["T1ce", "T2"], "patch_size": [16, 16, 16], "batch_size": 2,
-                 "val_fraction": 0.4, "num_workers": 0},
-        "model": {"name": "unet", "kwargs": {"channels": [4, 8]}},
-        "train": {"max_steps": 2, "val_every_steps": 2, "checkpoint_every_steps": 2, "progress": False},
-        "eval": {"overlap": 0.0, "sw_batch_size": 1},
-    }
-    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    code, text = invoke("train", root / "recipe.yaml", "--out", root / "run")
-    assert code == 0, text
-    return root / "run"
+def t1c_t2_run(tiny_run: Path) -> Path:
+    return tiny_run
 
 
 @pytest.fixture(scope="module")

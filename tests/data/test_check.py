@@ -88,3 +88,34 @@ def test_convert_errors(tmp_path, io_make_case, io_brats_info):
     with pytest.raises(DataError, match="c1_t2.nii.gz"):
         convert_dataset(src, tmp_path / "out", to="nnunet")
     assert not (tmp_path / "out").exists()
+
+
+# -- issue 11, item 11: `data convert SRC out.csv --to manifest` writes that file ------------------------------
+@pytest.mark.parametrize("name", ["out.csv", "sub/out.json"])
+def test_convert_to_a_manifest_file_lists_the_source_files(tmp_path, io_make_case, io_brats_info,
+                                                          io_assert_same_case, name):
+    cases = [io_make_case("c1", target=1, report="r"), io_make_case("c2", missing=("t1c",), seed=1)]
+    src = write_brats(cases, tmp_path / "src", io_brats_info)
+    out = convert_dataset(src, tmp_path / name, to="manifest")
+    assert out == tmp_path / name and out.is_file()  # a file, not a folder named out.csv
+    assert sorted(p.name for p in out.parent.iterdir() if p.name != "src") == [out.name]  # no stray temp file
+    text = out.read_text()
+    assert "c1/c1_t1.nii.gz" in text and str(tmp_path) not in text  # paths relative to the manifest's folder
+    info, records = open_dataset(out)
+    assert [r.images["t1"] for r in records] == [src / "c1" / "c1_t1.nii.gz", src / "c2" / "c2_t1.nii.gz"]
+    got = {r.case_id: read_case(r, info) for r in records}
+    for case in cases:
+        io_assert_same_case(case, got[case.case_id])
+    with pytest.raises(DataError, match="--overwrite"):
+        convert_dataset(src, tmp_path / name, to="manifest")
+    assert convert_dataset(src, tmp_path / name, to="manifest", overwrite=True) == out
+
+
+def test_convert_to_a_manifest_file_refuses_what_it_cannot_list(tmp_path, io_make_case, io_brats_info):
+    src = write_brats([io_make_case("c1")], tmp_path / "src", io_brats_info)
+    with pytest.raises(DataError, match="--to brats"):
+        convert_dataset(src, tmp_path / "out.csv", to="nnunet")
+    nn = convert_dataset(src, tmp_path / "nn", to="nnunet")  # BraTS label 4 is stored as 3 there
+    with pytest.raises(DataError, match="stores label values"):
+        convert_dataset(nn, tmp_path / "out.json", to="manifest")
+    assert not (tmp_path / "out.json").exists()

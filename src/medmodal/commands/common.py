@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -18,15 +19,40 @@ console = Console()
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+#: operating-system errors on a path the user gave: a missing file, a file where a folder belongs, no permission
+_PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def check_output_path(path: Path, *, option: str) -> None:
+    """Raise :class:`DataError` when a folder above ``path`` is a file: nothing could be written there, and a
+    command would find out only after its work (a file or a folder, ``path`` itself may not exist yet)."""
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"{option} {path}: {parent} is a file, not a folder; choose another {option}")
+            return
+
+
 def user_errors(fn: F) -> F:
-    """Turn the library's user-facing errors into a red message and exit code 2."""
+    """Turn the library's user-facing errors (and the operating system's errors on a path the user gave) into
+    one red line and exit code 2; Ctrl-C into one line and exit code 130. An ``out`` path under a file is refused
+    before the command starts."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            if isinstance(kwargs.get("out"), Path):
+                check_output_path(kwargs["out"], option="--out")
             return fn(*args, **kwargs)
-        except (DataError, RecipeError, RunError, FileNotFoundError, FileExistsError) as err:
+        except (DataError, RecipeError, RunError) as err:
             err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+        except KeyboardInterrupt as err:  # Ctrl-C: one line (what was kept, how to continue, if the command says)
+            err_console.print(f"interrupted{f': {err}' if str(err) else ''}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=130) from None
+        except _PATH_ERRORS as err:
+            text = f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
+            err_console.print(f"[bold red]error:[/] {text}; check the path", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]

@@ -15,7 +15,7 @@ from medmodal.data.case import DataError
 def register(
     atlases: Path = typer.Option(..., help="Labelled data set (BraTS, nnU-Net or manifest) to take labels from."),
     targets: Path = typer.Option(..., help="Data set to put labels on (its own labels, if any, are only compared)."),
-    out: Path = typer.Option(..., help="Output folder: labels/<target>/<atlas>.nii.gz, manifest.csv."),
+    out: Path = typer.Option(..., file_okay=False, help="Output folder: labels/<target>/<atlas>.nii.gz, manifest.csv."),
     atlas_modality: str | None = typer.Option(None, help="Atlas image to register (default: the first shared)."),
     target_modality: str | None = typer.Option(None, help="Target image to register; may be another contrast."),
     transform: str = typer.Option("bspline", help="affine, bspline (cross-contrast) or demons (same contrast)."),

@@ -10,10 +10,13 @@ from pathlib import Path
 import numpy as np
 
 from medmodal.data.case import Case, CaseRecord, DataError, DatasetInfo
-from medmodal.data.formats import FORMATS, open_dataset, write_dataset
+from medmodal.data.formats import FORMATS, open_dataset, write_dataset, write_manifest
 from medmodal.data.io import DataErrors, inspect_case, read_case
 
 __all__ = ["Problem", "check_dataset", "convert_dataset"]
+
+#: destination suffixes that make ``convert_dataset(..., to="manifest")`` write one manifest file
+MANIFEST_SUFFIXES = (".csv", ".json")
 
 
 @dataclass
@@ -100,6 +103,10 @@ def convert_dataset(
     Cases are streamed one at a time; ``dst`` only appears once every case has been read and written, so a
     bad case leaves nothing behind. Run :func:`check_dataset` first to see every problem at once.
 
+    With ``to="manifest"`` and a ``dst`` ending in ``.csv`` or ``.json``, ``dst`` is one manifest file (written
+    atomically) that lists ``src``'s own image and label files, with paths relative to ``dst``'s folder; nothing
+    is copied. Otherwise ``dst`` is a folder (``images/``, ``labels/``, ``manifest.json`` for a manifest).
+
     Returns:
         ``dst``.
     """
@@ -108,5 +115,26 @@ def convert_dataset(
     src, dst = Path(src), Path(dst)
     if dst.resolve() == src.resolve() or (src.is_file() and dst.resolve() == src.parent.resolve()):
         raise DataError(f"{dst}: is the source dataset; write the converted dataset to another folder")
+    if dst.suffix.lower() in MANIFEST_SUFFIXES:
+        if to != "manifest":
+            raise DataError(f"{dst}: a {dst.suffix} destination is a manifest file; use --to manifest, or give a "
+                            f"folder for --to brats or --to nnunet")
+        return _write_manifest_file(src, dst, src_format=src_format, overwrite=overwrite)
     info, records = open_dataset(src, src_format)
     return write_dataset(_read_all(records, info), dst, info, format=to, overwrite=overwrite)
+
+
+def _write_manifest_file(src: Path, dst: Path, *, src_format: str, overwrite: bool) -> Path:
+    """``dst`` (``.csv``/``.json``): a manifest that lists ``src``'s own files, paths relative to ``dst``'s
+    folder (absolute where no relative path exists, e.g. another drive); no image is copied or read."""
+    if dst.exists() and not overwrite:
+        raise DataError(f"{dst}: exists already; pass --overwrite to replace it")
+    if dst.is_dir():
+        raise DataError(f"{dst}: is a folder; give a manifest file name ending in .csv or .json")
+    info, records = open_dataset(src, src_format)
+    if info.label_map and any(k != v for k, v in info.label_map.items()):
+        raise DataError(f"{src}: stores label values {sorted(info.label_map)} for labels "
+                        f"{sorted(info.label_map.values())}, which a manifest cannot record; convert to a folder "
+                        "instead (--to manifest with a folder as destination copies the images and labels)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    return write_manifest(records, dst, info)

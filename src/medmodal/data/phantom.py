@@ -34,7 +34,7 @@ from medmodal.data._phantom_anatomy import (
     render_tissues,
     sample_anatomy,
 )
-from medmodal.data.case import BRATS_LABELS, BRATS_MODALITIES, BRATS_REGIONS, Case, DatasetInfo, Volume
+from medmodal.data.case import BRATS_LABELS, BRATS_MODALITIES, BRATS_REGIONS, Case, DataError, DatasetInfo, Volume
 
 #: Bumped whenever the generator changes, so caches of written phantoms can tell they are stale.
 PHANTOM_VERSION = 1
@@ -66,8 +66,9 @@ def _make_grid(spatial_dims: int, size: int | Sequence[int], spacing: Sequence[f
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     spacing = (1.0,) * spatial_dims if spacing is None else tuple(float(s) for s in spacing)
-    if len(spacing) != spatial_dims or min(spacing) <= 0:
-        raise ValueError(f"spacing must be {spatial_dims} positive numbers (mm), got {spacing}")
+    if len(spacing) != spatial_dims or not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise DataError(f"phantom spacing must be {spatial_dims} finite positive voxel sizes in mm, e.g. "
+                        f"{','.join(['1'] * (spatial_dims - 1) + ['3'])}; got {list(spacing)}")
     if isinstance(size, (int, np.integer)):
         fov = int(size) * min(spacing)
         shape = tuple(max(1, int(np.ceil(fov / s - 1e-6))) for s in spacing)
@@ -77,7 +78,8 @@ def _make_grid(spatial_dims: int, size: int | Sequence[int], spacing: Sequence[f
             raise ValueError(f"size must have {spatial_dims} entries for spatial_dims={spatial_dims}, got {size}")
         fov = min(n * s for n, s in zip(shape, spacing, strict=True))
     if min(shape) < _MIN_SIZE:
-        raise ValueError(f"every axis needs at least {_MIN_SIZE} voxels, got grid shape {shape}")
+        raise DataError(f"phantom grid {list(shape)}: every axis needs at least {_MIN_SIZE} voxels; raise the size "
+                        "or bring the spacings closer together")
     return _Grid(shape=shape, spacing=spacing, half_fov=fov / 2.0)
 
 
@@ -268,7 +270,7 @@ def generate_phantom_cases(
     with that probability (from an independent stream), but never all of them: an "imperfect" data set.
     """
     if cases < 0 or seed < 0:
-        raise ValueError(f"cases and seed must be non-negative, got cases={cases}, seed={seed}")
+        raise DataError(f"phantom cases and seed must be non-negative, got cases={cases}, seed={seed}")
     if not 0.0 <= missing_rate < 1.0:
         raise ValueError(f"missing_rate must be in [0, 1), got {missing_rate}")
     _make_grid(spatial_dims, size, spacing)  # fail now, not at the first case

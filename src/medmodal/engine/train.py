@@ -124,6 +124,7 @@ def train(
         raise RecipeError("train: overrides apply to --resume only; put them in the recipe")
     else:
         recipe = resolve_paths(recipe)
+    _check_accelerator(recipe.train.accelerator)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     quiet_third_party()
@@ -225,6 +226,15 @@ def train(
             json.dumps({"train": built.data.train_ids, "val": built.data.val_ids}, indent=2),
         )
     return run_dir
+
+
+def _check_accelerator(accelerator: str) -> None:
+    """A one-line :class:`RecipeError` for ``train.accelerator=gpu`` on a machine where torch sees no GPU (Lightning
+    would raise deep inside the trainer, after the run folder was made)."""
+    mps = getattr(torch.backends, "mps", None)
+    if accelerator == "gpu" and not (torch.cuda.is_available() or (mps is not None and mps.is_available())):
+        raise RecipeError("train.accelerator=gpu: torch sees no GPU on this machine (torch.cuda.is_available() is "
+                          "False); use train.accelerator=auto (GPU when there is one) or cpu")
 
 
 def _empty_run_folder(run_dir: Path, *, remove: bool) -> None:

@@ -16,7 +16,8 @@ def add_commands(app: typer.Typer) -> None:
     @experiment.command("deepstaple")
     @user_errors
     def deepstaple(
-        out: Path = typer.Option(Path("runs/deepstaple"), help="Folder for the runs, tables, figures and report.md."),
+        out: Path = typer.Option(Path("runs/deepstaple"), file_okay=False,
+                                 help="Folder for the runs, tables, figures and report.md."),
         fast: bool = typer.Option(False, "--fast", help="A tiny version (about 30 s), for smoke tests."),
         overwrite: bool = typer.Option(False, help="Replace a finished experiment in --out."),
         seed: int = typer.Option(0, help="Seed of the phantom, the label noise and the training."),

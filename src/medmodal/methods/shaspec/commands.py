@@ -15,7 +15,8 @@ def add_commands(app: typer.Typer) -> None:
     @app.command()
     @user_errors
     def quickstart(
-        out: Path = typer.Option(Path("runs/quickstart"), help="Folder for the run, the evaluation and report.md."),
+        out: Path = typer.Option(Path("runs/quickstart"), file_okay=False,
+                                 help="Folder for the run, the evaluation and report.md."),
         fast: bool = typer.Option(False, "--fast", help="A tiny version (one seed, 20 steps), for smoke tests."),
         overwrite: bool = typer.Option(False, help="Replace a finished quickstart in --out."),
         jobs: int | None = typer.Option(

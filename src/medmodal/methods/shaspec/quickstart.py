@@ -12,12 +12,15 @@ import logging
 import multiprocessing
 import os
 import platform
+import signal
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -253,15 +256,38 @@ def _run_jobs(todo: list[_Job], *, jobs: int, overwrite: bool, progress: bool, t
              len(todo), jobs, threads)
     results: list = [None] * len(todo)
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = {pool.submit(_train_and_evaluate, todo[i], overwrite=overwrite, progress=False,
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_ignore_ctrl_c)
+    try:
+        futures = {pool.submit(_interruptible, _train_and_evaluate, todo[i], overwrite=overwrite, progress=False,
                                threads=threads): i for i in order}
         for done, future in enumerate(as_completed(futures), start=1):
             i = futures[future]
             results[i] = future.result()
             log.info("quickstart: %d/%d done: %s, seed %d (training %.1f min)", done, len(todo),
                      todo[i].model.name, todo[i].seed, results[i][1] / 60)
+    except KeyboardInterrupt:
+        # Ctrl-C reached every process of the group: the running workers stop their jobs (a training saves its
+        # last.ckpt first), queued jobs are dropped; nothing else prints, and the next quickstart resumes.
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise KeyboardInterrupt("the finished runs and each interrupted run's checkpoint are kept; run the same "
+                                "quickstart again to continue where it stopped") from None
+    pool.shutdown()
     return results
+
+
+def _ignore_ctrl_c() -> None:
+    """Worker initialiser: an idle worker ignores Ctrl-C (the parent stops the pool); see :func:`_interruptible`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _interruptible(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run one job in a worker with Ctrl-C enabled: it interrupts the job (a KeyboardInterrupt the pool hands to
+    the parent as the job's outcome, or the training's own graceful stop), never the idle worker loop."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _report_text(recipes, names, summary, means, figures, scores, *, seeds, n_cases, timings, t_total, jobs) -> str:
