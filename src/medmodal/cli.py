@@ -35,9 +35,9 @@ app.add_typer(data_app, name="data")
 def _setup_logging(verbose: bool) -> None:
     from medmodal.engine.run import quiet_third_party
 
-    quiet_third_party()
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("medmodal").setLevel(logging.INFO)
+    quiet_third_party()  # after basicConfig: it filters the console handlers that exist
 
 
 def _floats(text: str | None, *, option: str) -> tuple[float, ...] | None:

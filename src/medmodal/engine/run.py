@@ -133,20 +133,53 @@ _NOISE = (
 )
 
 
+#: Lightning's console lines that say nothing a medmodal user acts on; they still go to the run's log.txt
+_CONSOLE_NOISE = (
+    "GPU available:", "TPU available:", "HPU available:",  # the device banner of every Trainer (run.json has it)
+    "`Trainer.fit` stopped",  # medmodal prints its own end-of-training line
+    "LOCAL_RANK:",  # the CUDA_VISIBLE_DEVICES line of every GPU run
+    "Restoring states from the checkpoint", "Restored all states from the checkpoint",  # resume says so itself
+)
+#: loggers Lightning emits on; a logger's filter sees only its own records, never those of its children
+_LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                      "lightning.pytorch.trainer.connectors.checkpoint_connector", "lightning.pytorch.trainer.connectors")
+
+
 class _DropNoise(logging.Filter):
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        super().__init__()
+        self.patterns = patterns
+
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        return not any(n in msg for n in _NOISE)
+        return not any(n in msg for n in self.patterns)
+
+
+_DROP_EVERYWHERE = _DropNoise(_NOISE)
+_DROP_FROM_CONSOLE = _DropNoise(_NOISE + _CONSOLE_NOISE)
 
 
 def quiet_third_party() -> None:
-    """Silence the known, harmless messages of Lightning and MONAI that would bury medmodal's own output."""
+    """Silence the known, harmless messages of Lightning, MONAI and ITK that would bury medmodal's own output.
+
+    Idempotent. :data:`_NOISE` is dropped everywhere (Python warnings and Lightning's loggers);
+    :data:`_CONSOLE_NOISE` only from the console handlers present now (Lightning's own, the root logger's), so
+    the run's ``log.txt`` keeps the device banner. ITK's C++ warnings (printed straight to the terminal) are
+    turned off: medmodal checks what they would warn about itself and says so in its own words.
+    """
     import warnings
+
+    import SimpleITK as sitk
 
     for n in _NOISE:
         warnings.filterwarnings("ignore", message=f".*{re.escape(n)}.*")
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.trainer.connectors"):
-        logging.getLogger(name).addFilter(_DropNoise())
+    for name in _LIGHTNING_LOGGERS:
+        logging.getLogger(name).addFilter(_DROP_EVERYWHERE)  # adding the same filter twice is a no-op
+    for name in ("lightning.pytorch", "lightning.fabric", ""):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.addFilter(_DROP_FROM_CONSOLE)
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
 
 
 class MetricsCSV(L.Callback):
