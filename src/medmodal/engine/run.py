@@ -141,8 +141,10 @@ _CONSOLE_NOISE = (
     "Restoring states from the checkpoint", "Restored all states from the checkpoint",  # resume says so itself
 )
 #: loggers Lightning emits on; a logger's filter sees only its own records, never those of its children
-_LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                      "lightning.pytorch.trainer.connectors.checkpoint_connector", "lightning.pytorch.trainer.connectors")
+_LIGHTNING_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+    "lightning.pytorch.trainer.connectors.checkpoint_connector", "lightning.pytorch.trainer.connectors",
+)
 
 
 class _DropNoise(logging.Filter):
