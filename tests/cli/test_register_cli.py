@@ -59,8 +59,13 @@ def test_a_failed_pair_is_reported_and_not_fatal(data, tmp_path) -> None:
     (broken / "phantom_001" / "phantom_001_t1.nii.gz").write_bytes(b"corrupt")
     code, text = invoke("register", "--atlases", broken, "--targets", targets, "--out", tmp_path / "out",
                         "--transform", "affine", "--workers", "1")
-    assert code == 0, text
+    assert code == 3, text  # issue 11, item 13: a failed pair is not a success; the pairs that worked are kept
     assert "registered 1 of 2 pair(s)" in text and "1 of 2 pairs failed" in text and "phantom_001_t1" in text
+    assert "--allow-failures" in text and (tmp_path / "out" / "manifest.csv").is_file()
+    code, text = invoke("register", "--atlases", broken, "--targets", targets, "--out", tmp_path / "out2",
+                        "--transform", "affine", "--workers", "1", "--allow-failures")
+    assert code == 0, text
+    assert "1 of 2 pairs failed" in text
 
 
 @pytest.mark.parametrize(

@@ -152,3 +152,37 @@ def test_modality_choice() -> None:
     with pytest.raises(DataError, match="none in common"):
         choose_modalities(DatasetInfo(name="c", modalities=("ct",)), t2_only, atlas_modality=None,
                           target_modality=None)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_running_pairs_report_their_optimiser_progress(data, tmp_path, workers: int) -> None:
+    """Issue 11, item 13: each running pair reports its stage and iterations, from worker processes too."""
+    from medmodal.registration.atlases import _progress, _run_jobs  # the display's feed
+
+    events: list[tuple[int, str, int, int]] = []
+    jobs = _jobs_of(data, tmp_path)
+    results = _run_jobs(jobs, workers=workers, threads=1, on_done=lambda i, r: None,
+                        on_iteration=lambda *e: events.append(e))
+    assert [r.status for r in results] == ["ok"] * 4
+    assert {i for i, *_ in events} == {0, 1, 2, 3}
+    for i in range(4):
+        mine = [(stage, done) for j, stage, done, _ in events if j == i]
+        assert mine[0] == ("affine", 1)  # the first iteration of a stage always gets through the throttle
+    on_done, on_iteration, close = _progress(jobs, True)
+    on_iteration(0, "affine", 3, 120)
+    on_done(0, results[0])
+    close()
+
+
+def _jobs_of(data, tmp_path):
+    from medmodal.data.formats import open_dataset
+    from medmodal.registration.multi_atlas import PairJob
+    from medmodal.registration.sitk import RegistrationSettings
+
+    atlas_info, atlases = open_dataset(data["atlases"])
+    target_info, targets = open_dataset(data["targets"])
+    settings = RegistrationSettings(transform="affine", **OPTIONS)
+    return [PairJob(atlas=a, target=t, atlas_info=atlas_info, target_info=target_info, atlas_modality="t1",
+                    target_modality="t1", settings=settings,
+                    label_path=tmp_path / "jobs" / t.case_id / f"{a.case_id}.nii.gz")
+            for t in targets for a in atlases]

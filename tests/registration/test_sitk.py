@@ -179,3 +179,38 @@ def test_bad_settings_are_refused(images) -> None:
     flat = sitk.Image([32, 32], sitk.sitkFloat32)
     with pytest.raises(ValueError, match="2D image to a 3D image"):
         register_pair(images["t1"], flat)
+
+
+@pytest.mark.parametrize("transform", ["bspline", "demons"])
+def test_on_iteration_follows_every_stage(images, transform: str) -> None:
+    """Progress of a long pair (issue 11, item 13): every optimiser iteration of every stage is reported, with
+    its running count and the stage's upper bound."""
+    events: list[tuple[str, int, int]] = []
+    register_pair(images["t1"], images["t2" if transform == "bspline" else "t1"], transform=transform,
+                  on_iteration=lambda *e: events.append(e), **FAST)
+    stages = [s for s, _, _ in events]
+    assert stages[0] == "affine" and stages[-1] == transform and set(stages) == {"affine", transform}
+    for stage in ("affine", transform):
+        done = [d for s, d, _ in events if s == stage]
+        total = {t for s, _, t in events if s == stage}
+        assert done == list(range(1, len(done) + 1))  # counted over the pyramid levels
+        levels = len(FAST["shrink_factors"])
+        per_level = {"affine": FAST["iterations"], "bspline": 4 * FAST["deformable_iterations"],  # evaluations
+                     "demons": FAST["deformable_iterations"]}[stage]
+        assert total == {per_level * levels} and done[-1] <= per_level * levels
+
+
+def test_throttle_passes_the_first_last_and_spaced_events() -> None:
+    from medmodal.registration.progress import Throttle
+
+    got: list[tuple[str, int, int]] = []
+    throttle = Throttle(lambda *e: got.append(e), interval_s=3600.0)
+    for stage, n in (("affine", 50), ("bspline", 7)):
+        for done in range(1, n + 1):
+            throttle(stage, done, n)
+    assert got == [("affine", 1, 50), ("affine", 50, 50), ("bspline", 1, 7), ("bspline", 7, 7)]
+    every = Throttle(lambda *e: got.append(e), interval_s=0.0)
+    got.clear()
+    for done in range(1, 6):
+        every("demons", done, 9)
+    assert [d for _, d, _ in got] == [1, 2, 3, 4, 5]

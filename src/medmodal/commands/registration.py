@@ -7,8 +7,11 @@ from typing import Any, cast
 
 import typer
 
-from medmodal.commands.common import console, user_errors
+from medmodal.commands.common import console, err_console, user_errors
 from medmodal.data.case import DataError
+
+#: exit code of ``register`` when some pairs failed and --allow-failures was not given
+EXIT_PAIRS_FAILED = 3
 
 
 @user_errors
@@ -22,8 +25,15 @@ def register(
     workers: int | None = typer.Option(None, min=1, help="Parallel pairs (default min(4, CPUs))."),
     seed: int = typer.Option(0, min=0, help="Seed of the metric sampling (same seed, same result)."),
     overwrite: bool = typer.Option(False, help="Replace the contents of a non-empty --out."),
+    allow_failures: bool = typer.Option(
+        False, "--allow-failures", help="Exit 0 even when some pairs failed (they are status=failed in the manifest)."
+    ),
 ) -> None:
-    """Register every atlas onto every target (affine + B-spline/demons, mutual information) and warp the labels."""
+    """Register every atlas onto every target (affine + B-spline/demons, mutual information) and warp the labels.
+
+    Exit codes: 0 every pair registered; 3 some pairs failed (the others are written, the failed ones listed in
+    the manifest; --allow-failures makes this 0); 2 a user error or every pair failed (nothing written).
+    """
     from medmodal.registration.atlases import register_atlases
     from medmodal.registration.sitk import TRANSFORMS
 
@@ -43,6 +53,11 @@ def register(
         console.print(f"[yellow]{failed} of {n} pairs failed[/] (status=failed in the manifest):", highlight=False)
         for pair in summary.failed[:10]:
             console.print(f"  {pair.target} <- {pair.atlas}: {pair.error}", highlight=False, soft_wrap=True)
+        if not allow_failures:
+            err_console.print(f"[bold red]error:[/] {failed} of {n} registration pair(s) failed (exit code "
+                              f"{EXIT_PAIRS_FAILED}); fix them and run again, or pass --allow-failures to accept "
+                              "the pairs that worked", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=EXIT_PAIRS_FAILED)
 
 
 def add_commands(app: typer.Typer) -> None:

@@ -22,12 +22,14 @@ Example (cross-contrast, T1c atlases onto T2 targets)::
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import multiprocessing
 import os
 import platform
 import statistics
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
@@ -38,7 +40,15 @@ from medmodal.data.case import CaseRecord, DataError, DatasetInfo
 from medmodal.data.formats import open_dataset
 from medmodal.data.formats.brats import canonical_modality
 from medmodal.data.io import staged_output_dir
-from medmodal.registration.multi_atlas import PairJob, PairResult, init_worker, manifest_text, run_pair
+from medmodal.registration.multi_atlas import (
+    PairJob,
+    PairResult,
+    init_worker,
+    manifest_text,
+    run_pair,
+    run_pair_reporting,
+)
+from medmodal.registration.progress import Throttle
 from medmodal.registration.sitk import RegistrationSettings
 
 __all__ = ["RegistrationSummary", "choose_modalities", "register_atlases"]
@@ -151,21 +161,33 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
 
 def _run_jobs(
-    jobs: list[PairJob], *, workers: int, threads: int, on_done: Callable[[PairResult], None]
+    jobs: list[PairJob], *, workers: int, threads: int, on_done: Callable[[int, PairResult], None],
+    on_iteration: Callable[[int, str, int, int], None] | None = None,
 ) -> list[PairResult]:
-    """Run ``jobs`` (in-process for one worker, else in a process pool); results in job order."""
+    """Run ``jobs`` (in-process for one worker, else in a process pool); results in job order.
+
+    ``on_done(i, result)`` follows each finished job; ``on_iteration(i, stage, done, total)`` the optimiser
+    iterations of job ``i`` (throttled; from the workers through a queue that a thread of this process drains).
+    """
     if workers == 1:
         results = []
-        for job in jobs:
-            results.append(run_pair(replace(job, threads=threads)))
-            on_done(results[-1])
+        for i, job in enumerate(jobs):
+            report = None if on_iteration is None else Throttle(functools.partial(on_iteration, i))
+            results.append(run_pair(replace(job, threads=threads), on_iteration=report))
+            on_done(i, results[-1])
         return results
     done: dict[int, PairResult] = {}
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(), initializer=init_worker,
-                               initargs=(threads,))
+    context = _pool_context()
+    queue = context.Queue() if on_iteration is not None else None
+    drain = None
+    if queue is not None:
+        drain = threading.Thread(target=_drain, args=(queue, on_iteration), daemon=True)
+        drain.start()
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=init_worker,
+                               initargs=(threads, queue))
     try:
         futures: dict[Future[PairResult], int] = {
-            pool.submit(run_pair, replace(job, threads=threads)): i for i, job in enumerate(jobs)
+            pool.submit(run_pair_reporting, replace(job, threads=threads), i): i for i, job in enumerate(jobs)
         }
         for future in as_completed(futures):
             i = futures[future]
@@ -176,17 +198,33 @@ def _run_jobs(
                 done[i] = PairResult(job.target.case_id, job.atlas.case_id, None,
                                      job.target.images.get(job.target_modality), None, 0.0, "failed",
                                      f"worker process failed: {type(err).__name__}: {err}", None)
-            on_done(done[i])
+            on_done(i, done[i])
     except BaseException:  # interrupted: do not wait for the queued pairs
         pool.shutdown(wait=False, cancel_futures=True)
         raise
+    finally:
+        if queue is not None and drain is not None:
+            queue.put(None)
+            drain.join(timeout=5)
     pool.shutdown()
     return [done[i] for i in range(len(jobs))]
 
 
-def _progress(total: int, enabled: bool) -> tuple[Callable[[PairResult], None], Callable[[], None]]:
-    """A per-pair callback (rich progress bar or log lines) and a function that closes the display."""
+def _drain(queue: Any, on_iteration: Callable[[int, str, int, int], None]) -> None:
+    while (item := queue.get()) is not None:
+        on_iteration(*item)
+
+
+def _progress(
+    jobs: list[PairJob], enabled: bool
+) -> tuple[Callable[[int, PairResult], None], Callable[[int, str, int, int], None] | None, Callable[[], None]]:
+    """Per-pair callbacks (rich progress bars, or log lines) and a function that closes the display.
+
+    Returns ``(on_done, on_iteration, close)``: with ``enabled``, one overall bar plus one line per running
+    pair that follows its optimiser (stage and iterations); else ``on_iteration`` is ``None``.
+    """
     count = [0]
+    total = len(jobs)
 
     def report(result: PairResult) -> None:
         count[0] += 1
@@ -197,19 +235,30 @@ def _progress(total: int, enabled: bool) -> tuple[Callable[[PairResult], None], 
                     total, result.target, result.atlas, result.seconds, result.metric)
 
     if not enabled:
-        return report, lambda: None
+        return lambda i, result: report(result), None, lambda: None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn("registering"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+    bar = Progress(TextColumn("{task.fields[what]}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    TextColumn("{task.description}"))
-    task = bar.add_task("", total=total)
-    bar.start()
+    overall = bar.add_task("", total=total, what="registering")
+    running: dict[int, Any] = {}
+    lock = threading.Lock()
 
-    def advance(result: PairResult) -> None:
+    def advance(i: int, result: PairResult) -> None:
         report(result)
-        bar.update(task, advance=1, description=f"{result.target} <- {result.atlas}: {result.status}")
+        with lock:
+            if i in running:
+                bar.remove_task(running.pop(i))
+        bar.update(overall, advance=1, description=f"{result.target} <- {result.atlas}: {result.status}")
 
-    return advance, bar.stop
+    def iteration(i: int, stage: str, done: int, stage_total: int) -> None:
+        with lock:
+            if i not in running:
+                running[i] = bar.add_task("", total=None, what=f"  {jobs[i].target.case_id} <- "
+                                                              f"{jobs[i].atlas.case_id}")
+            bar.update(running[i], completed=done, total=stage_total, description=f"{stage} iteration {done}")
+
+    return advance, iteration, bar.stop
 
 
 def _jobs(
@@ -254,7 +303,8 @@ def register_atlases(
             SimpleITK threads. ``1`` runs in this process. With more than one worker, a script that calls this
             needs an ``if __name__ == "__main__":`` guard (workers are fresh processes that import it).
         overwrite: replace the contents of a non-empty ``out``.
-        progress: show a progress bar (else log one line per pair).
+        progress: show progress bars: the pairs done, and each running pair's optimiser stage and iterations
+            (else log one line per pair).
         **options: further :class:`~medmodal.registration.sitk.RegistrationSettings` fields, e.g.
             ``iterations=50``, ``shrink_factors=(2, 1)``, ``smoothing_sigmas=(1, 0)``, ``seed=1``.
 
@@ -292,9 +342,9 @@ def register_atlases(
         threads = max(1, cpus // n_workers)
         log.info("registering %d atlas(es) onto %d target(s) (%s -> %s, %s): %d pairs, %d worker(s)",
                  len(atlas_records), len(target_records), atlas_mod, target_mod, transform, len(jobs), n_workers)
-        on_done, close = _progress(len(jobs), progress)
+        on_done, on_iteration, close = _progress(jobs, progress)
         try:
-            results = _run_jobs(jobs, workers=n_workers, threads=threads, on_done=on_done)
+            results = _run_jobs(jobs, workers=n_workers, threads=threads, on_done=on_done, on_iteration=on_iteration)
         finally:
             close()
         failed = [r for r in results if not r.ok]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import SimpleITK as sitk
 
+from medmodal.registration.progress import IterationCallback, add_iteration_command
+
 __all__ = ["demons_field"]
 
 
@@ -37,6 +39,7 @@ def demons_field(
     iterations: int,
     sigma_mm: float,
     threads: int | None = None,
+    on_iteration: IterationCallback | None = None,
 ) -> tuple[sitk.Image, float, int]:
     """Displacement field (mm, on ``fixed``'s grid) such that ``moving(x + d(x))`` matches ``fixed(x)``.
 
@@ -46,6 +49,8 @@ def demons_field(
         iterations: demons iterations per level.
         sigma_mm: Gaussian smoothing of the displacement field after every iteration (mm).
         threads: SimpleITK threads of the demons filter (``None``: default).
+        on_iteration: called as ``on_iteration("demons", done, total)`` after every iteration (``done`` counts
+            over all levels, ``total`` is ``iterations × levels``).
 
     Returns:
         ``(field, metric, iterations)``: a ``sitkVectorFloat64`` field on ``fixed``'s full grid, the final mean
@@ -58,6 +63,8 @@ def demons_field(
     demons.SetSmoothUpdateField(False)
     if threads is not None:
         demons.SetNumberOfThreads(max(1, int(threads)))
+    if on_iteration is not None:
+        add_iteration_command(demons, on_iteration, stage="demons", total=iterations * len(shrink_factors))
     field: sitk.Image | None = None
     for shrink, sigma in zip(shrink_factors, smoothing_sigmas, strict=True):
         level_fixed = _level(fixed, shrink, sigma)

@@ -14,16 +14,18 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import SimpleITK as sitk
 
 from medmodal.atomic import csv_text
 from medmodal.data.case import CaseRecord, DataError, DatasetInfo, Volume
 from medmodal.data.io import compact_int_dtype, read_case, write_image
+from medmodal.registration.progress import IterationCallback, Throttle
 from medmodal.registration.sitk import RegistrationSettings, register_pair, volume_to_image, warp_label
 
 __all__ = ["MANIFEST_COLUMNS", "PairJob", "PairResult", "init_worker", "manifest_text",
-           "read_manifest_rows", "run_pair"]
+           "read_manifest_rows", "run_pair", "run_pair_reporting"]
 
 #: Columns of ``manifest.csv``, in order.
 MANIFEST_COLUMNS: tuple[str, ...] = (
@@ -102,8 +104,11 @@ def _read(record: CaseRecord, info: DatasetInfo, modality: str, *, role: str) ->
     return case.images[modality], case.label
 
 
-def run_pair(job: PairJob) -> PairResult:
-    """Register ``job.atlas`` onto ``job.target``, write the warped label; never raises (see the module doc)."""
+def run_pair(job: PairJob, *, on_iteration: IterationCallback | None = None) -> PairResult:
+    """Register ``job.atlas`` onto ``job.target``, write the warped label; never raises (see the module doc).
+
+    ``on_iteration(stage, done, total)`` receives the optimiser's iterations (:mod:`~medmodal.registration.progress`).
+    """
     start = time.perf_counter()
     target_image = job.target.images.get(job.target_modality)
     try:
@@ -115,7 +120,8 @@ def run_pair(job: PairJob) -> PairResult:
             raise DataError(f"atlas {job.atlas.case_id!r} is {atlas_image.spatial_dims}D but target "
                             f"{job.target.case_id!r} is {target.spatial_dims}D")
         fixed = volume_to_image(target)
-        result = register_pair(fixed, volume_to_image(atlas_image), settings=job.settings, threads=job.threads)
+        result = register_pair(fixed, volume_to_image(atlas_image), settings=job.settings, threads=job.threads,
+                               on_iteration=on_iteration)
         label = volume_to_image(atlas_label, pixel_type=sitk.sitkUnknown)
         warped = sitk.GetArrayFromImage(warp_label(label, fixed, result.transform)).transpose()
         write_image(Volume(warped, target.affine), job.label_path, dtype=compact_int_dtype(warped))
@@ -131,9 +137,26 @@ def run_pair(job: PairJob) -> PairResult:
                           time.perf_counter() - start, "failed", _one_line(err), None)
 
 
-def init_worker(threads: int) -> None:
-    """Process-pool initialiser: give this worker's SimpleITK filters ``threads`` threads."""
+_progress_queue: Any = None  # a worker's queue for iteration progress, set by init_worker
+
+
+def init_worker(threads: int, progress_queue: Any = None) -> None:
+    """Process-pool initialiser: give this worker's SimpleITK filters ``threads`` threads; with a
+    ``progress_queue`` (a multiprocessing queue), :func:`run_pair_reporting` puts its progress there."""
+    global _progress_queue
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, int(threads)))
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # a failed pair is reported in the manifest, not as ITK text
+    _progress_queue = progress_queue
+
+
+def run_pair_reporting(job: PairJob, index: int, *, interval_s: float = 0.5) -> PairResult:
+    """:func:`run_pair` in a pool worker, putting ``(index, stage, done, total)`` on the worker's progress queue
+    (throttled to one every ``interval_s`` per stage)."""
+    queue = _progress_queue
+    if queue is None:
+        return run_pair(job)
+    return run_pair(job, on_iteration=Throttle(lambda stage, done, total: queue.put((index, stage, done, total)),
+                                               interval_s=interval_s))
 
 
 def _number(value: float | None, digits: int) -> str:

@@ -42,6 +42,7 @@ import SimpleITK as sitk
 
 from medmodal.data.case import Volume
 from medmodal.registration.demons import demons_field
+from medmodal.registration.progress import IterationCallback, add_iteration_command
 from medmodal.registration.settings import TRANSFORMS, RegistrationSettings, pyramid
 
 __all__ = [
@@ -161,7 +162,8 @@ def _stage(name: str, reg: sitk.ImageRegistrationMethod, start: float) -> StageI
 
 
 def _affine_stage(
-    fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings, threads: int | None
+    fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings, threads: int | None,
+    on_iteration: IterationCallback | None = None,
 ) -> tuple[sitk.Transform, StageInfo]:
     start = time.perf_counter()
     mode = (sitk.CenteredTransformInitializerFilter.MOMENTS if settings.init == "moments"
@@ -175,6 +177,9 @@ def _affine_stage(
     )
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetInitialTransform(initial, inPlace=True)
+    if on_iteration is not None:
+        levels = len(pyramid(fixed, settings)[0])
+        add_iteration_command(reg, on_iteration, stage="affine", total=settings.iterations * levels)
     reg.Execute(fixed, moving)
     return sitk.AffineTransform(initial), _stage("affine", reg, start)
 
@@ -187,7 +192,7 @@ def _bspline_mesh(fixed: sitk.Image, spacing_mm: float | None) -> list[int]:
 
 def _bspline_stage(
     fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform, settings: RegistrationSettings,
-    threads: int | None,
+    threads: int | None, on_iteration: IterationCallback | None = None,
 ) -> tuple[sitk.Transform, StageInfo]:
     start = time.perf_counter()
     bspline = sitk.BSplineTransformInitializer(fixed, _bspline_mesh(fixed, settings.bspline_spacing_mm), order=3)
@@ -199,13 +204,17 @@ def _bspline_stage(
     )
     reg.SetMovingInitialTransform(affine)
     reg.SetInitialTransform(bspline, inPlace=True)
+    if on_iteration is not None:
+        levels = len(pyramid(fixed, settings, deformable=True)[0])
+        # L-BFGS-B reports an event per line-search step: bound by its function evaluations, not its iterations
+        add_iteration_command(reg, on_iteration, stage="bspline", total=4 * settings.deformable_iterations * levels)
     reg.Execute(fixed, moving)
     return sitk.BSplineTransform(bspline), _stage("bspline", reg, start)
 
 
 def _demons_stage(
     fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform, settings: RegistrationSettings,
-    threads: int | None,
+    threads: int | None, on_iteration: IterationCallback | None = None,
 ) -> tuple[sitk.Transform, StageInfo]:
     start = time.perf_counter()
     resampled = sitk.Resample(moving, fixed, affine, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
@@ -215,6 +224,7 @@ def _demons_stage(
     displacement, metric, iterations = demons_field(
         fixed, matched, shrink_factors=tuple(factors), smoothing_sigmas=tuple(sigmas),
         iterations=settings.deformable_iterations, sigma_mm=settings.demons_sigma, threads=threads,
+        on_iteration=on_iteration,
     )
     info = StageInfo("demons", metric, iterations, "demons: fixed number of iterations per level",
                      time.perf_counter() - start)
@@ -242,6 +252,7 @@ def register_pair(
     *,
     settings: RegistrationSettings | None = None,
     threads: int | None = None,
+    on_iteration: IterationCallback | None = None,
     **options: Any,
 ) -> RegistrationResult:
     """Register ``moving`` (the atlas image) onto ``fixed`` (the target image).
@@ -251,6 +262,9 @@ def register_pair(
         moving: the atlas image, any contrast, grid, orientation or voxel size (same number of dimensions).
         settings: a :class:`RegistrationSettings`; default ``RegistrationSettings()``.
         threads: SimpleITK threads for this registration (``None``: SimpleITK's default, all cores).
+        on_iteration: called as ``on_iteration(stage, done, total)`` at every optimiser iteration (see
+            :mod:`medmodal.registration.progress`; wrap it in a :class:`~medmodal.registration.progress.Throttle`
+            to forward only a few).
         **options: fields of :class:`RegistrationSettings` that override ``settings``, e.g.
             ``transform="affine"``, ``iterations=50``, ``shrink_factors=(2, 1)``, ``smoothing_sigmas=(1, 0)``,
             ``sampling_percentage=0.2``, ``seed=1``. An unknown name is a ``TypeError``.
@@ -270,12 +284,12 @@ def register_pair(
     fixed = sitk.Cast(fixed, sitk.sitkFloat32)
     moving = sitk.Cast(moving, sitk.sitkFloat32)
     with _threads(threads):
-        affine, affine_info = _affine_stage(fixed, moving, settings, threads)
+        affine, affine_info = _affine_stage(fixed, moving, settings, threads, on_iteration)
         stages = [affine_info]
         transform: sitk.Transform = affine
         if settings.transform != "affine":
             stage = _bspline_stage if settings.transform == "bspline" else _demons_stage
-            deformable, info = stage(fixed, moving, affine, settings, threads)
+            deformable, info = stage(fixed, moving, affine, settings, threads, on_iteration)
             stages.append(info)
             transform = sitk.CompositeTransform([affine, deformable])  # applied last to first: affine(def(x))
         metric = final_metric(fixed, moving, transform, bins=settings.histogram_bins, threads=threads)
