@@ -29,7 +29,18 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Generate, validate and convert data sets.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Generate, validate and convert data sets.\n\n"
+    "medmodal reads three layouts. A BraTS folder: <root>/<case>/<case>_t1.nii.gz, _t1ce (or _t1c), _t2, _flair and "
+    "_seg.nii.gz (BraTS 2023 names -t1n, -t1c, -t2w, -t2f, -seg too); a missing modality file is a missing "
+    "modality. An nnU-Net v2 raw folder: <root>/dataset.json (channel_names, labels, file_ending), "
+    "imagesTr/<case>_0000.nii.gz, ... and labelsTr/<case>.nii.gz. A CSV manifest with a header "
+    "case_id,<modality>,...,label[,target,report] (column names in any case; an empty cell is a missing modality) "
+    "or a JSON manifest {\"modalities\": [...], \"cases\": [{\"case_id\": ..., \"images\": {...}, "
+    "\"label\": ...}]}; relative paths in a manifest start at the manifest's folder. Images may be NIfTI, NRRD, "
+    "MHA or a DICOM series folder.",
+    no_args_is_help=True,
+)
 app.add_typer(data_app, name="data")
 
 def _setup_logging(verbose: bool) -> None:
@@ -96,8 +107,10 @@ def data_check(
     errors = [p for p in problems if not p.message.startswith("warning:")]
     for p in problems:
         style = "yellow" if p.message.startswith("warning:") else "red"
-        where = " ".join(str(x) for x in (p.case_id, p.path) if x is not None)
-        console.print(f"[{style}]{where}[/]: {p.message}", highlight=False, soft_wrap=True)
+        # the case and the file, unless the message names them already (it usually starts with the file)
+        where = " ".join(str(x) for x in (p.case_id, p.path) if x is not None and str(x) not in p.message)
+        console.print(f"[{style}]{where}[/]: {p.message}" if where else f"[{style}]{p.message}[/]", highlight=False,
+                      soft_wrap=True)
     if info is not None:
         console.print(f"{path}: {len(records)} case(s), modalities {list(info.modalities)}; "
                       f"{len(errors)} error(s), {len(problems) - len(errors)} warning(s)")
