@@ -264,10 +264,13 @@ def predict(
         data_synthetic = info.synthetic
     else:
         pairs = _image_pairs(image)
-        unknown = sorted(set(pairs) - set(loaded.info.modalities))
-        if unknown:  # a name typed on the command line: most likely a typo, never silently dropped
-            raise DataError(f"--image: unknown modality name(s) {unknown}; the model of {run} reads "
-                            f"{list(loaded.info.modalities)}")
+        unused = sorted(set(pairs) - set(loaded.info.modalities))
+        if unused:  # a name typed on the command line is never silently dropped
+            from medmodal.data.formats.brats import MODALITY_ALIASES
+
+            what = ("unknown modality name(s)" if set(unused) - set(MODALITY_ALIASES.values())
+                    else "modality(ies) this model does not use:")
+            raise DataError(f"--image: {what} {unused}; the model of {run} uses {list(loaded.info.modalities)}")
         records = records_from_images(pairs, case_id=case_id)
         data_synthetic = False
     _warn_once(loaded.data_warning(data_synthetic=data_synthetic))

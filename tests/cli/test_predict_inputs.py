@@ -90,6 +90,13 @@ def test_a_case_without_the_models_modalities_names_them(t1c_t2_run, phantom, tm
     assert "unknown modality" not in text and "'t1', 't1c', 't2', 'flair'" not in text
 
 
+def test_an_image_the_model_does_not_use_names_what_it_uses(t1c_t2_run, phantom, tmp_path) -> None:
+    code, text = invoke("predict", t1c_t2_run, "--image", f"FLAIR={_image(phantom, 'flair')}", "--out", tmp_path / "p")
+    assert code == 2 and "does not use: ['flair']" in text and "uses ['t1c', 't2']" in text, text
+    code, text = invoke("predict", t1c_t2_run, "--image", f"dwi={_image(phantom, 't2')}", "--out", tmp_path / "p")
+    assert code == 2 and "unknown modality name(s) ['dwi']" in text, text
+
+
 def test_predict_leaves_no_output_folder_when_every_case_fails(t1c_t2_run, phantom, tmp_path) -> None:
     data = tmp_path / "broken"
     shutil.copytree(phantom, data)
