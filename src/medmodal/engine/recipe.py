@@ -327,6 +327,20 @@ def load_recipe(path: Path | str, *, overrides: dict[str, Any] | None = None) ->
     return recipe_from_dict(apply_overrides(data, overrides or {}), where=str(path))
 
 
+def parse_overrides(sets: list[str]) -> dict[str, Any]:
+    """Command-line ``--set key=value`` strings → dotted overrides; values are YAML (``[32, 32]``, ``0.1``)."""
+    out = {}
+    for s in sets:
+        if "=" not in s:
+            raise RecipeError(f"--set {s!r}: expected key=value, e.g. train.max_steps=100")
+        key, value = s.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise RecipeError(f"--set {s!r}: the value is not valid YAML ({err.problem})") from None
+    return out
+
+
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Set dotted keys in a nested dict (a copy); intermediate sections are created as needed."""
     out: dict[str, Any] = yaml.safe_load(yaml.safe_dump(data)) or {}

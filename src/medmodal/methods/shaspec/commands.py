@@ -22,9 +22,22 @@ def add_commands(app: typer.Typer) -> None:
         jobs: int | None = typer.Option(
             None, help="Runs trained at once, each in its own process (default: one per CPU core; 1 = one by one)."
         ),
+        seeds: str | None = typer.Option(None, help="Comma-separated seeds (default 0,1,2,3,4; --fast: 0)."),
+        set_: list[str] = typer.Option(  # noqa: B006
+            [], "--set", help="Override a recipe field of both models: --set train.lr=0.002."
+        ),
+        references: bool = typer.Option(
+            False, "--references", help="Also train dedicated U-Nets for all modalities and for the weakest one."
+        ),
     ) -> None:
-        """Phantom → train ShaSpec and the zero-fill U-Net (3 seeds) → evaluate all 15 modality subsets → report."""
+        """Phantom → train ShaSpec and the zero-fill U-Net (5 seeds) → evaluate all 15 modality subsets → report."""
+        from medmodal.engine.recipe import parse_overrides
         from medmodal.methods.shaspec.quickstart import run_quickstart
 
-        report = run_quickstart(out, fast=fast, overwrite=overwrite, jobs=jobs)
+        try:
+            seed_list = None if seeds is None else [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"--seeds must be integers separated by commas, got {seeds!r}") from None
+        report = run_quickstart(out, fast=fast, overwrite=overwrite, jobs=jobs, seeds=seed_list,
+                                overrides=parse_overrides(set_) if set_ else None, references=references)
         console.print(f"[bold green]done[/]: report at {report}")

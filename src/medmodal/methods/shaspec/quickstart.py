@@ -15,9 +15,9 @@ import platform
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from medmodal.atomic import atomic_write_text
+from medmodal.data.case import BRATS_MODALITIES, BRATS_REGIONS
 from medmodal.engine.datamodule import phantom_dir
 from medmodal.engine.evaluate import write_evaluation
 from medmodal.engine.plugin import get_method
@@ -33,6 +34,7 @@ from medmodal.engine.recipe import Recipe, builtin_recipe_path, load_recipe
 from medmodal.engine.run import RunError
 from medmodal.engine.runinfo import load_run
 from medmodal.engine.train import train
+from medmodal.evaluation.compare import collapsed_regions, paired_comparison, paired_markdown
 from medmodal.evaluation.report import (
     SYNTHETIC_NOTE,
     SummaryRow,
@@ -55,13 +57,24 @@ class QuickstartModel:
     key: str
     recipe: str
     fast_recipe: str
+    overrides: dict = field(default_factory=dict)
 
 
 MODELS = (
     QuickstartModel("zero-fill U-Net", "zero_fill", "quickstart", "quickstart_fast"),
     QuickstartModel("ShaSpec", "shaspec", "quickstart_shaspec", "quickstart_shaspec_fast"),
 )
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2, 3, 4)
+
+
+def _reference_models(modalities: Sequence[str], weakest: str) -> tuple[QuickstartModel, ...]:
+    """Dedicated upper references (ShaSpec paper, Table 2's setting): the baseline network trained for one
+    fixed subset, without modality dropout: all modalities, and the weakest single one."""
+    return tuple(
+        QuickstartModel(f"dedicated U-Net ({'+'.join(sub)})", f"dedicated_{'_'.join(sub)}", "quickstart",
+                        "quickstart_fast", {"data.modalities": list(sub), "method.modality_dropout": 0.0})
+        for sub in (tuple(modalities), (weakest,))
+    )
 
 
 def _train_or_resume(recipe: Recipe, run_dir: Path, *, overwrite: bool) -> None:
@@ -103,27 +116,25 @@ def summarise_over_seeds(rows: list[SubsetResult], seed_of: dict[str, int]) -> t
     return out, means
 
 
-def _subset_mean_table(means: dict, models: list[str]) -> list[str]:
-    """Markdown: mean Dice over subsets per model and region, per seed and mean ± std, and the paired gain."""
-    regions = list(next(iter(means.values())))
-    seeds = sorted(next(iter(next(iter(means.values())).values())))
-    head = ["model"] + regions
+def _mean_over_subsets(rows: Sequence[SubsetResult]) -> dict[str, float]:
+    """One run's rows → per region, the mean over subsets of the mean Dice over cases."""
+    by_region: dict[str, list[float]] = defaultdict(list)
+    for s in summarise(rows):
+        by_region[s.region].append(s.dice_mean)
+    return {r: float(np.mean(v)) for r, v in by_region.items()}
+
+
+def _per_seed_table(runs: dict[tuple[str, int], list[SubsetResult]], collapsed: dict[tuple[str, int], list[str]],
+                    models: Sequence[str], seeds: Sequence[int]) -> list[str]:
+    """Markdown: mean Dice over the subsets per model, region and seed; a run that collapsed is marked †."""
+    means = {key: _mean_over_subsets(rows) for key, rows in runs.items()}
+    regions = list(means[(models[0], seeds[0])])
+    head = ["model", "region", *(f"seed {s}" for s in seeds)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in models:
-        cells = []
         for r in regions:
-            v = np.array([means[m][r][s] for s in seeds])
-            sd = f" ± {v.std(ddof=1):.3f}" if len(v) > 1 else ""
-            cells.append(f"{v.mean():.3f}{sd} ({', '.join(f'{x:.3f}' for x in v)})")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    if len(models) == 2:
-        a, b = models
-        cells = []
-        for r in regions:
-            diff = np.array([means[b][r][s] - means[a][r][s] for s in seeds])
-            sd = f" ± {diff.std(ddof=1):.3f}" if len(diff) > 1 else ""
-            cells.append(f"{diff.mean():+.3f}{sd} (better in {int((diff > 0).sum())} of {len(diff)} seeds)")
-        lines.append(f"| {b} − {a} | " + " | ".join(cells) + " |")
+            cells = [f"{means[(m, s)][r]:.3f}" + (" †" if r in collapsed[(m, s)] else "") for s in seeds]
+            lines.append(f"| {m} | {r} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -166,50 +177,89 @@ def _train_and_evaluate(job: _Job, *, overwrite: bool, progress: bool, threads: 
     return rows, seconds
 
 
-def run_quickstart(out: Path, *, fast: bool = False, overwrite: bool = False, jobs: int | None = None) -> Path:
+def _jobs_for(models: Sequence[QuickstartModel], seeds: Sequence[int], *, out: Path, fast: bool,
+              overrides: dict | None, threads: int | None, jobs: int) -> list[_Job]:
+    todo = []
+    for model in models:
+        for seed in seeds:
+            extra: dict = {**model.overrides, **(overrides or {}), "seed": seed}
+            if threads is not None:
+                extra["train.threads"] = threads
+            recipe = load_recipe(builtin_recipe_path(model.fast_recipe if fast else model.recipe), overrides=extra)
+            recipe.train.progress = not fast and jobs == 1
+            todo.append(_Job(model, seed, recipe, out / "runs" / f"{model.key}_seed{seed}"))
+    return todo
+
+
+def run_quickstart(out: Path, *, fast: bool = False, overwrite: bool = False, jobs: int | None = None,
+                   seeds: Sequence[int] | None = None, overrides: dict | None = None,
+                   references: bool = False) -> Path:
     """Run the main job into ``out`` and return the path of ``out/report.md``.
 
     An interrupted quickstart resumes where it stopped (training from its last checkpoint; a finished training
     is only evaluated); a finished quickstart is kept unless ``overwrite``. ``jobs`` runs are trained at once,
     each in its own process with ``cores // jobs`` threads (default :func:`default_jobs`; 1 = one after the
     other in this process, with progress bars).
+
+    Args:
+        seeds: the seeds (default :data:`SEEDS`; ``fast``: the first only).
+        overrides: recipe overrides applied to **both** models (``{"train.lr": 0.002}``).
+        references: also train the dedicated upper references (:data:`REFERENCES`) on every seed: a model
+            trained for all modalities and one for the single modality the baseline segments worst.
     """
     out = Path(out)
     report = out / "report.md"
     if report.exists() and not overwrite:
         raise RunError(f"{report}: a finished quickstart is there; pass --overwrite or choose another --out")
-    seeds = SEEDS[:1] if fast else SEEDS
-    jobs = default_jobs(len(MODELS) * len(seeds)) if jobs is None else jobs
+    seeds = tuple(seeds) if seeds is not None else (SEEDS[:1] if fast else SEEDS)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise RunError(f"--seeds must name distinct seeds, got {list(seeds)}")
+    n_runs = len(MODELS) * len(seeds)
+    jobs = default_jobs(n_runs) if jobs is None else jobs
     if jobs < 1:
         raise RunError(f"--jobs must be at least 1, got {jobs}")
     t0 = time.perf_counter()
-    recipes: dict[str, Recipe] = {}
-    todo: list[_Job] = []
     threads = max(1, len(os.sched_getaffinity(0)) // jobs) if jobs > 1 else None
-    for model in MODELS:
-        for seed in seeds:
-            overrides: dict = {"seed": seed}
-            if threads is not None:
-                overrides["train.threads"] = threads
-            recipe = load_recipe(builtin_recipe_path(model.fast_recipe if fast else model.recipe),
-                                 overrides=overrides)
-            recipe.train.progress = not fast and jobs == 1
-            recipes[model.name] = recipe
-            todo.append(_Job(model, seed, recipe, out / "runs" / f"{model.key}_seed{seed}"))
+    todo = _jobs_for(MODELS, seeds, out=out, fast=fast, overrides=overrides, threads=threads, jobs=jobs)
     results = _run_jobs(todo, jobs=jobs, overwrite=overwrite, progress=not fast and jobs == 1, threads=threads)
-    rows: list[SubsetResult] = []
-    seed_of: dict[str, int] = {}
+    recipes = {job.model.name: job.recipe for job in todo}
     timings: dict[str, float] = defaultdict(float)
+    runs: dict[tuple[str, int], list[SubsetResult]] = {}
     for job, (job_rows, seconds) in zip(todo, results, strict=True):
-        rows += job_rows
-        seed_of[f"{job.model.name}@{job.seed}"] = job.seed
+        runs[(job.model.name, job.seed)] = job_rows
         timings[job.model.name] += seconds
+    names = [m.name for m in MODELS]
+    full = max((r for rs in runs.values() for r in rs), key=lambda r: r.n_modalities).subset
+    collapsed = {key: collapsed_regions(rows, subset=full) for key, rows in runs.items()}
+    for (model, seed), regions in collapsed.items():
+        if regions:
+            log.warning("quickstart: %s, seed %d never finds %s with all modalities (collapsed run); it is left "
+                        "out of the paired comparison", model, seed, ", ".join(regions))
+
+    reference_rows: dict[tuple[str, int], list[SubsetResult]] = {}
+    weakest = None
+    if references:
+        weakest = _weakest_single(runs, names[0], collapsed)
+        ref_models = _reference_models(full.split("+"), weakest)
+        ref_todo = _jobs_for(ref_models, seeds, out=out, fast=fast, overrides=overrides, threads=threads, jobs=jobs)
+        for job, (job_rows, seconds) in zip(ref_todo, _run_jobs(ref_todo, jobs=jobs, overwrite=overwrite,
+                                                                 progress=not fast and jobs == 1, threads=threads),
+                                            strict=True):
+            reference_rows[(job.model.name, job.seed)] = job_rows
+            timings[job.model.name] += seconds
+            recipes[job.model.name] = job.recipe
     t_total = time.perf_counter() - t0
 
-    names = [m.name for m in MODELS]
-    summary, means = summarise_over_seeds(rows, seed_of)
-    write_rows(rows, out / "subsets.csv")
+    rows = [r for rs in runs.values() for r in rs]
+    seed_of = {f"{m}@{s}": s for (m, s) in runs}
+    summary, _ = summarise_over_seeds(rows, seed_of)
+    write_rows(rows + [r for rs in reference_rows.values() for r in rs], out / "subsets.csv")
     write_rows(summary, out / "summary.csv")
+    kept = [s for s in seeds if not any(collapsed[(m, s)] for m in names)]
+    comparison = (paired_comparison({s: runs[(names[0], s)] for s in kept}, {s: runs[(names[1], s)] for s in kept})
+                  if kept else [])
+    if comparison:
+        write_rows(comparison, out / "comparison.csv")
     plot_heatmap(summary, out / "dice_heatmap.png",
                  title=f"mean Dice over {len(seeds)} seed(s), held-out phantom cases (synthetic)")
     figures = []
@@ -227,10 +277,75 @@ def run_quickstart(out: Path, *, fast: bool = False, overwrite: bool = False, jo
     scores = write_feature_picture(shaspec_run.network(), cases, out, modalities=shaspec_run.info.modalities,
                                    roi_size=shaspec_run.info.inference["roi_size"],
                                    title="ShaSpec features of held-out phantom cases (seed 0)")
-    atomic_write_text(report, _report_text(recipes, names, summary, means, figures, scores, seeds=seeds,
-                                           n_cases=len({r.case_id for r in rows}), timings=timings,
-                                           t_total=t_total, jobs=jobs))
+    costs = {name: _cost(recipe) for name, recipe in recipes.items()}
+    text = _report_text(
+        recipes, names, summary, figures, scores, seeds=seeds, n_cases=len({r.case_id for r in rows}),
+        timings=timings, t_total=t_total, jobs=jobs, runs=runs, collapsed=collapsed, kept=kept,
+        comparison=comparison, costs=costs, references=_reference_lines(runs, reference_rows, names, weakest, full,
+                                                                        collapsed),
+    )
+    atomic_write_text(report, text)
     return report
+
+
+def _cost(recipe: Recipe) -> str:
+    """Parameters and FLOPs per training step of ``recipe``'s network (per process batch, training patch)."""
+    from medmodal.networks.cost import network_cost
+    from medmodal.networks.registry import create_network
+
+    mods = recipe.data.modalities or BRATS_MODALITIES
+    net = create_network(recipe.model.name, spatial_dims=len(recipe.data.patch_size), modalities=tuple(mods),
+                         out_channels=len(BRATS_REGIONS), **recipe.model.kwargs)
+    return network_cost(net, batch=recipe.data.batch_size, modalities=len(mods),
+                        patch=recipe.data.patch_size).describe()
+
+
+def _weakest_single(runs: dict, baseline: str, collapsed: dict) -> str:
+    """The single modality whose subset the baseline segments worst (mean Dice over regions, cases and
+    the seeds whose run did not collapse)."""
+    scores: dict[str, list[float]] = defaultdict(list)
+    for (model, seed), rows in runs.items():
+        if model == baseline and not collapsed[(model, seed)]:
+            for r in rows:
+                if r.n_modalities == 1:
+                    scores[r.subset].append(r.dice)
+    if not scores:  # every baseline run collapsed: take all of them rather than none
+        for (model, _), rows in runs.items():
+            for r in rows:
+                if model == baseline and r.n_modalities == 1:
+                    scores[r.subset].append(r.dice)
+    return min(scores, key=lambda s: float(np.mean(scores[s])))
+
+
+def _reference_lines(runs, reference_rows, names, weakest, full, collapsed) -> list[str]:
+    """Markdown: each dedicated reference on its own subset next to both models on that subset."""
+    if not reference_rows:
+        return []
+    lines = [
+        "## Dedicated upper references",
+        "",
+        f"Zero-fill U-Nets of the baseline's widths trained (without modality dropout) for one fixed subset only: "
+        f"all four modalities, and `{weakest}`, the single modality the baseline segments worst. Each is evaluated "
+        "on its own subset of the same held-out cases; mean ± std over seeds of the mean Dice over cases (runs "
+        "that collapsed included, marked in the count).",
+        "",
+        "| subset | region | " + " | ".join(names) + " | dedicated |",
+        "|---|---|" + "---|" * (len(names) + 1),
+    ]
+    for subset in (full, weakest):
+        ref_name = next(m for (m, _) in reference_rows if m.endswith(f"({subset})"))
+        regions = list(dict.fromkeys(r.region for rows in reference_rows.values() for r in rows))
+        for region in regions:
+            cells = []
+            for name in [*names, ref_name]:
+                source = reference_rows if name == ref_name else runs
+                per_seed = [np.mean([r.dice for r in rows if r.subset == subset and r.region == region])
+                            for (m, _), rows in source.items() if m == name]
+                per_seed = np.asarray([v for v in per_seed if np.isfinite(v)])
+                cells.append(f"{per_seed.mean():.3f} ± {per_seed.std(ddof=1) if per_seed.size > 1 else 0.0:.3f}")
+            lines.append(f"| {subset} | {region} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
 
 
 def _run_jobs(todo: list[_Job], *, jobs: int, overwrite: bool, progress: bool, threads: int | None) -> list:
@@ -290,9 +405,11 @@ def _interruptible(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _report_text(recipes, names, summary, means, figures, scores, *, seeds, n_cases, timings, t_total, jobs) -> str:
+def _report_text(recipes, names, summary, figures, scores, *, seeds, n_cases, timings, t_total, jobs, runs,
+                 collapsed, kept, comparison, costs, references) -> str:
     base = recipes[names[0]]
     ph, tr = base.data.phantom, base.train
+    a, b = names
     lines = [
         "# medmodal quickstart: ShaSpec vs the zero-fill baseline with missing modalities",
         "",
@@ -300,13 +417,14 @@ def _report_text(recipes, names, summary, means, figures, scores, *, seeds, n_ca
         "",
         f"Both models train on the same {ph.cases} phantom cases ({ph.spatial_dims}D, {ph.size} voxels per axis, "
         f"cached in `{phantom_dir(ph)}`) with the same budget ({tr.max_steps} steps, batch "
-        f"{base.data.batch_size}, patch {'×'.join(map(str, base.data.patch_size))}) and are evaluated on the "
-        f"held-out cases of each seed's split under every non-empty subset of {{t1, t1c, t2, flair}}.",
+        f"{base.data.batch_size}, patch {'×'.join(map(str, base.data.patch_size))}), the same loss rule and the "
+        f"same encoder widths, and are evaluated on the held-out cases of each seed's split under every non-empty "
+        f"subset of {{t1, t1c, t2, flair}}.",
         "",
     ]
-    for name in names:
+    for name in recipes:
         r = recipes[name]
-        lines.append(f"- **{name}**: `{r.model.name}` {r.model.kwargs}, method `{r.method.name}` "
+        lines.append(f"- **{name}**: `{r.model.name}` {r.model.kwargs}, {costs[name]}; method `{r.method.name}` "
                      f"({_method_summary(r)}); training {timings[name] / 60:.1f} min for {len(seeds)} seed(s) "
                      "(summed over runs)")
     lines += [
@@ -316,19 +434,47 @@ def _report_text(recipes, names, summary, means, figures, scores, *, seeds, n_ca
         f"{base.train.threads or torch.get_num_threads()} CPU thread(s) each, "
         f"{platform.processor() or platform.machine()}; {date.today().isoformat()}",
         "",
-        "## Mean Dice over the 15 subsets",
+        "## Runs that did not learn",
         "",
-        "Mean ± std over seeds (per-seed values in brackets); the last row is the paired difference.",
+    ]
+    bad = {key: regions for key, regions in collapsed.items() if regions}
+    if bad:
+        lines += [f"- **{m}, seed {s}** never finds {', '.join(regions)} with all four modalities (every held-out "
+                  "case scores exactly 0, or 1 where the region is absent)" for (m, s), regions in bad.items()]
+        lines += ["", f"Seeds left out of the paired comparison below: {sorted(set(seeds) - set(kept))}.", ""]
+    else:
+        lines += ["None: with all four modalities every run finds every region in some held-out case.", ""]
+    lines += [
+        "## Mean Dice over the 15 subsets, per seed",
         "",
-        *_subset_mean_table(means, names),
+        "A run that collapsed is marked †. A region empty in both the prediction and the reference counts as "
+        "Dice 1 (BraTS convention), so a model that never predicts a region still scores the fraction of held-out "
+        "cases without it.",
         "",
-        "A region empty in both the prediction and the reference counts as Dice 1 (BraTS convention), so a model "
-        "that never predicts a region still scores the fraction of held-out cases without it; a column that is "
-        "the same for every subset is that floor, not skill. Check the per-seed values before reading a gain.",
+        *_per_seed_table(runs, collapsed, names, seeds),
         "",
+        f"## {b} against {a}, paired",
+        "",
+    ]
+    if comparison:
+        lines += [
+            f"Over the seeds {kept} where neither run collapsed: mean ± std over seeds of each model's mean Dice "
+            "over held-out cases; the paired difference per seed (in how many seeds ShaSpec was ahead); a "
+            "two-sided Wilcoxon signed-rank test over the (seed, case) pairs (zero differences dropped). The "
+            "pairs of one case are not independent across subsets and regions, and there are 45 tests: read "
+            "the p-values as a screen.",
+            "",
+            paired_markdown(comparison, a=a, b=b),
+            "",
+        ]
+    else:
+        lines += ["No seed where both runs learned: nothing to compare.", ""]
+    lines += [
+        *references,
         "## Dice per modality subset",
         "",
-        "Each cell: mean over seeds of the mean Dice over held-out cases ± std over seeds.",
+        "Each cell: mean over all seeds (collapsed runs included) of the mean Dice over held-out cases ± std "
+        "over seeds.",
         "",
         "![Dice per subset](dice_heatmap.png)",
         "",
@@ -347,7 +493,8 @@ def _report_text(recipes, names, summary, means, figures, scores, *, seeds, n_ca
         *figures,
         "",
         "Run folders (recipe, metrics.csv, checkpoints, weights, per-run evaluation) are under `runs/`; "
-        "per-case rows in `subsets.csv`, the table above in `summary.csv`.",
+        "per-case rows in `subsets.csv`, the per-subset means in `summary.csv`, the paired comparison in "
+        "`comparison.csv`.",
         "",
     ]
     return "\n".join(lines)
