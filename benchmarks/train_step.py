@@ -47,7 +47,6 @@ from medmodal.networks.unet import (
     PointwiseConv3d,
     grouped_encoders,
     mask_missing,
-    pad_to_multiple,
     use_fast_layers,
 )
 
@@ -97,7 +96,7 @@ class GroupedShaSpec(ShaSpecNet):
         avail = self._check_input(image, available)
         if not (self.missing_input == "zero" or bool(avail.all())):
             return super().encode(image, available)
-        x, _ = pad_to_multiple(mask_missing(image, avail), self.shared_encoder.divisor)
+        x, _ = self._pad(mask_missing(image, avail))
         spec = grouped_encoders(list(self.specific_encoders.values()), x)[-1].unflatten(1, (len(self.modalities), -1))
         real = self.specific_encoders
         self._modules["specific_encoders"] = nn.ModuleDict(
