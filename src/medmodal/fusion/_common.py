@@ -95,7 +95,14 @@ def compress_patterns(
     code = torch.zeros(n_voxels, dtype=torch.int64, device=index.device)
     for k in reversed(range(k_raters)):  # rater 0 is the least significant digit
         code = code * base + index[k].long()
-    unique, inverse, counts = torch.unique(code, sorted=True, return_inverse=True, return_counts=True)
+    if base**k_raters <= max(4 * n_voxels, 1 << 20):  # few possible codes: count them instead of sorting
+        all_counts = torch.bincount(code, minlength=base**k_raters)
+        present = all_counts > 0
+        unique = torch.nonzero(present).flatten()
+        inverse = (torch.cumsum(present, 0) - 1)[code]
+        counts = all_counts[unique]
+    else:
+        unique, inverse, counts = torch.unique(code, sorted=True, return_inverse=True, return_counts=True)
     patterns = torch.empty((k_raters, unique.numel()), dtype=torch.int64, device=index.device)
     for k in range(k_raters):
         patterns[k] = unique % base

@@ -25,9 +25,8 @@ import torch
 from medmodal.atomic import atomic_write_text
 from medmodal.data.case import DataError, Volume
 from medmodal.data.io import WRITE_EXTENSIONS, check_same_grid, compact_int_dtype, read_image, write_image
-from medmodal.fusion import MultiLabelStapleResult, StapleResult, multilabel_staple, staple
+from medmodal.fusion import MultiLabelStapleResult, StapleResult, multilabel_staple, staple, vote_mode
 from medmodal.fusion._common import Progress
-from medmodal.fusion.vote import vote_mode
 
 __all__ = ["DEFAULT_MAX_LABELS", "FuseResult", "fuse_label_files", "fusion_sidecar_path", "staple_sidecar_path"]
 
@@ -62,7 +61,7 @@ class FuseResult:
         paths: the K input label files, in rater order.
         out: the fused label file.
         probability_out: the probability map written, if any.
-        sidecar: the STAPLE JSON sidecar written, if any.
+        sidecar: the JSON sidecar written next to ``out`` (:func:`fusion_sidecar_path`).
         shape: the grid shape.
         foreground_voxels: voxels with a non-zero fused label.
         staple: the STAPLE estimates (``None`` for the majority vote).

@@ -21,10 +21,11 @@ Known ITK pitfalls (``shared/methods/deepstaple.md`` §2.5) and what happens her
   raters, SimpleITK/SimpleITK#2670), and products are summed in log space, so a voxel with many disagreeing
   raters does not underflow to "all W = 0" (undecided) as it can in ITK's float products.
 
-Scale: EM runs on the distinct rater patterns (exact, :mod:`medmodal.fusion._common`), and every per-pattern
-array over the ``L`` labels (the E-step posterior, the seeding vote) is built for :data:`VOXEL_CHUNK` patterns at a
-time, so memory grows with the volume and with ``L × L`` per rater, never with ``L ×`` volume: 117 labels on a
-181×217×181 grid fuse in well under 2 GB. The full ``(L, *S)`` posterior is returned only on request.
+Scale: EM runs on the distinct rater patterns (exact, :mod:`medmodal.fusion._common`), the seed comes from
+:func:`~medmodal.fusion.vote_mode` and weighted bincounts, and the per-pattern posterior over the ``L`` labels is
+built for :data:`VOXEL_CHUNK` patterns at a time, so memory grows with the volume and with ``L × L`` per rater,
+never with ``L ×`` volume: 117 labels on a 181×217×181 grid fuse in about 0.7 GB of peak resident memory
+(``benchmarks/staple.py --atlas``). The full ``(L, *S)`` posterior is returned only on request.
 
 Labels are the values present in any rater (any integers, negative included), not ``0..max``: a value absent
 from every rater has prior 0 in ITK and can never win, so the result is the same. ``iterations`` counts EM
