@@ -148,8 +148,9 @@ class CasesPlugin(MethodPlugin):
 
     def inference_settings(self, recipe: Recipe) -> dict[str, Any]:
         """Sliding-window settings (and post-processing) that ``evaluate`` and ``predict`` use."""
-        return {"roi_size": list(recipe.eval_roi_size), "overlap": recipe.eval.overlap,
-                "sw_batch_size": recipe.eval.sw_batch_size, "et_min_voxels": recipe.eval.et_min_voxels}
+        return {"roi_size": list(recipe.eval_roi_size), "overlap": recipe.eval.overlap, "blend": recipe.eval.blend,
+                "sw_batch_size": recipe.eval.sw_batch_size, "channels_last": recipe.train.channels_last,
+                "et_min_voxels": recipe.eval.et_min_voxels}
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def default_subsets(self, run: LoadedRun) -> list[tuple[str, ...]] | None:
@@ -183,6 +184,7 @@ class CasesPlugin(MethodPlugin):
         segmentation, :class:`ClassificationResult` for classification. Also returns the report's detail lines,
         whether the data is synthetic, and the evaluated cached cases."""
         from medmodal.evaluation.classification import evaluate_classification
+        from medmodal.evaluation.inference import recorded_settings
         from medmodal.evaluation.subsets import evaluate_subsets
 
         network = run.network()
@@ -209,10 +211,14 @@ class CasesPlugin(MethodPlugin):
             post, what = self.postprocess(run)
             if what:
                 details.append(what)
+            window = recorded_settings(inf, task_kind=task.kind)
+            details.append(f"sliding windows: {window['roi_size']}, overlap {window['overlap']:.3g}, "
+                           f"blend {window['blend']}")
             rows = evaluate_subsets(
                 network, cases, modalities=source.modalities, regions={k: tuple(v) for k, v in task.regions.items()},
-                roi_size=inf["roi_size"], overlap=inf["overlap"], sw_batch_size=inf["sw_batch_size"],
-                subsets=subsets, model_name=name, progress=progress, postprocess=post,
+                roi_size=window["roi_size"], overlap=window["overlap"], blend=window["blend"],
+                sw_batch_size=window["sw_batch_size"], channels_last=window["channels_last"], subsets=subsets,
+                model_name=name, progress=progress, postprocess=post,
             )
             if not rows:
                 raise RunError(f"no labelled case to evaluate ({where}) for {run.dir}")

@@ -24,7 +24,7 @@ from medmodal.data.case import CaseRecord, DataError, DatasetInfo, Volume
 from medmodal.data.formats.brats import check_case_id
 from medmodal.engine.datamodule import select_modalities
 from medmodal.engine.runinfo import LoadedRun
-from medmodal.evaluation.inference import predict_subsets
+from medmodal.evaluation.inference import predict_subsets, recorded_settings
 from medmodal.transforms import regions_to_labels
 
 log = logging.getLogger("medmodal")
@@ -138,8 +138,7 @@ def predict_cases(
             rows.append([rec.case_id, used, task.class_names[int(prob.argmax())],
                          *(f"{float(p):.6f}" for p in prob)])
             continue
-        logits = predict_subsets(network, x, mask, roi_size=inf["roi_size"], overlap=inf["overlap"],
-                                 sw_batch_size=inf["sw_batch_size"])
+        logits = predict_subsets(network, x, mask, **recorded_settings(inf, task_kind=task.kind))
         label = decode_segmentation(logits, run, postprocess)
         restored = restore_to_input_grid(label, geometry, order=0).astype(label.dtype)
         out = outputs[rec.case_id]

@@ -232,12 +232,29 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
+    """Sliding-window evaluation and prediction (the ShaSpec spec's rule by default, shaspec.md §2.7: window =
+    training crop, overlap 1/3, plain mean of the windows' probabilities, threshold 0.5)."""
+
     roi_size: list[int] | None = None  # sliding-window size for evaluation/prediction; None = data.patch_size
-    overlap: float = Field(0.25, ge=0.0, lt=1.0)
-    sw_batch_size: int = Field(2, ge=1)
+    overlap: float = Field(1 / 3, ge=0.0, lt=1.0)
+    # mean_prob: mean of the windows' sigmoid (regions) / softmax (labels) probabilities, threshold 0.5 / argmax;
+    # gaussian_logits: Gaussian-weighted mean of the windows' logits (nnU-Net), threshold 0 / argmax
+    blend: Literal["mean_prob", "gaussian_logits"] = "mean_prob"
+    # windows per network call (each run under every evaluated subset); auto: the fewest equal batches within
+    # medmodal.evaluation.inference.MAX_BATCH_VOXELS (batch 1 is ~5x slower per sample on a CPU, all at once too)
+    sw_batch_size: int | Literal["auto"] = "auto"
     max_cases: int | None = None
     # ShaSpec* post-processing: a predicted ET smaller than this many voxels becomes necrosis (released code: 500)
     et_min_voxels: int | None = Field(None, ge=1)
+
+    @field_validator("sw_batch_size", mode="before")
+    @classmethod
+    def _window_batch(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        if isinstance(v, str) and v.strip().isdigit() and int(v) >= 1:  # from --set eval.sw_batch_size=4
+            return int(v)
+        raise ValueError(f"a positive number of windows or 'auto', got {v!r}")
 
 
 class Recipe(_Section):

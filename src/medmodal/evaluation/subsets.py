@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from rich.progress import Progress
 from torch import nn
 
-from medmodal.evaluation.inference import nonempty_subsets, predict_subsets, subset_masks
+from medmodal.evaluation.inference import Blend, nonempty_subsets, predict_subsets, subset_masks
 from medmodal.evaluation.metrics import region_metrics
 from medmodal.transforms import labels_to_regions
 
@@ -43,8 +44,10 @@ def evaluate_subsets(
     modalities: Sequence[str],
     regions: dict[str, tuple[int, ...]],
     roi_size: Sequence[int],
-    overlap: float = 0.25,
-    sw_batch_size: int = 1,
+    overlap: float = 1 / 3,
+    blend: Blend = "mean_prob",
+    sw_batch_size: int | Literal["auto"] = "auto",
+    channels_last: bool = False,
     subsets: Sequence[Sequence[str]] | None = None,
     model_name: str = "model",
     progress: bool = True,
@@ -54,13 +57,15 @@ def evaluate_subsets(
 
     A subset is evaluated on a case only if the case has all of its modalities (a case missing FLAIR cannot
     tell how the model does with FLAIR). Each case is swept once by sliding windows with all its subsets
-    batched together (:func:`~medmodal.evaluation.inference.predict_subsets`).
+    batched together (:func:`~medmodal.evaluation.inference.predict_subsets`); a region is predicted where its
+    blended sigmoid probability exceeds 0.5.
 
     Args:
         network: ``forward(image (B, M, *S), available (B, M)) -> logits (B, R, *S)``.
         cases: :class:`~medmodal.data.cache.CachedCase` objects with labels.
         modalities: the ``M`` channel names; regions: region name → label values.
-        roi_size, overlap, sw_batch_size: sliding-window settings.
+        roi_size, overlap, blend, sw_batch_size, channels_last: sliding-window settings (see
+            :func:`~medmodal.evaluation.inference.predict_subsets`).
         subsets: which subsets to evaluate (default: all ``2**M - 1``).
         postprocess: maps the ``(K, R, *S)`` bool predictions before scoring (e.g. ShaSpec*'s small-ET rule,
             :func:`~medmodal.transforms.drop_small_region`); none if None.
@@ -83,9 +88,8 @@ def evaluate_subsets(
                 bar.advance(task)
                 continue
             image = torch.from_numpy(np.array(case.image(), dtype=np.float32))[None]
-            logits = predict_subsets(
-                network, image, all_masks[ok], roi_size=roi_size, overlap=overlap, sw_batch_size=sw_batch_size
-            )
+            logits = predict_subsets(network, image, all_masks[ok], roi_size=roi_size, overlap=overlap, blend=blend,
+                                     activation="sigmoid", sw_batch_size=sw_batch_size, channels_last=channels_last)
             pred = logits.sigmoid() > 0.5
             if postprocess is not None:
                 pred = postprocess(pred)

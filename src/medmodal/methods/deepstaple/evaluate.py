@@ -13,7 +13,7 @@ import torch
 from medmodal.atomic import atomic_write_text, write_csv
 from medmodal.engine.run import RunError
 from medmodal.engine.runinfo import LoadedRun
-from medmodal.evaluation.inference import predict_subsets
+from medmodal.evaluation.inference import predict_subsets, recorded_settings
 from medmodal.evaluation.report import SYNTHETIC_NOTE
 
 log = logging.getLogger("medmodal")
@@ -36,8 +36,8 @@ def evaluate_deepstaple(run: LoadedRun, out_dir: Path, *, split: str, progress: 
         if t.reference is None or t.image is None:
             continue
         logits = predict_subsets(network, torch.from_numpy(t.image)[None],
-                                 torch.from_numpy(t.available.astype(bool))[None], roi_size=inf["roi_size"],
-                                 overlap=inf["overlap"], sw_batch_size=inf["sw_batch_size"])
+                                 torch.from_numpy(t.available.astype(bool))[None],
+                                 **recorded_settings(inf, task_kind=run.info.task.kind))
         pred = (logits[0].argmax(0) != 0).numpy()
         rows.append([target, f"{binary_dice(pred, t.reference):.6f}", int(pred.sum()), int(t.reference.sum())])
     if not rows:

@@ -389,7 +389,7 @@ def build_deepstaple(recipe: Recipe) -> Training:
         modalities=tuple(label_set.modalities),
         preprocessing={**PREPROCESSING, "target_spacing": spacing,
                        "foreground": fg_values or "every non-zero label value"},
-        inference={"roi_size": list(recipe.eval_roi_size), "overlap": recipe.eval.overlap,
+        inference={"roi_size": list(recipe.eval_roi_size), "overlap": recipe.eval.overlap, "blend": recipe.eval.blend,
                    "sw_batch_size": recipe.eval.sw_batch_size},
         callbacks=[DataParameterExport(labels)],
     )

@@ -312,7 +312,7 @@ class DeepStapleSystem(MethodSystem):
                 continue
             logits = predict_subsets(
                 self.network, batch["image"][i : i + 1], batch["available"][i : i + 1],
-                roi_size=self.roi_size, overlap=self.overlap, sw_batch_size=self.sw_batch_size,
+                roi_size=self.roi_size, overlap=self.overlap, sw_batch_size=self.sw_batch_size, activation="softmax",
             )
             dice = binary_dice(logits[0].argmax(0) != 0, batch["reference"][i] != 0)
             self.add_val_metric("dice", dice, weight[i])
