@@ -35,7 +35,15 @@ from monai.networks.blocks.dynunet_block import UnetOutBlock, UnetUpBlock
 from torch import nn
 
 from medmodal.networks.registry import register_network
-from medmodal.networks.unet import UNetEncoder, crop_to, mask_missing, pad_to_multiple
+from medmodal.networks.unet import (
+    InstanceNorm,
+    UNetEncoder,
+    crop_to,
+    grouped_encoders,
+    mask_missing,
+    pad_to_multiple,
+    use_fast_layers,
+)
 
 MissingFill = Literal["mean", "first", "first_in_order"]
 SkipFill = Literal["mean", "zero_input"]
@@ -253,6 +261,10 @@ class ShaSpecNet(nn.Module):
         if self.decoder is not None and self.cls_head is not None:
             aux.append("cls_head.")
         self.auxiliary_parameter_prefixes: tuple[str, ...] = tuple(aux)
+        # The decoder's norms and 1x1 convolutions in their channels-last-friendly form (same parameters), and
+        # the specific encoders as one grouped computation when their norm allows it (instance norm).
+        use_fast_layers(self)
+        self._grouped_specific = isinstance(self.shared_encoder.stages[0].norm1, InstanceNorm)
 
     # ------------------------------------------------------------------ checks
     def _check_input(self, image: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
@@ -288,7 +300,9 @@ class ShaSpecNet(nn.Module):
         With ``missing_input="skip"`` only the available ``(sample, modality)`` pairs are gathered (missing
         channels are never read); with ``"zero"`` every pair is, missing ones as zero images. The shared
         encoder runs **once** on all gathered pairs ``(N, 1, *S)``; each specific encoder runs once on the
-        samples where its modality is encoded. Inputs are zero-padded to a multiple of ``2**(L-1)``.
+        samples where its modality is encoded, or, when every slot is encoded, all M run as one grouped
+        computation on ``(B, M, *S)`` (:func:`~medmodal.networks.unet.grouped_encoders`, the same result).
+        Inputs are zero-padded to a multiple of ``2**(L-1)``.
 
         Args:
             image: ``(B, M, *S)``.
@@ -311,17 +325,23 @@ class ShaSpecNet(nn.Module):
         if with_zero:
             feats = [f[:-1] for f in feats]
         shared = [f.new_zeros((batch, num_mod, *f.shape[1:])).index_put((b_idx, m_idx), f) for f in feats]
-        pieces = []
-        for m, name in enumerate(self.modalities):
-            rows = torch.nonzero(encoded[:, m]).flatten()
-            if rows.numel() == 0:
-                continue  # E_spec[m] is never called when no sample has modality m
-            xm, _ = self._pad(image[rows, m].unsqueeze(1))
-            pieces.append((rows, m, self.specific_encoders[name](xm)[-1]))
-        bottleneck = shared[-1]
-        specific = bottleneck.new_zeros(bottleneck.shape)
-        for rows, m, s in pieces:
-            specific = specific.index_put((rows, torch.full_like(rows, m)), s)
+        if self._grouped_specific and bool(encoded.all()):
+            # One grouped call instead of M calls at batch B (image holds no missing channel here: every slot is
+            # available, or missing ones were zeroed for missing_input="zero").
+            xs, _ = self._pad(image)
+            specific = grouped_encoders(list(self.specific_encoders.values()), xs)[-1].unflatten(1, (num_mod, -1))
+        else:
+            pieces = []
+            for m, name in enumerate(self.modalities):
+                rows = torch.nonzero(encoded[:, m]).flatten()
+                if rows.numel() == 0:
+                    continue  # E_spec[m] is never called when no sample has modality m
+                xm, _ = self._pad(image[rows, m].unsqueeze(1))
+                pieces.append((rows, m, self.specific_encoders[name](xm)[-1]))
+            bottleneck = shared[-1]
+            specific = bottleneck.new_zeros(bottleneck.shape)
+            for rows, m, s in pieces:
+                specific = specific.index_put((rows, torch.full_like(rows, m)), s)
         return ShaSpecFeatures(shared=shared, specific=specific, encoded=encoded, size=size, zero_shared=zero_shared)
 
     # ------------------------------------------------------------------ decode
