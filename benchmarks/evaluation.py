@@ -7,8 +7,10 @@ does not depend on them) it times the sliding-window evaluation of one case unde
 * ``per subset, 1 window/call``: one sweep per subset, one window per network call, a forward per subset;
 * ``all subsets, 1 window/call``: one sweep, each window run under the 15 subsets in one call (and ShaSpec's
   encode-once), one window per call: what the quickstart recipes did before (``sw_batch_size: 1``);
-* ``all subsets, auto window batch``: every window of the case and every subset in one call (within the
-  memory guard), under ``torch.inference_mode``: the default now.
+* ``all subsets, auto window batch``: a few window-subset samples a call (``MAX_BATCH_VOXELS``: 8 of 32³ on
+  the CPU, the 15 subsets of a window in calls of 8 + 7), under ``torch.inference_mode``: the default now;
+  ``, channels-last``: windows in the channels-last format, as ``evaluate`` feeds a network trained so
+  (``train.channels_last``, the default). ``--all-windows`` adds every window and subset in one call.
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over the actual call of each way
 (convolutions, transposed convolutions and matrix products, a multiply-add = 2 FLOPs; norms, activations and
@@ -51,8 +53,7 @@ def conv_reference() -> tuple[float, Callable[[], object]]:
 
 
 def evaluation_ways(net: torch.nn.Module, image: torch.Tensor, masks: torch.Tensor, *, roi: tuple[int, ...],
-                    overlap: float, per_subset: bool, all_windows: bool,
-                    channels_last: bool) -> dict[str, Callable[[], torch.Tensor]]:
+                    overlap: float, per_subset: bool, all_windows: bool) -> dict[str, Callable[[], torch.Tensor]]:
     from medmodal.evaluation.inference import predict_subsets
 
     kw = dict(roi_size=roi, overlap=overlap, blend="mean_prob")
@@ -66,9 +67,7 @@ def evaluation_ways(net: torch.nn.Module, image: torch.Tensor, masks: torch.Tens
         ways["all subsets, all windows/call"] = lambda: predict_subsets(net, image, masks, max_batch_voxels=2**30,
                                                                           **kw)
     ways["all subsets, auto window batch"] = lambda: predict_subsets(net, image, masks, **kw)
-    if channels_last:
-        ways["auto window batch, channels-last"] = lambda: predict_subsets(net, image, masks, channels_last=True,
-                                                                             **kw)
+    ways["auto window batch, channels-last"] = lambda: predict_subsets(net, image, masks, channels_last=True, **kw)
     return ways
 
 
@@ -96,7 +95,6 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--no-per-subset", action="store_true", help="skip the slowest way (one sweep per subset)")
     p.add_argument("--all-windows", action="store_true", help="also time every window of the case in one call")
-    p.add_argument("--channels-last", action="store_true", help="also time channels-last windows")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="print torch.profiler's top ROWS operators of the slowest and the auto way")
     args = p.parse_args()
@@ -122,8 +120,7 @@ def main() -> None:
         nets[name] = create_network(name, spatial_dims=3, modalities=MODS, out_channels=3,
                                     channels=MODELS[name]).eval()
         ways[name] = evaluation_ways(nets[name], image, masks, roi=roi, overlap=args.overlap,
-                                     per_subset=not args.no_per_subset, all_windows=args.all_windows,
-                                     channels_last=args.channels_last)
+                                     per_subset=not args.no_per_subset, all_windows=args.all_windows)
         flops[name] = {way: flops_of(fn) for way, fn in ways[name].items()}  # also the warm-up
     ref()
     times: dict[str, list[float]] = {"conv": []}

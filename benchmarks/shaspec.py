@@ -80,7 +80,8 @@ def train_cost(name: str, channels: tuple[int, ...], args: argparse.Namespace) -
 
 
 def eval_times(args: argparse.Namespace) -> dict:
-    """All 15 subsets of one case: one pass vs a batched forward per subset vs one sweep per subset."""
+    """All 15 subsets of one case: one pass vs a batched forward per subset vs one sweep per subset (the
+    evaluation against the machine's convolution speed: benchmarks/evaluation.py)."""
     from medmodal.evaluation.inference import nonempty_subsets, predict_subsets, subset_masks
     from medmodal.networks.registry import create_network
 
@@ -91,7 +92,7 @@ def eval_times(args: argparse.Namespace) -> dict:
     image = torch.randn(1, 4, s, s + 3, s - 3, device=args.device)
     masks = subset_masks(MODS, nonempty_subsets(MODS))
     roi = (args.patch,) * 3
-    kw = dict(roi_size=roi, overlap=0.25, sw_batch_size=1)
+    kw = dict(roi_size=roi, overlap=1 / 3, blend="mean_prob")  # the spec's rule; window batch: auto
 
     def one_pass():
         return predict_subsets(net, image, masks, one_pass=True, **kw)
