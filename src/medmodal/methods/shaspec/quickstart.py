@@ -255,9 +255,16 @@ def run_quickstart(out: Path, *, fast: bool = False, overwrite: bool = False, jo
     summary, _ = summarise_over_seeds(rows, seed_of)
     write_rows(rows + [r for rs in reference_rows.values() for r in rs], out / "subsets.csv")
     write_rows(summary, out / "summary.csv")
-    kept = [s for s in seeds if not any(collapsed[(m, s)] for m in names)]
-    comparison = (paired_comparison({s: runs[(names[0], s)] for s in kept}, {s: runs[(names[1], s)] for s in kept})
-                  if kept else [])
+    # Per region, the seeds where neither model's run collapsed in that region.
+    regions = list(dict.fromkeys(r.region for r in rows))
+    kept = {reg: [s for s in seeds if not any(reg in collapsed[(m, s)] for m in names)] for reg in regions}
+    comparison = []
+    for reg in regions:
+        if kept[reg]:
+            comparison += paired_comparison(
+                {s: [r for r in runs[(names[0], s)] if r.region == reg] for s in kept[reg]},
+                {s: [r for r in runs[(names[1], s)] if r.region == reg] for s in kept[reg]},
+            )
     if comparison:
         write_rows(comparison, out / "comparison.csv")
     plot_heatmap(summary, out / "dice_heatmap.png",
@@ -441,7 +448,9 @@ def _report_text(recipes, names, summary, figures, scores, *, seeds, n_cases, ti
     if bad:
         lines += [f"- **{m}, seed {s}** never finds {', '.join(regions)} with all four modalities (every held-out "
                   "case scores exactly 0, or 1 where the region is absent)" for (m, s), regions in bad.items()]
-        lines += ["", f"Seeds left out of the paired comparison below: {sorted(set(seeds) - set(kept))}.", ""]
+        lines += ["", "Left out of the paired comparison below, per region (a seed is dropped for both models when "
+                  "either run collapsed in that region): "
+                  + "; ".join(f"{reg}: {sorted(set(seeds) - set(k)) or 'none'}" for reg, k in kept.items()) + ".", ""]
     else:
         lines += ["None: with all four modalities every run finds every region in some held-out case.", ""]
     lines += [
@@ -458,8 +467,8 @@ def _report_text(recipes, names, summary, figures, scores, *, seeds, n_cases, ti
     ]
     if comparison:
         lines += [
-            f"Over the seeds {kept} where neither run collapsed: mean ± std over seeds of each model's mean Dice "
-            "over held-out cases; the paired difference per seed (in how many seeds ShaSpec was ahead); a "
+            "Per region, over the seeds where neither run collapsed in it: mean ± std over seeds of each model's "
+            "mean Dice over held-out cases; the paired difference per seed (in how many seeds ShaSpec was ahead); a "
             "two-sided Wilcoxon signed-rank test over the (seed, case) pairs (zero differences dropped). The "
             "pairs of one case are not independent across subsets and regions, and there are 45 tests: read "
             "the p-values as a screen.",
