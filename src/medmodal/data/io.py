@@ -287,8 +287,9 @@ def _read_dicom_series(folder: Path, *, resample: bool) -> sitk.Image:
     if problems:
         text = f"{folder}: DICOM series {series[0]} has uneven slice spacing: {'; '.join(problems)}"
         if not resample:
-            raise DataError(f"{text}. Re-export the complete series, or resample it onto a regular grid "
-                            "(dicom_resample=True), which interpolates the missing slices")
+            raise DataError(f"{text}. Re-export the complete series; if interpolating the gap is acceptable, "
+                            "convert it once with medmodal.data.io.read_image(folder, dicom_resample=True) "
+                            "(docs/troubleshooting.md)")
         image = _resample_slices(files, z, direction)
         warnings.warn(f"{text}; resampled onto {image.GetSize()[2]} evenly spaced slices of "
                       f"{image.GetSpacing()[2]:.4g} mm (linear interpolation)", DicomGeometryWarning, stacklevel=4)
