@@ -11,7 +11,6 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -136,18 +135,6 @@ def data_convert(
 
 
 # -- train / evaluate / predict -------------------------------------------------------------------------------
-def _parse_sets(sets: list[str]) -> dict[str, Any]:
-    import yaml
-
-    out = {}
-    for s in sets:
-        if "=" not in s:
-            raise RecipeError(f"--set {s!r}: expected key=value, e.g. train.max_steps=100")
-        key, value = s.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
 @app.command()
 @user_errors
 def train(
@@ -166,10 +153,10 @@ def train(
     With --resume, --set may change what does not alter the run so far (train.max_steps, train.threads,
     train.progress, train.checkpoint_every_steps, train.gradient_clip_norm, eval.*); other changes are refused.
     """
-    from medmodal.engine.recipe import builtin_recipe_path, load_recipe
+    from medmodal.engine.recipe import builtin_recipe_path, load_recipe, parse_overrides
     from medmodal.engine.train import train as train_fn
 
-    overrides = _parse_sets(set_)
+    overrides = parse_overrides(set_)
     if devices is not None:
         overrides["train.devices"] = devices
     if num_nodes is not None:

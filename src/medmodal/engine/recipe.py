@@ -232,8 +232,8 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    """Sliding-window evaluation and prediction (the ShaSpec spec's rule by default, shaspec.md §2.7: window =
-    training crop, overlap 1/3, plain mean of the windows' probabilities, threshold 0.5)."""
+    """Sliding-window evaluation and prediction. Defaults: window = training crop, overlap 1/3, plain mean of the
+    windows' probabilities, threshold 0.5 (a method's docs say where this rule comes from)."""
 
     roi_size: list[int] | None = None  # sliding-window size for evaluation/prediction; None = data.patch_size
     overlap: float = Field(1 / 3, ge=0.0, lt=1.0)

@@ -3,8 +3,8 @@
 Windows are blended in one of two ways (``blend``):
 
 * ``"mean_prob"``: the plain mean of the windows' probabilities (sigmoid per region channel, softmax over the
-  channels of a label task), thresholded at 0.5 / argmax. This is the ShaSpec spec's rule
-  (``shared/methods/shaspec.md`` §2.7: window = training crop, overlap 1/3, mean of sigmoid probabilities).
+  channels of a label task), thresholded at 0.5 / argmax: the released inference of the first method that
+  defined one (window = training crop, overlap 1/3, mean of sigmoid probabilities; see that method's docs).
 * ``"gaussian_logits"``: a Gaussian-weighted mean of the windows' logits (nnU-Net's importance map, MONAI
   ``mode="gaussian"``), thresholded at logit 0 / argmax.
 
