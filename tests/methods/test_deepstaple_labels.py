@@ -305,3 +305,24 @@ def test_fast_experiment_writes_the_report(tmp_path: Path) -> None:
     assert rows and all(0 <= float(r["dp"]) <= 1 and 0 <= float(r["staple"]) <= 1 for r in rows)
     again = CliRunner().invoke(app, ["experiment", "deepstaple", "--out", str(out), "--fast"])
     assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+def test_histogram_clip_reaches_deepstaple_preprocessing(monkeypatch):
+    """data.histogram_clip applies to DeepSTAPLE's own preprocessing path too (load_label_set), and the
+    recorded preprocessing says so."""
+    import medmodal.data.preprocess as pre
+    from medmodal.engine.recipe import builtin_recipe_path, load_recipe
+    from medmodal.methods.deepstaple.labels import load_label_set
+
+    seen = []
+    original = pre.preprocess_case
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("histogram_clip"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pre, "preprocess_case", spy)
+    recipe = load_recipe(builtin_recipe_path("deepstaple_tiny"),
+                         overrides={"data.histogram_clip": {"min_count": 7}, "data.phantom.cases": 3})
+    load_label_set(recipe)
+    assert seen and all(c is not None and c.min_count == 7 for c in seen)

@@ -162,7 +162,8 @@ def load_label_set(recipe: Recipe, *, training_grid: bool = True) -> LabelSet:
         image, available, geometry = None, case.available(source.modalities), None
         if training_grid:
             image, _, available, geometry = preprocess_case(
-                Case(case.case_id, case.images), source.modalities, target_spacing=source.target_spacing)
+                Case(case.case_id, case.images), source.modalities, target_spacing=source.target_spacing,
+                histogram_clip=source.histogram_clip)
         t = TargetImage(case.case_id, image, available, ref_vol.affine, ref_vol.shape, reference, geometry)
         out.targets[t.target] = t
         if cand.noise is not None:
@@ -383,11 +384,10 @@ def build_deepstaple(recipe: Recipe) -> Training:
              len(labels), len(train_ids), len(val_ids))
     fg_values = m.candidates.foreground if m.candidates is not None else None
     task = TaskInfo(kind="labels", label_values=[0, 1], label_names={0: "background", 1: "foreground"})
-    spacing = list(d.target_spacing) if d.target_spacing else None
     return Training(
         system=system, data=data, network_name=recipe.model.name, network_kwargs=kwargs, task=task,
         modalities=tuple(label_set.modalities),
-        preprocessing={**PREPROCESSING, "target_spacing": spacing,
+        preprocessing={**PREPROCESSING, **resolve_source(d).preprocessing(),
                        "foreground": fg_values or "every non-zero label value"},
         inference={"roi_size": list(recipe.eval_roi_size), "overlap": recipe.eval.overlap, "blend": recipe.eval.blend,
                    "sw_batch_size": recipe.eval.sw_batch_size},
