@@ -141,7 +141,7 @@ def _to_volume(array: np.ndarray, affine: np.ndarray, path: Path) -> Volume:
             n_inf = int(array.size - finite.sum()) - n_nan
             raise DataError(
                 f"{path}: contains {n_nan} NaN and {n_inf} infinite voxel(s); replace them (e.g. with 0) "
-                "in the tool that produced the file, then run `medmodal data check` again"
+                "in the tool that produced the file"
             )
     return Volume(array=array, affine=affine, path=path)
 
@@ -324,7 +324,7 @@ def read_image(path: Path | str, *, dicom_resample: bool = False) -> Volume:
     """
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: file not found; check the path (relative paths start at the dataset)")
+        raise DataError(f"{path}: file not found; check the path")
     ext = _extension(path)
     if not path.is_dir() and ext not in READ_EXTENSIONS:
         raise DataError(
