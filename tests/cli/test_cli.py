@@ -205,8 +205,7 @@ def test_quickstart_fast_end_to_end(tmp_path: Path) -> None:
     assert "synthetic phantom" in report.lower()
     assert report.count("\n| t1") >= 8  # the 15 subset rows (8 contain t1 first)
     assert "## ShaSpec against zero-fill U-Net, paired" in report  # the paired comparison (or why there is none)
-    assert ("| ShaSpec − zero-fill U-Net (seeds ahead) |" in report.replace("| zero-fill U-Net | ShaSpec ", "| ")
-            or "No seed where both runs learned" in report)
+    assert "ShaSpec − zero-fill U-Net (seeds ahead)" in report or "No seed where both runs learned" in report
     assert "## Runs that did not learn" in report and "parameters" in report and "GFLOP per training step" in report
     for name in ("dice_heatmap.png", "features.png", "training_curves_zero_fill.png", "training_curves_shaspec.png"):
         assert (tmp_path / "qs" / name).is_file() and name in report, name
@@ -218,18 +217,18 @@ def test_quickstart_fast_end_to_end(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_full_quickstart_learns(tmp_path: Path) -> None:
-    """The main job as a user runs it: both models, 3 seeds; the all-modality WT Dice must show real learning."""
+    """The main job as a user runs it: both models, 5 seeds; with all modalities every run must find the whole
+    tumour (WT Dice > 0.7 on average over held-out cases) and no run may have collapsed on WT."""
     code, text = invoke("quickstart", "--out", tmp_path / "qs")
     assert code == 0, text
-    # Per seed, with all modalities (measured 2026-11-22, 800 steps): zero-fill WT 0.82 / 0.92 / 0.89, ShaSpec
-    # 0.81 / 0.00 / 0.91 (seed 1 collapses to "no tumour" at lr 0.005). The floor: the baseline learns WT on
-    # every seed, ShaSpec on at least two of three.
     rows = read_summary(tmp_path / "qs" / "subsets.csv")
-    for model, need in (("zero-fill U-Net", 3), ("ShaSpec", 2)):
+    for model in ("zero-fill U-Net", "ShaSpec"):
         per_seed: dict[str, list[float]] = {}
         for r in rows:
             if r["model"].startswith(model + "@") and r["subset"] == "t1+t1c+t2+flair" and r["region"] == "WT":
                 per_seed.setdefault(r["model"], []).append(float(r["dice"]))
-        assert len(per_seed) == 3, per_seed.keys()
+        assert len(per_seed) == 5, per_seed.keys()
         learned = sum(sum(v) / len(v) > 0.7 for v in per_seed.values())
-        assert learned >= need, (model, per_seed)
+        assert learned == 5, (model, per_seed)
+    report = (tmp_path / "qs" / "report.md").read_text(encoding="utf-8")
+    assert "never finds WT" not in report
