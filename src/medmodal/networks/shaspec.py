@@ -147,12 +147,45 @@ class ShaSpecDecoder(nn.Module):
         )
         self.head = UnetOutBlock(spatial_dims, channels[0], out_channels)
 
-    def forward(self, bottleneck: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, bottleneck: torch.Tensor, skips: Sequence[torch.Tensor], *, reduced: bool = False
+    ) -> torch.Tensor:
+        """``reduced``: ``skips`` are already reduced to ``(B, C_l, *S_l)`` (see :meth:`reduce_skips_subsets`)."""
         x = bottleneck
         levels = reversed(range(len(skips)))
         for up, i in zip(self.ups, levels, strict=True):
-            x = up(x, self.skip_reduce[i](skips[i]))
+            x = up(x, skips[i] if reduced else self.skip_reduce[i](skips[i]))
         return self.head(x)
+
+    def reduce_skips_subsets(self, level: int, feat: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """The level's reduced skip of every sample under each of K masks, with missing slots mean-filled,
+        without building the K filled copies.
+
+        The reduction is linear and bias-free, ``y = Σ_m W_m x_m`` over the M slots, and a missing slot holds the
+        mean of the mask's available slots, so ``y_k = Σ_j G_kj f_j`` with per-mask effective weights
+        ``G_kj = [j ∈ k] (W_j + Σ_{m ∉ k} W_m / |k|)``: one matrix product of ``(B, M·C, *S)`` with K·C' output
+        channels gives the same values as filling K copies and reducing each.
+
+        Args:
+            level: the skip level (index into ``skip_reduce``).
+            feat: ``(B, M, C, *S)`` shared features of that level (every slot of a mask must be encoded).
+            masks: ``(K, M) bool``, each with at least one True.
+
+        Returns:
+            ``(B·K, C', *S)``, sample-major (index ``b·K + k``).
+        """
+        conv = self.skip_reduce[level]
+        batch, num_mod, width = feat.shape[:3]
+        k = masks.shape[0]
+        weight = conv.weight.reshape(conv.out_channels, num_mod, width)  # W_m = weight[:, m]
+        avail = masks.to(weight.dtype)  # (K, M)
+        missing_sum = torch.einsum("km,omc->koc", 1.0 - avail, weight)  # Σ_{m∉k} W_m
+        eff = avail[:, None, :, None] * (weight[None] + (missing_sum / avail.sum(1)[:, None, None])[:, :, None, :])
+        eff = eff.reshape(k * conv.out_channels, num_mod * width)  # (K·C', M·C)
+        x = feat.reshape(batch, num_mod * width, *feat.shape[3:]).movedim(1, -1)  # (B, *S, M·C)
+        y = torch.nn.functional.linear(x, eff)  # (B, *S, K·C')
+        y = y.unflatten(-1, (k, conv.out_channels)).movedim(-2, 1).movedim(-1, 2)  # (B, K, C', *S)
+        return y.reshape(batch * k, conv.out_channels, *feat.shape[3:])
 
 
 @register_network("shaspec")
@@ -373,7 +406,12 @@ class ShaSpecNet(nn.Module):
         return fill_source
 
     def decode(
-        self, features: ShaSpecFeatures, available: torch.Tensor, *, fill_source: torch.Tensor | None = None
+        self,
+        features: ShaSpecFeatures,
+        available: torch.Tensor,
+        *,
+        fill_source: torch.Tensor | None = None,
+        reduced_skips: list[torch.Tensor] | None = None,
     ) -> ShaSpecOutput:
         """Fuse the slots under ``available`` and run the heads.
 
@@ -386,6 +424,8 @@ class ShaSpecNet(nn.Module):
             fill_source: with ``missing_fill="first"`` only: ``(B,)`` integer, the available modality whose
                 ``r`` fills sample ``b``'s missing slots (the training system's random draw); ``None``: the
                 first available one in modality order.
+            reduced_skips: the decoder's skips already reduced under ``available`` (used by
+                :meth:`decode_subsets`); then ``features.shared[:-1]`` is not read.
         """
         encoded = features.encoded
         available = self._check_available(available, encoded.shape[0])
@@ -402,7 +442,10 @@ class ShaSpecNet(nn.Module):
         fused = torch.where(_bcast(available, r.ndim), present, self._fill(r, available, fill_source).unsqueeze(1))
 
         logits = None
-        if self.decoder is not None:
+        if self.decoder is not None and reduced_skips is not None:
+            bottleneck = fused.reshape(batch, num_mod * fused.shape[2], *fused.shape[3:])
+            logits = crop_to(self.decoder(bottleneck, reduced_skips, reduced=True), features.size)
+        elif self.decoder is not None:
             skips = []
             for level, feat in enumerate(features.shared[:-1]):
                 if self.skip_fill == "zero_input":
@@ -456,14 +499,21 @@ class ShaSpecNet(nn.Module):
         def rep(t: torch.Tensor) -> torch.Tensor:
             return t.repeat_interleave(k, dim=0)
 
+        reduced = None
+        if self.decoder is not None and self.skip_fill == "mean":
+            bad = _rows((masks[None] & ~features.encoded[:, None]).any(2).any(1))
+            if bad:
+                raise ValueError(f"every mask must be a subset of features.encoded; not so for sample(s) {bad}")
+            # the K filled skip copies are never built (the skips are most of the decode's memory traffic)
+            reduced = [self.decoder.reduce_skips_subsets(i, f, masks) for i, f in enumerate(features.shared[:-1])]
         expanded = ShaSpecFeatures(
-            shared=[rep(f) for f in features.shared],
+            shared=[f if reduced is not None else rep(f) for f in features.shared[:-1]] + [rep(features.shared[-1])],
             specific=rep(features.specific),
             encoded=rep(features.encoded),
             size=features.size,
             zero_shared=features.zero_shared,
         )
-        return self.decode(expanded, masks.repeat(batch, 1))
+        return self.decode(expanded, masks.repeat(batch, 1), reduced_skips=reduced)
 
     # ------------------------------------------------------------------ forward
     def forward_features(
