@@ -37,7 +37,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 MODS = ("t1", "t1c", "t2", "flair")
-MODELS = {"shaspec": (4, 8, 16, 32), "unet": (8, 16, 32, 64)}
+MODELS = {"shaspec": (8, 16, 32, 64), "unet": (8, 16, 32, 64)}  # the quickstart's widths
 
 
 def conv_reference() -> tuple[float, Callable[[], object]]:

@@ -45,3 +45,15 @@ def test_jobs_must_be_positive_and_default_to_the_cores(tmp_path) -> None:
         run_quickstart(tmp_path / "qs", fast=True, jobs=0)
     assert default_jobs(6) == min(6, len(os.sched_getaffinity(0)))
     assert default_jobs(1) == 1
+
+
+def test_set_max_steps_scales_shaspec_phases(tmp_path) -> None:
+    """--set train.max_steps applies to both models; ShaSpec's warm-up phases follow in proportion."""
+    from medmodal.methods.shaspec.quickstart import MODELS, _jobs_for
+
+    jobs = _jobs_for(MODELS, [0], out=tmp_path, fast=True, overrides={"train.max_steps": 40}, threads=None, jobs=1)
+    by_key = {j.model.key: j.recipe for j in jobs}
+    assert by_key["zero_fill"].train.max_steps == 40
+    shaspec = by_key["shaspec"]
+    assert shaspec.train.max_steps == 40
+    assert [(p.steps, p.sampler) for p in shaspec.method.phases] == [(10, "full"), (30, "random")]  # 5 + 15 -> x2

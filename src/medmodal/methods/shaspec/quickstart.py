@@ -181,14 +181,35 @@ def _jobs_for(models: Sequence[QuickstartModel], seeds: Sequence[int], *, out: P
               overrides: dict | None, threads: int | None, jobs: int) -> list[_Job]:
     todo = []
     for model in models:
+        name = model.fast_recipe if fast else model.recipe
+        scaled = _scaled_phases(load_recipe(builtin_recipe_path(name)), overrides or {})
         for seed in seeds:
-            extra: dict = {**model.overrides, **(overrides or {}), "seed": seed}
+            extra: dict = {**model.overrides, **scaled, **(overrides or {}), "seed": seed}
             if threads is not None:
                 extra["train.threads"] = threads
-            recipe = load_recipe(builtin_recipe_path(model.fast_recipe if fast else model.recipe), overrides=extra)
+            recipe = load_recipe(builtin_recipe_path(name), overrides=extra)
             recipe.train.progress = not fast and jobs == 1
             todo.append(_Job(model, seed, recipe, out / "runs" / f"{model.key}_seed{seed}"))
     return todo
+
+
+def _scaled_phases(recipe: Recipe, overrides: dict) -> dict:
+    """``--set train.max_steps=N`` applies to both models; a model whose recipe has training phases (ShaSpec's
+    full-modality warm-up) gets them scaled to N in the same proportions, the last phase taking the rest."""
+    phases = getattr(recipe.method, "phases", None)
+    steps = overrides.get("train.max_steps")
+    if not phases or steps is None or "method.phases" in overrides:
+        return {}
+    total = sum(p.steps for p in phases)
+    try:
+        steps = int(steps)
+    except (TypeError, ValueError):
+        return {}  # the recipe's validation names the bad value
+    new = [max(1, round(p.steps * steps / total)) for p in phases[:-1]]
+    new.append(steps - sum(new))
+    if new[-1] < 1:
+        return {}  # too few steps for the phases: let the recipe check say so
+    return {"method.phases": [{"steps": n, "sampler": p.sampler} for n, p in zip(new, phases, strict=True)]}
 
 
 def run_quickstart(out: Path, *, fast: bool = False, overwrite: bool = False, jobs: int | None = None,
