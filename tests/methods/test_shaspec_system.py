@@ -324,3 +324,14 @@ def test_loss_switches_reach_the_system_and_the_resolved_recipe(tiny_recipe_dict
         assert opt.param_groups[0]["weight_decay"] == 0.0
     # one loss rule for both models of the quickstart comparison
     torch.testing.assert_close(systems["shaspec"].loss_fn(logits, target), systems["zero_fill"].loss_fn(logits, target))
+
+
+@pytest.mark.parametrize("recipe_name", ["quickstart_fast", "quickstart_shaspec_fast"])
+def test_training_validation_blends_windows_as_evaluation_does(recipe_name: str) -> None:
+    """Validation during training uses the recipe's eval.blend, the rule evaluate and predict use."""
+    from medmodal.engine.plugin import get_method
+    from medmodal.engine.recipe import builtin_recipe_path, load_recipe
+
+    for blend in ("mean_prob", "gaussian_logits"):
+        recipe = load_recipe(builtin_recipe_path(recipe_name), overrides={"eval.blend": blend})
+        assert get_method(recipe.method.name).build(recipe).system.blend == blend

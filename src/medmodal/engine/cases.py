@@ -100,7 +100,7 @@ class CasesPlugin(MethodPlugin):
                     ) -> L.LightningModule:
         """The method's training system around ``network``; ``common`` holds the shared optimisation and
         validation arguments: ``regions, roi_size, optimizer, lr, weight_decay, momentum, schedule, max_steps,
-        warmup_steps, overlap, sw_batch_size, seed, channels_last``."""
+        warmup_steps, overlap, sw_batch_size, blend, seed, channels_last``."""
         raise NotImplementedError
 
     def task_info(self, recipe: Recipe, info: DatasetInfo) -> TaskInfo:
@@ -127,7 +127,7 @@ class CasesPlugin(MethodPlugin):
             regions=dict(source.info.regions), roi_size=recipe.eval_roi_size, optimizer=t.optimizer, lr=t.lr,
             weight_decay=t.weight_decay, momentum=t.momentum, schedule=t.schedule, max_steps=t.max_steps,
             warmup_steps=t.warmup_steps, overlap=recipe.eval.overlap, sw_batch_size=recipe.eval.sw_batch_size,
-            seed=recipe.seed, channels_last=t.channels_last,
+            blend=recipe.eval.blend, seed=recipe.seed, channels_last=t.channels_last,
         )
         try:
             system = self.make_system(recipe, network, task, common)

@@ -38,7 +38,7 @@ class SegmentationSystem(MethodSystem):
         lambda_dice, lambda_bce, bce_reduction, dice_reduction, dice_smooth_nr, dice_smooth_dr: the region loss
             (:class:`~medmodal.losses.segmentation.RegionDiceBCELoss`; defaults: ShaSpec's released loss, BCE
             summed over the region channels and a per-sample Dice with smoothing 0/1).
-        overlap, sw_batch_size: sliding-window settings for validation.
+        overlap, sw_batch_size, blend: sliding-window settings for validation (``eval.*``, as at evaluation).
         seed: seeds the modality-dropout generator (offset by the global rank).
         channels_last: use the channels-last memory format for 3D (1.3-1.7x faster Conv3d on CPU).
     """
@@ -64,7 +64,8 @@ class SegmentationSystem(MethodSystem):
         dice_smooth_nr: float = 0.0,
         dice_smooth_dr: float = 1.0,
         overlap: float = 0.25,
-        sw_batch_size: int = 2,
+        sw_batch_size: int | str = 2,
+        blend: str = "mean_prob",
         seed: int = 0,
         channels_last: bool = False,
     ) -> None:
@@ -83,7 +84,7 @@ class SegmentationSystem(MethodSystem):
         self.loss_fn = RegionDiceBCELoss(lambda_dice=lambda_dice, lambda_bce=lambda_bce, bce_reduction=bce_reduction,
                                          dice_reduction=dice_reduction, dice_smooth_nr=dice_smooth_nr,
                                          dice_smooth_dr=dice_smooth_dr)
-        self.overlap, self.sw_batch_size = overlap, sw_batch_size
+        self.overlap, self.sw_batch_size, self.blend = overlap, sw_batch_size, blend
 
     progress_metrics = ("dice_mean",)
 
@@ -133,6 +134,7 @@ class SegmentationSystem(MethodSystem):
                 roi_size=self.roi_size,
                 overlap=self.overlap,
                 sw_batch_size=self.sw_batch_size,
+                blend=self.blend,
             )
             pred = (logits.sigmoid() > 0.5).float()
             target = labels_to_regions(batch.label[i : i + 1], self.regions)
