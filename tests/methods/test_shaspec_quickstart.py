@@ -57,3 +57,30 @@ def test_set_max_steps_scales_shaspec_phases(tmp_path) -> None:
     shaspec = by_key["shaspec"]
     assert shaspec.train.max_steps == 40
     assert [(p.steps, p.sampler) for p in shaspec.method.phases] == [(10, "full"), (30, "random")]  # 5 + 15 -> x2
+
+
+def test_references_train_dedicated_models_on_the_same_cases(tmp_path) -> None:
+    """--references: dedicated U-Nets for all modalities and for the baseline's weakest single modality,
+    evaluated on their own subset of the same held-out cases, in the report."""
+    from medmodal.evaluation.report import read_rows
+
+    report = run_quickstart(tmp_path / "qs", fast=True, jobs=1, references=True)
+    text = report.read_text(encoding="utf-8")
+    assert "## Dedicated upper references" in text
+    rows = read_rows(tmp_path / "qs" / "subsets.csv")
+    models = {r.model.split("@")[0] for r in rows}
+    weakest = [m for m in models if m.startswith("dedicated U-Net (") and "+" not in m]
+    assert "dedicated U-Net (t1+t1c+t2+flair)" in models and len(weakest) == 1
+    single = weakest[0][len("dedicated U-Net ("):-1]
+    # the weakest single modality is the baseline's lowest mean Dice among the single-modality subsets
+    base = {}
+    for r in rows:
+        if r.model.startswith("zero-fill U-Net@") and r.n_modalities == 1:
+            base.setdefault(r.subset, []).append(r.dice)
+    assert single == min(base, key=lambda s: sum(base[s]) / len(base[s]))
+    # same held-out cases as the compared models
+    cases = lambda name: {r.case_id for r in rows if r.model.startswith(name)}  # noqa: E731
+    assert cases(weakest[0]) == cases("zero-fill U-Net@") == cases("dedicated U-Net (t1+t1c+t2+flair)")
+    dedicated_single = {r.subset for r in rows if r.model.startswith(weakest[0])}
+    assert dedicated_single == {single}  # a one-modality model has one subset
+    assert f"| {single} | WT |" in text
