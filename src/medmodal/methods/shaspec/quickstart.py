@@ -354,8 +354,8 @@ def _reference_lines(runs, reference_rows, names, weakest, full, collapsed) -> l
         "",
         f"Zero-fill U-Nets of the baseline's widths trained (without modality dropout) for one fixed subset only: "
         f"all four modalities, and `{weakest}`, the single modality the baseline segments worst. Each is evaluated "
-        "on its own subset of the same held-out cases; mean ± std over seeds of the mean Dice over cases (runs "
-        "that collapsed included, marked in the count).",
+        "on its own subset of the same held-out cases; mean ± std over seeds of the mean Dice over cases (every "
+        "run included, collapsed or not).",
         "",
         "| subset | region | " + " | ".join(names) + " | dedicated |",
         "|---|---|" + "---|" * (len(names) + 1),
