@@ -38,3 +38,20 @@ def test_cost_leaves_the_network_as_it_was():
     wide = network_cost(create_network("unet", spatial_dims=2, modalities=("a", "b"), out_channels=3,
                                        channels=(8, 16)), batch=2, modalities=2, patch=(17, 18))
     assert 3 * cost.step_flops < wide.step_flops < 5 * cost.step_flops  # twice the width: ~4x the FLOPs
+
+
+class _GroupedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(4, 8, kernel_size=3, padding=1, groups=4, bias=False)
+
+    def forward(self, image: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+        return self.conv(image * 1.0)
+
+
+def test_grouped_convolution_backward_costs_what_its_forward_costs():
+    """torch's formula counts a grouped convolution's weight gradient `groups` times too high."""
+    cost = network_cost(_GroupedConv(), batch=2, modalities=4, patch=(5, 6, 7))
+    fwd = 2 * 2 * 8 * (4 // 4) * 27 * (5 * 6 * 7)
+    assert cost.forward_flops == fwd
+    assert cost.step_flops == 2 * fwd  # weight gradient only: the input needs no gradient

@@ -4,6 +4,11 @@ FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` while the
 backward once on a batch of the given shape (every modality available), so they follow the architecture as
 built, not a formula. They cover convolutions and matrix products (what the counter counts); norms,
 activations and the losses add a few percent at most. One multiply-add counts as 2 FLOPs.
+
+PyTorch's formula for a convolution's backward counts the weight gradient as if the convolution had one group,
+``groups`` times too high for a grouped one (ShaSpec runs its M specific encoders as one grouped convolution);
+here each gradient a backward computes (input, weight) costs what the forward costs, which holds for any
+``groups`` and for transposed convolutions.
 """
 
 from __future__ import annotations
@@ -13,7 +18,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+
+
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                         _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed=transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+_CUSTOM = {torch.ops.aten.convolution_backward: _conv_backward_flops}
 
 
 @dataclass(frozen=True)
@@ -46,10 +60,10 @@ def network_cost(network: nn.Module, *, batch: int, modalities: int, patch: Sequ
     grads = {n: None if p.grad is None else p.grad.clone() for n, p in network.named_parameters()}
     network.train()
     try:
-        with FlopCounterMode(display=False) as fwd:
+        with FlopCounterMode(display=False, custom_mapping=_CUSTOM) as fwd:
             out = network(x, available)
         forward = fwd.get_total_flops()
-        with FlopCounterMode(display=False) as bwd:
+        with FlopCounterMode(display=False, custom_mapping=_CUSTOM) as bwd:
             out.float().sum().backward()
         backward = bwd.get_total_flops()
     finally:
