@@ -88,19 +88,15 @@ def _train_or_resume(recipe: Recipe, run_dir: Path, *, overwrite: bool) -> None:
         train(recipe, run_dir, overwrite=True)
 
 
-def summarise_over_seeds(rows: list[SubsetResult], seed_of: dict[str, int]) -> tuple[list[SummaryRow], dict]:
+def summarise_over_seeds(rows: list[SubsetResult]) -> list[SummaryRow]:
     """Mean ± std **over seeds** of the per-seed mean Dice over cases, per (model, subset, region).
 
-    ``rows[i].model`` must be ``"<model>@<run>"``; ``seed_of`` maps that run tag to its seed. Also returns, per
-    model and region, the per-seed means over subsets (``{model: {region: {seed: value}}}``).
+    ``rows[i].model`` must be ``"<model>@<seed>"`` (one run per model and seed).
     """
     per_run = summarise(rows)
     groups: dict[tuple[str, str, int, str], list[SummaryRow]] = defaultdict(list)
-    subset_means: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(dict))
     for s in per_run:
-        model = s.model.split("@")[0]
-        groups[(model, s.subset, s.n_modalities, s.region)].append(s)
-        subset_means[model][s.region].setdefault(seed_of[s.model], []).append(s.dice_mean)
+        groups[(s.model.split("@")[0], s.subset, s.n_modalities, s.region)].append(s)
     out = []
     for (model, subset, n, region), ss in groups.items():
         d = np.array([s.dice_mean for s in ss])
@@ -111,9 +107,7 @@ def summarise_over_seeds(rows: list[SubsetResult], seed_of: dict[str, int]) -> t
             hd95_median=float(np.median(finite)) if finite.size else float("nan"),
             hd95_undefined=sum(s.hd95_undefined for s in ss),
         ))
-    means = {m: {r: {seed: float(np.mean(v)) for seed, v in by_seed.items()} for r, by_seed in regions.items()}
-             for m, regions in subset_means.items()}
-    return out, means
+    return out
 
 
 def _mean_over_subsets(rows: Sequence[SubsetResult]) -> dict[str, float]:
@@ -225,8 +219,8 @@ def run_quickstart(out: Path, *, fast: bool = False, overwrite: bool = False, jo
     Args:
         seeds: the seeds (default :data:`SEEDS`; ``fast``: the first only).
         overrides: recipe overrides applied to **both** models (``{"train.lr": 0.002}``).
-        references: also train the dedicated upper references (:data:`REFERENCES`) on every seed: a model
-            trained for all modalities and one for the single modality the baseline segments worst.
+        references: also train the dedicated upper references (:func:`_reference_models`) on every seed: a
+            model trained for all modalities and one for the single modality the baseline segments worst.
     """
     out = Path(out)
     report = out / "report.md"
@@ -272,8 +266,7 @@ def run_quickstart(out: Path, *, fast: bool = False, overwrite: bool = False, jo
     t_total = time.perf_counter() - t0
 
     rows = [r for rs in runs.values() for r in rs]
-    seed_of = {f"{m}@{s}": s for (m, s) in runs}
-    summary, _ = summarise_over_seeds(rows, seed_of)
+    summary = summarise_over_seeds(rows)
     write_rows(rows + [r for rs in reference_rows.values() for r in rs], out / "subsets.csv")
     write_rows(summary, out / "summary.csv")
     # Per region, the seeds where neither model's run collapsed in that region.
@@ -309,8 +302,8 @@ def run_quickstart(out: Path, *, fast: bool = False, overwrite: bool = False, jo
     text = _report_text(
         recipes, names, summary, figures, scores, seeds=seeds, n_cases=len({r.case_id for r in rows}),
         timings=timings, t_total=t_total, jobs=jobs, runs=runs, collapsed=collapsed, kept=kept,
-        comparison=comparison, costs=costs, references=_reference_lines(runs, reference_rows, names, weakest, full,
-                                                                        collapsed),
+        comparison=comparison, costs=costs,
+        references=_reference_lines(runs, reference_rows, names, weakest, full),
     )
     atomic_write_text(report, text)
     return report
@@ -331,21 +324,17 @@ def _cost(recipe: Recipe) -> str:
 def _weakest_single(runs: dict, baseline: str, collapsed: dict) -> str:
     """The single modality whose subset the baseline segments worst (mean Dice over regions, cases and
     the seeds whose run did not collapse)."""
+    baseline_runs = [key for key in runs if key[0] == baseline]
+    kept = [key for key in baseline_runs if not collapsed[key]] or baseline_runs  # all collapsed: take them all
     scores: dict[str, list[float]] = defaultdict(list)
-    for (model, seed), rows in runs.items():
-        if model == baseline and not collapsed[(model, seed)]:
-            for r in rows:
-                if r.n_modalities == 1:
-                    scores[r.subset].append(r.dice)
-    if not scores:  # every baseline run collapsed: take all of them rather than none
-        for (model, _), rows in runs.items():
-            for r in rows:
-                if model == baseline and r.n_modalities == 1:
-                    scores[r.subset].append(r.dice)
+    for key in kept:
+        for r in runs[key]:
+            if r.n_modalities == 1:
+                scores[r.subset].append(r.dice)
     return min(scores, key=lambda s: float(np.mean(scores[s])))
 
 
-def _reference_lines(runs, reference_rows, names, weakest, full, collapsed) -> list[str]:
+def _reference_lines(runs, reference_rows, names, weakest, full) -> list[str]:
     """Markdown: each dedicated reference on its own subset next to both models on that subset."""
     if not reference_rows:
         return []
