@@ -46,6 +46,8 @@ def test_forward_backward_every_parameter_gets_gradient(name: str, dims: int) ->
 def test_missing_channels_are_never_read(name: str, dims: int) -> None:
     torch.manual_seed(0)
     net = create_network(name, spatial_dims=dims, modalities=MODS, out_channels=3).eval()
+    if getattr(net, "reads_missing_channels", False):
+        pytest.skip(f"{name} reads its missing channels by design (a diffusion denoiser's noisy inputs)")
     x = torch.randn(2, len(MODS), *SHAPES[dims])
     available = torch.tensor([[True, False, True, False], [False, False, False, True]])
     x_zero = torch.where(available[(...,) + (None,) * dims], x, torch.zeros(()))
