@@ -11,6 +11,7 @@ import numpy as np
 
 from medmodal.data.case import Case, CaseRecord, DataError, DatasetInfo
 from medmodal.data.formats import FORMATS, open_dataset, write_dataset, write_manifest
+from medmodal.data.formats.completed import SIDECAR, read_synthetic_sidecar
 from medmodal.data.io import DataErrors, inspect_case, read_case
 
 __all__ = ["Problem", "check_dataset", "convert_dataset"]
@@ -56,7 +57,8 @@ def check_dataset(
 
     Problems: layout errors, duplicate case ids, cases with no modality, unreadable or truncated files,
     NaN/inf voxels, images (and labels) on different grids, unknown modalities, non-integer or undeclared label
-    values; warnings for label maps that hold only background.
+    values; warnings for label maps that hold only background, and one that counts the synthesised images a
+    completed data set's ``synthetic.json`` lists.
 
     Args:
         path: dataset folder, ``dataset.json`` or manifest file.
@@ -87,7 +89,22 @@ def check_dataset(
                 f"warning: case {record.case_id!r}: label {record.label} holds only background (0); "
                 "check it is the right file, or drop it to make the case unlabelled"
             )))
+    problems += _synthetic_note(path)
     return info, records, problems
+
+
+def _synthetic_note(path: Path) -> list[Problem]:
+    """A warning counting the synthesised images of a completed data set (see :mod:`.formats.completed`)."""
+    folder = path if path.is_dir() else path.parent
+    try:
+        synthetic = read_synthetic_sidecar(folder).get("synthetic", {})
+    except DataError as err:
+        return [Problem(None, folder / SIDECAR, str(err))]
+    images = sum(len(v) for v in synthetic.values())
+    if not images:
+        return []
+    return [Problem(None, folder / SIDECAR, f"warning: {images} synthesised image(s) in {len(synthetic)} case(s), "
+                    f"listed in {folder / SIDECAR}: model outputs, not acquired images")]
 
 
 def _read_all(records: list[CaseRecord], info: DatasetInfo) -> Iterator[Case]:

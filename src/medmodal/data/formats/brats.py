@@ -3,7 +3,9 @@
 Suffixes of BraTS 2018-2021 (``t1``, ``t1ce``, ``t2``, ``flair``, ``seg``) and BraTS 2023
 (``BraTS-GLI-00000-000-t1n.nii.gz``: ``t1n``, ``t1c``, ``t2w``, ``t2f``, ``seg``, ``-`` separator) are
 mapped to medmodal's names :data:`~medmodal.data.case.BRATS_MODALITIES`. A missing modality file is a
-missing modality.
+missing modality. A file whose name ends in ``_synthetic`` or ``-synthetic`` (``<case>_flair_synthetic.nii.gz``,
+written by :func:`~medmodal.data.formats.completed.write_completed_dataset`) is a synthesised image of that
+modality: it is read like the acquired file, and :func:`split_case_file` says it is synthetic.
 
 Optional files next to the case folders:
 
@@ -23,8 +25,8 @@ from medmodal.atomic import atomic_write_text, write_csv
 from medmodal.data.case import BRATS_MODALITIES, Case, CaseRecord, DataError, DatasetInfo
 from medmodal.data.io import compact_int_dtype, read_json_object, staged_output_dir, write_image
 
-__all__ = ["MODALITY_ALIASES", "canonical_modality", "check_case_id", "is_brats_case_folder", "read_brats",
-           "write_brats"]
+__all__ = ["MODALITY_ALIASES", "SYNTHETIC_MARKER", "canonical_modality", "check_case_id", "is_brats_case_folder",
+           "read_brats", "split_case_file", "write_brats"]
 
 #: Lower-case contrast names used by BraTS releases and nnU-Net datasets → medmodal modality names.
 MODALITY_ALIASES: dict[str, str] = {
@@ -35,6 +37,8 @@ MODALITY_ALIASES: dict[str, str] = {
 }
 _LABEL_SUFFIXES = ("seg",)
 _NIFTI = (".nii.gz", ".nii")
+#: The name part that marks a synthesised image: ``<case>_<suffix>_synthetic.nii.gz``.
+SYNTHETIC_MARKER = "synthetic"
 METADATA = "metadata.csv"
 SIDECAR = "medmodal.json"
 
@@ -72,12 +76,24 @@ def _nifti_stem(path: Path) -> str | None:
     return None if ext is None or name.startswith(".") else name[: -len(ext)]
 
 
+def split_case_file(path: Path, case_id: str) -> tuple[str, bool] | None:
+    """``(suffix, synthetic)`` of a case file ``<case>[_-]<suffix>[[_-]synthetic].nii[.gz]``: the lower-case
+    suffix and whether the name carries the :data:`SYNTHETIC_MARKER`. ``None`` for a file that is not NIfTI or
+    has no separator."""
+    stem = _nifti_stem(path)
+    if stem is None:
+        return None
+    synthetic = len(stem) > len(SYNTHETIC_MARKER) + 1 and stem.lower().endswith(
+        ("_" + SYNTHETIC_MARKER, "-" + SYNTHETIC_MARKER))
+    suffix = _split(stem[: -len(SYNTHETIC_MARKER) - 1] if synthetic else stem, case_id)
+    return None if suffix is None else (suffix, synthetic)
+
+
 def is_brats_case_folder(folder: Path) -> bool:
     """Whether ``folder`` holds a ``<case>_<suffix>.nii[.gz]`` file with a BraTS modality or ``seg`` suffix."""
     for path in folder.iterdir():
-        stem = _nifti_stem(path)
-        suffix = None if stem is None else _split(stem, folder.name)
-        if suffix is not None and (suffix in _LABEL_SUFFIXES or suffix in MODALITY_ALIASES):
+        parts = split_case_file(path, folder.name)
+        if parts is not None and ((parts[0] in _LABEL_SUFFIXES and not parts[1]) or parts[0] in MODALITY_ALIASES):
             return True
     return False
 
@@ -86,11 +102,13 @@ def _read_case_folder(folder: Path, extra: tuple[str, ...]) -> CaseRecord | None
     images: dict[str, Path] = {}
     label: Path | None = None
     for path in sorted(folder.iterdir()):
-        stem = _nifti_stem(path)
-        suffix = None if stem is None else _split(stem, folder.name)
-        if suffix is None:
+        parts = split_case_file(path, folder.name)
+        if parts is None:
             continue
+        suffix, synthetic = parts
         if suffix in _LABEL_SUFFIXES:
+            if synthetic:
+                continue  # a label is never synthesised: not a file of this layout
             if label is not None:
                 raise DataError(f"{folder}: two label files ({label.name}, {path.name}); keep one")
             label = path

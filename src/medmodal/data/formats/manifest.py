@@ -19,8 +19,9 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from medmodal.atomic import atomic_write_text, csv_text
 from medmodal.data.case import BRATS_LABELS, BRATS_REGIONS, Case, CaseRecord, DataError, DatasetInfo
@@ -171,20 +172,23 @@ def _relative(path: Path | None, folder: Path) -> str:
         return Path(path).resolve().as_posix()
 
 
-def write_manifest(records: Sequence[CaseRecord], path: Path | str, info: DatasetInfo) -> Path:
+def write_manifest(
+    records: Sequence[CaseRecord], path: Path | str, info: DatasetInfo, *, extra: Mapping[str, Any] | None = None
+) -> Path:
     """Write ``records`` as a ``.csv`` or ``.json`` manifest (atomically) with paths relative to its folder.
 
     A CSV manifest cannot hold the dataset's labels, regions or synthetic flag: when they differ from the
-    BraTS defaults, write a ``.json`` manifest.
+    BraTS defaults, write a ``.json`` manifest. ``extra`` adds top-level keys to a ``.json`` manifest (the
+    reader ignores keys it does not know); a CSV manifest cannot hold them.
     """
     path = Path(path)
     folder = path.parent
     kind = path.suffix.lower()
     if kind == ".csv":
-        if tuple(info.labels) != BRATS_LABELS or dict(info.regions) != BRATS_REGIONS or info.synthetic:
+        if tuple(info.labels) != BRATS_LABELS or dict(info.regions) != BRATS_REGIONS or info.synthetic or extra:
             raise DataError(
-                f"{path}: a CSV manifest cannot record labels {list(info.labels)}, regions or the synthetic "
-                "flag; write a .json manifest instead"
+                f"{path}: a CSV manifest cannot record labels {list(info.labels)}, regions, the synthetic "
+                "flag or other dataset keys; write a .json manifest instead"
             )
         rows = []
         for r in records:
@@ -202,7 +206,7 @@ def write_manifest(records: Sequence[CaseRecord], path: Path | str, info: Datase
             cases.append(entry)
         text = json.dumps({"name": info.name, "modalities": list(info.modalities), "labels": list(info.labels),
                            "regions": {k: list(v) for k, v in info.regions.items()},
-                           "synthetic": info.synthetic, "cases": cases}, indent=2) + "\n"
+                           "synthetic": info.synthetic, **(extra or {}), "cases": cases}, indent=2) + "\n"
     else:
         raise DataError(f"{path}: a manifest must end in .csv or .json")
     return atomic_write_text(path, text)
