@@ -11,6 +11,7 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -234,6 +235,38 @@ def predict(
     overwrite: bool = typer.Option(False, help="Replace existing outputs."),
 ) -> None:
     """Apply a run's model to cases from whichever modalities they have; outputs land on each input's grid."""
+    loaded, plugin, records, _fmt = _run_inputs(run, data, image, case_id)
+    written = plugin.predict(loaded, records, out, overwrite=overwrite, progress=True)
+    console.print(f"[bold green]wrote[/] {len(written)} file(s) to {out}")
+
+
+@app.command()
+@user_errors
+def synthesize(
+    run: Path = typer.Argument(..., help="A trained synthesis run folder (e.g. method m2dn)."),
+    out: Path = typer.Option(..., file_okay=False,
+                             help="Output folder: the completed data set, in the input's layout."),
+    data: Path | None = typer.Option(None, help="A data set (BraTS / nnU-Net / manifest) whose cases lack "
+                                                "modalities."),
+    image: list[str] = typer.Option([], help="One case given as modality=file, repeated: --image t1=a.nii.gz."),
+    case_id: str = typer.Option("case", help="Name of the --image case."),
+    sampler: str | None = typer.Option(None, help="ddpm or ddim (default: the run's)."),
+    steps: int | None = typer.Option(None, min=1, help="Sampler steps (default: the run's)."),
+    eta: float | None = typer.Option(None, min=0.0, max=1.0, help="DDIM eta (0: deterministic, 1: DDPM-like)."),
+    seed: int | None = typer.Option(None, min=0, help="Seed of the sampling noise (default: the run's)."),
+    batch_size: int | None = typer.Option(None, min=1, help="Slices or volumes per network call."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+) -> None:
+    """Fill each case's missing modalities and write a complete data set (synthetic files marked as such)."""
+    loaded, plugin, records, fmt = _run_inputs(run, data, image, case_id)
+    options = {"sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "batch_size": batch_size}
+    written = plugin.synthesize(loaded, records, out, source=data, source_format=fmt, options=options,
+                                overwrite=overwrite, progress=True)
+    console.print(f"[bold green]wrote[/] the completed data set to {written}")
+
+
+def _run_inputs(run: Path, data: Path | None, image: list[str], case_id: str) -> tuple[Any, Any, list, str]:
+    """``(loaded run, its plug-in, case records, data-set format)`` of a ``predict``-style call."""
     from medmodal.engine.plugin import get_method
     from medmodal.engine.predict import records_from_images
     from medmodal.engine.runinfo import load_run
@@ -244,10 +277,12 @@ def predict(
         _check_case_id_option(case_id)
     loaded = load_run(run)
     plugin = get_method(loaded.info.method)
+    fmt = "images"
     if data is not None:
-        from medmodal.data.formats import open_dataset
+        from medmodal.data.formats import detect_format, open_dataset
 
         info, records = open_dataset(data)
+        fmt = detect_format(data)
         data_synthetic = info.synthetic
     else:
         pairs = _image_pairs(image)
@@ -261,8 +296,7 @@ def predict(
         records = records_from_images(pairs, case_id=case_id)
         data_synthetic = False
     _warn_once(loaded.data_warning(data_synthetic=data_synthetic))
-    written = plugin.predict(loaded, records, out, overwrite=overwrite, progress=True)
-    console.print(f"[bold green]wrote[/] {len(written)} file(s) to {out}")
+    return loaded, plugin, records, fmt
 
 
 def _check_case_id_option(case_id: str) -> None:

@@ -40,3 +40,19 @@ def tiny_run(tmp_path_factory, tiny_recipe_file: Path) -> Path:
     code, text = run_cli("train", tiny_recipe_file, "--out", out)
     assert code == 0, text
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_m2dn_run(tmp_path_factory) -> Path:
+    """An M2DN model (method m2dn's 3D contract recipe) trained for 2 steps on the synthetic phantom."""
+    import yaml
+
+    from medmodal.engine.plugin import get_method
+
+    root = tmp_path_factory.mktemp("tinym2dn")
+    recipe = get_method("m2dn").contract_recipe(3)
+    recipe["train"].update(max_steps=2, val_every_steps=2)
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    code, text = run_cli("train", root / "recipe.yaml", "--out", root / "run")
+    assert code == 0, text
+    return root / "run"

@@ -69,7 +69,7 @@ def _bad_values(param: typing.Any, garbage: Path, missing: Path) -> list[str]:
     return values
 
 
-def _baselines(d: Path, phantom: Path, run: Path, recipe: Path) -> dict[tuple[str, ...], list[str]]:
+def _baselines(d: Path, phantom: Path, run: Path, recipe: Path, m2dn_run: Path) -> dict[tuple[str, ...], list[str]]:
     """A valid invocation of every command, cheap to run up to its first check."""
     labels = [str(phantom / c / f"{c}_seg.nii.gz") for c in ("phantom_000", "phantom_001", "phantom_002")]
     t2 = phantom / "phantom_001" / "phantom_001_t2.nii.gz"
@@ -78,6 +78,7 @@ def _baselines(d: Path, phantom: Path, run: Path, recipe: Path) -> dict[tuple[st
         ("methods",): [],
         ("evaluate",): [str(run), "--out", str(d / "new_eval")],
         ("predict",): [str(run), "--out", str(d / "new_pred"), "--image", f"t2={t2}"],
+        ("synthesize",): [str(m2dn_run), "--out", str(d / "new_synth"), "--image", f"t2={t2}"],
         ("register",): ["--atlases", str(phantom), "--targets", str(phantom), "--out", str(d / "new_reg"),
                         "--transform", "affine"],
         ("fuse",): [*labels, "--method", "staple", "--out", str(d / "fused.nii.gz")],
@@ -86,11 +87,12 @@ def _baselines(d: Path, phantom: Path, run: Path, recipe: Path) -> dict[tuple[st
         ("data", "check"): [str(phantom)],
         ("data", "convert"): [str(phantom), str(d / "new_convert"), "--to", "nnunet"],
         ("experiment", "deepstaple"): ["--fast", "--out", str(d / "new_deepstaple")],
+        ("experiment", "m2dn"): ["--fast", "--out", str(d / "new_m2dn")],
     }
 
 
 #: options that replace others of the baseline: (command, option) → baseline parameters kept
-_ALONE = {("train", "resume"): (), ("predict", "data"): ("run", "out")}
+_ALONE = {("train", "resume"): (), ("predict", "data"): ("run", "out"), ("synthesize", "data"): ("run", "out")}
 
 
 def _with_value(command: typing.Any, base: list[str], param: typing.Any, value: str, path: tuple[str, ...]) -> list:
@@ -115,10 +117,10 @@ def _with_value(command: typing.Any, base: list[str], param: typing.Any, value: 
     return args
 
 
-def _cases(tmp: Path, phantom: Path, run: Path, recipe: Path) -> list[tuple[str, list[str]]]:
+def _cases(tmp: Path, phantom: Path, run: Path, recipe: Path, m2dn_run: Path) -> list[tuple[str, list[str]]]:
     garbage = tmp / "garbage.txt"
     garbage.write_text("not an image, a data set or a folder\n")
-    baselines = _baselines(tmp, phantom, run, recipe)
+    baselines = _baselines(tmp, phantom, run, recipe, m2dn_run)
     cases = []
     for path, command in _leaf_commands():
         assert path in baselines, f"add a baseline invocation of `medmodal {' '.join(path)}` to _baselines"
@@ -133,9 +135,9 @@ def _cases(tmp: Path, phantom: Path, run: Path, recipe: Path) -> list[tuple[str,
 
 
 def test_every_option_rejects_a_bad_value_without_a_traceback(tmp_path, tiny_phantom, tiny_run,
-                                                              tiny_recipe_file) -> None:
+                                                              tiny_recipe_file, tiny_m2dn_run) -> None:
     failures = []
-    cases = _cases(tmp_path, tiny_phantom, tiny_run, tiny_recipe_file)
+    cases = _cases(tmp_path, tiny_phantom, tiny_run, tiny_recipe_file, tiny_m2dn_run)
     assert len(cases) > 60
     for label, args in cases:
         result = runner.invoke(app, args)

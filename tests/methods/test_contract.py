@@ -114,14 +114,18 @@ def image_args(files: dict[str, Path]) -> list[str]:
     return [x for m, f in files.items() for x in ("--image", f"{m}={f}")]
 
 
-def dice_values(eval_dir: Path) -> list[float]:
-    """Every value of a ``dice*`` column in the evaluation's CSV files."""
+def metric_values(eval_dir: Path, prefix: str = "dice") -> list[float]:
+    """Every value of a ``<prefix>*`` column in the evaluation's CSV files."""
     values = []
     for path in sorted(eval_dir.glob("*.csv")):
         with path.open(newline="", encoding="utf-8") as f:
             for row in csv.DictReader(f):
-                values += [float(v) for k, v in row.items() if k.lower().startswith("dice") and v not in ("", None)]
+                values += [float(v) for k, v in row.items() if k.lower().startswith(prefix) and v not in ("", None)]
     return values
+
+
+def offered(method: str, operation: str) -> bool:
+    return get_method(method).offers(operation)
 
 
 # -- train and resume -------------------------------------------------------------------------------------------
@@ -145,19 +149,21 @@ def test_train_then_resume_continues_the_same_run(contract_run, method: str, dim
 
 # -- evaluate ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("method", "dims"), CASES, ids=IDS)
-def test_evaluate_reports_dice_of_the_run(contract_run, method: str, dims: int) -> None:
+def test_evaluate_reports_the_metrics_of_the_run(contract_run, method: str, dims: int) -> None:
     cr = contract_run(method, dims)
     code, text = invoke("evaluate", cr.run)
     assert code == 0, text
     eval_dir = cr.run / "eval"
     report = (eval_dir / "report.md").read_text(encoding="utf-8")
     assert str(cr.run) in report
-    values = dice_values(eval_dir)
-    assert values, f"no dice column in {sorted(p.name for p in eval_dir.glob('*.csv'))}"
-    assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values), values
-    # the report shows a Dice that the CSV files hold (formatted to 3 decimals)
-    shown = {float(x) for x in re.findall(r"(?<![\d.])[01]\.\d{3}(?!\d)", report)}
-    assert any(abs(v - s) <= 5e-4 for v in values for s in shown), (values[:10], sorted(shown)[:10])
+    shown = {float(x) for x in re.findall(r"(?<![\d.])-?\d+\.\d{2,3}(?!\d)", report)}
+    for prefix, (low, high) in get_method(method).evaluation_metrics.items():
+        values = metric_values(eval_dir, prefix)
+        assert values, f"no {prefix} column in {sorted(p.name for p in eval_dir.glob('*.csv'))}"
+        assert all(math.isfinite(v) and low <= v <= high for v in values), (prefix, values[:10])
+    # the report shows a value that the CSV files hold (formatted to 2 or 3 decimals)
+    first = metric_values(eval_dir, next(iter(get_method(method).evaluation_metrics)))
+    assert any(abs(v - s) <= 5e-3 for v in first for s in shown), (first[:10], sorted(shown)[:10])
 
 
 # -- predict ----------------------------------------------------------------------------------------------------
@@ -165,6 +171,11 @@ def test_evaluate_reports_dice_of_the_run(contract_run, method: str, dims: int) 
 def test_predict_lands_on_the_input_grid(contract_run, tmp_path: Path, method: str, dims: int) -> None:
     cr = contract_run(method, dims)
     files = phantom_case(tmp_path / "ph", dims, cr.modalities)
+    if not offered(method, "predict"):  # e.g. a synthesis method: refused in one line, nothing written
+        code, text = invoke("predict", cr.run, *image_args(files), "--out", tmp_path / "p")
+        assert code == 2 and "predict is not offered" in one_error_line(text), text
+        assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
+        return
     code, text = invoke("predict", cr.run, *image_args(files), "--case-id", "new", "--out", tmp_path / "p")
     assert code == 0, text
     seg = nib.load(tmp_path / "p" / "new_seg.nii.gz")
@@ -179,6 +190,8 @@ def test_predict_lands_on_the_input_grid(contract_run, tmp_path: Path, method: s
                                                                                   if c[1] == 3])
 def test_predict_on_a_permuted_oblique_grid(contract_run, tmp_path: Path, method: str, dims: int) -> None:
     cr = contract_run(method, dims)
+    if not offered(method, "predict"):
+        pytest.skip(f"{method} does not predict (test_predict_lands_on_the_input_grid checks the refusal)")
     files = phantom_case(tmp_path / "ph", dims, cr.modalities)
     rot = np.array([[0, 0.99, 0.14], [0, -0.14, 0.99], [1, 0, 0]])  # permuted axes + oblique
     aff = np.eye(4)
@@ -244,13 +257,25 @@ def test_run_works_after_the_phantom_cache_is_gone(contract_run, tmp_path: Path,
     # a fresh, empty cache: the generated phantom and every preprocessed array of the training are gone
     monkeypatch.setenv("MEDMODAL_CACHE", str(tmp_path / "empty_cache"))
     files = phantom_case(tmp_path / "ph", dims, cr.modalities)
-    code, text = invoke("predict", cr.run, *image_args(files), "--out", tmp_path / "p")
-    assert code == 0, text
-    assert nib.load(tmp_path / "p" / "case_seg.nii.gz").shape == nib.load(next(iter(files.values()))).shape
+    if offered(method, "predict"):
+        code, text = invoke("predict", cr.run, *image_args(files), "--out", tmp_path / "p")
+        assert code == 0, text
+        assert nib.load(tmp_path / "p" / "case_seg.nii.gz").shape == nib.load(next(iter(files.values()))).shape
+    if offered(method, "synthesize"):  # one modality given, the others synthesised onto its grid
+        first = cr.modalities[0]
+        code, text = invoke("synthesize", cr.run, "--image", f"{first}={files[first]}", "--out", tmp_path / "s")
+        assert code == 0, text
+        made = sorted((tmp_path / "s").rglob("*synthetic*.nii.gz"))
+        assert len(made) == len(cr.modalities) - 1, made
+        ref = nib.load(files[first])
+        for f in made:
+            img = nib.load(f)
+            assert img.shape == ref.shape and np.allclose(img.affine, ref.affine)
     code, text = invoke("evaluate", cr.run, "--out", tmp_path / "e")
     if code == 0:  # the phantom is regenerated from the recipe
-        values = dice_values(tmp_path / "e")
-        assert values and all(0.0 <= v <= 1.0 for v in values)
+        prefix, (low, high) = next(iter(get_method(method).evaluation_metrics.items()))
+        values = metric_values(tmp_path / "e", prefix)
+        assert values and all(low <= v <= high for v in values)
     else:
         assert code == 2 and "phantom" in one_error_line(text), text
 

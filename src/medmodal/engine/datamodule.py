@@ -13,13 +13,14 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from medmodal.data.case import CaseRecord, DataError, DatasetInfo
 from medmodal.data.preprocess import HistogramClip
@@ -136,6 +137,23 @@ def resolve_source(cfg: DataConfig) -> DataSource:
     )
 
 
+class MappedDataset(Dataset):
+    """``dataset`` with ``transform(dataset.index, item)`` applied to each item (``set_epoch`` passed on)."""
+
+    def __init__(self, dataset: Any, transform: Callable[[Any, dict], dict]) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.transform(self.dataset.index, self.dataset[i])
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+
 def select_modalities(record: CaseRecord, modalities: tuple[str, ...]) -> CaseRecord:
     """``record`` with only the files of ``modalities``: a model trained on a subset never reads the others."""
     return dataclasses.replace(record, images={m: p for m, p in record.images.items() if m in modalities})
@@ -182,6 +200,9 @@ class CacheDataModule(L.LightningDataModule):
         val_fraction: share of labelled cases held out for validation.
         seed: split, sampling and augmentation seed.
         augmentation: the recipe's ``data.augmentation`` (``None`` or not ``enabled``: none).
+        item_transform: a picklable ``(index, item) -> item`` applied to every training and validation item
+            after sampling (a method's own intensity mapping, say); it receives the :class:`CacheIndex` the item
+            came from, so it can read the whole case. ``None``: none.
     """
 
     def __init__(
@@ -197,8 +218,10 @@ class CacheDataModule(L.LightningDataModule):
         seed: int = 0,
         progress: bool = False,
         augmentation: AugmentationConfig | None = None,
+        item_transform: Callable[[Any, dict], dict] | None = None,
     ) -> None:
         super().__init__()
+        self.item_transform = item_transform
         self.source = source
         self.patch_size = tuple(patch_size)
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
@@ -266,6 +289,8 @@ class CacheDataModule(L.LightningDataModule):
             seed=self.seed,
             augment=self._augment(),
         )
+        if self.item_transform is not None:
+            dataset = MappedDataset(dataset, self.item_transform)
         rank, world = self._ranks
         shard = RankShard(dataset, rank=rank, world_size=world, batch_size=self.batch_size)
         return self._loader(shard, shard.local_batch, shuffle=False)
@@ -274,5 +299,7 @@ class CacheDataModule(L.LightningDataModule):
         from medmodal.data.sampling import WholeCaseDataset
 
         rank, world = self._ranks
-        cases = WholeCaseDataset(index=self.index.subset(self.val_ids))
+        cases: Any = WholeCaseDataset(index=self.index.subset(self.val_ids))
+        if self.item_transform is not None:
+            cases = MappedDataset(cases, self.item_transform)
         return self._loader(ValidationShard(cases, rank=rank, world_size=world), 1, shuffle=False)

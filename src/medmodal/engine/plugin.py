@@ -8,7 +8,8 @@ so adding a method touches no generic file. Everything the engine asks of a meth
 * ``config``: the pydantic model of the recipe's ``method:`` section (``name`` is its discriminator);
 * :meth:`check_recipe`: checks that involve other sections (raise ``ValueError`` with a message naming fields);
 * :meth:`build`: the Lightning system, data module, network and what the run folder records about the task;
-* :meth:`evaluate`, :meth:`predict`, :meth:`fuse`: the inference commands, on a self-describing run folder;
+* :meth:`evaluate`, :meth:`predict`, :meth:`synthesize`, :meth:`fuse`: the inference commands, on a
+  self-describing run folder;
 * :meth:`add_commands`: sub-commands the method adds to ``medmodal``;
 * :meth:`contract_recipe`: a tiny recipe per spatial dimension, which the method contract test trains, resumes,
   evaluates and predicts with through the CLI.
@@ -83,6 +84,9 @@ class MethodPlugin:
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
     #: the method used when a recipe has no ``method`` section (exactly one plug-in sets it).
     default: ClassVar[bool] = False
+    #: the per-case metrics ``evaluate`` writes to its CSV files (column-name prefix → valid range); the method
+    #: contract test checks them.
+    evaluation_metrics: ClassVar[dict[str, tuple[float, float]]] = {"dice": (0.0, 1.0)}
 
     # -- recipes -----------------------------------------------------------------------------------------
     def check_recipe(self, recipe: Recipe) -> None:
@@ -108,6 +112,14 @@ class MethodPlugin:
         """Apply ``run``'s model to ``records``; returns the written files."""
         raise self.not_offered("predict")
 
+    def synthesize(self, run: LoadedRun, records: Sequence[CaseRecord], out_dir: Path, *, source: Path | None,
+                   source_format: str, options: dict[str, Any], overwrite: bool, progress: bool) -> Path:
+        """Fill the missing modalities of ``records`` (read from data set ``source`` in ``source_format``, or
+        ``--image`` files when ``source`` is ``None``) and write a complete data set to ``out_dir`` in the
+        input's layout; ``options`` holds the sampler settings given on the command line (``None``: the run's).
+        Returns ``out_dir``."""
+        raise self.not_offered("synthesize")
+
     def fuse(self, run: LoadedRun, out_dir: Path, *, overwrite: bool) -> list[Path]:
         """Fuse the candidate labels of ``run`` (label-fusion methods); returns the written files."""
         raise self.not_offered("fuse --run")
@@ -121,6 +133,11 @@ class MethodPlugin:
         raise NotImplementedError
 
     # -- helpers ------------------------------------------------------------------------------------------
+    def offers(self, operation: str) -> bool:
+        """Whether the plug-in overrides the inference operation ``operation`` (``predict``, ``synthesize``,
+        ``fuse``, ``evaluate``)."""
+        return getattr(type(self), operation) is not getattr(MethodPlugin, operation)
+
     def not_offered(self, operation: str) -> Exception:
         from medmodal.engine.run import RunError
 
