@@ -228,7 +228,8 @@ def test_bad_calls_exit_2_with_one_line(contract_run, tmp_path: Path, method: st
         assert "--features" in one_error_line(text)
         assert not (tmp_path / "e" / "report.md").exists()
     files = phantom_case(tmp_path / "ph", dims, cr.modalities[:1])
-    code, text = invoke("predict", cr.run, "--image", f"xyz={files[cr.modalities[0]]}", "--out", tmp_path / "p")
+    inference = "predict" if offered(method, "predict") else "synthesize"
+    code, text = invoke(inference, cr.run, "--image", f"xyz={files[cr.modalities[0]]}", "--out", tmp_path / "p")
     assert code == 2, text
     assert "unknown modality name(s) ['xyz']" in text and str(cr.modalities) in text, text
     assert not (tmp_path / "p" / "case_seg.nii.gz").exists()

@@ -99,7 +99,8 @@ def synthesize_records(run: LoadedRun, records: Sequence[CaseRecord], out_dir: P
     provenance = {"run": str(run.dir), "method": run.info.method, "mode": mode,
                   "sampler": settings.sampler, "steps": settings.steps or diffusion.timesteps, "eta": settings.eta,
                   "seed": settings.seed, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    result = write_completed_dataset(source=source, format=source_format, records=records, info=info,
+    # --image input: a one-case data set in the BraTS folder layout
+    result = write_completed_dataset(source=source, format=source_format if source is not None else "brats", records=records, info=info,
                                      synthesized=synthesized, out_dir=out_dir, provenance=provenance,
                                      overwrite=overwrite)
     return getattr(result, "out_dir", out_dir)
