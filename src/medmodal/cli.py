@@ -243,7 +243,7 @@ def predict(
 @app.command()
 @user_errors
 def synthesize(
-    run: Path = typer.Argument(..., help="A trained synthesis run folder (e.g. method m2dn)."),
+    run: Path = typer.Argument(..., help="A trained run of a method that synthesises images."),
     out: Path = typer.Option(..., file_okay=False,
                              help="Output folder: the completed data set, in the input's layout."),
     data: Path | None = typer.Option(None, help="A data set (BraTS / nnU-Net / manifest) whose cases lack "
