@@ -103,6 +103,14 @@ class M2DNPlugin(MethodPlugin):
         if len(mods) < 2:
             raise DataError(f"M2DN synthesises modalities from others: the data has {list(mods)}; it needs at "
                             "least two modalities (data.modalities)")
+        if m.incomplete_cases == "error" and (source.phantom is None or source.phantom.missing_rate > 0):
+            # checked here, not only when a training step happens to draw an incomplete case
+            lacking = [r.case_id for r in source.records()[1] if set(mods) - set(r.images)]
+            if lacking:
+                shown = ", ".join(lacking[:5]) + (" ..." if len(lacking) > 5 else "")
+                raise DataError(f"{len(lacking)} case(s) lack one of {list(mods)} ({shown}); M2DN trains on complete "
+                                "cases: set method.incomplete_cases: mask to train on incomplete ones (beyond the "
+                                "paper), or choose data.modalities every case has")
         try:
             per_rank_batch(recipe.data.batch_size, recipe.world_size)
         except ValueError as err:

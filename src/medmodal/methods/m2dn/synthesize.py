@@ -64,6 +64,9 @@ def synthesize_records(run: LoadedRun, records: Sequence[CaseRecord], out_dir: P
                             "with them")
         if not rec.images:
             raise DataError(f"case {rec.case_id}: has no image; M2DN needs at least one of {list(mods)}")
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:  # refused before any case is synthesised
+        raise DataError(f"--out {out_dir}: folder exists and is not empty; pass --overwrite or pick another folder")
     info = open_dataset(source)[0] if source is not None else input_info(run)
     network = run.network()
     diffusion = diffusion_of(inf)
@@ -100,7 +103,8 @@ def synthesize_records(run: LoadedRun, records: Sequence[CaseRecord], out_dir: P
                   "sampler": settings.sampler, "steps": settings.steps or diffusion.timesteps, "eta": settings.eta,
                   "seed": settings.seed, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     # --image input: a one-case data set in the BraTS folder layout
-    result = write_completed_dataset(source=source, format=source_format if source is not None else "brats", records=records, info=info,
+    result = write_completed_dataset(source=source, format=source_format if source is not None else "brats",
+                                     records=records, info=info,
                                      synthesized=synthesized, out_dir=out_dir, provenance=provenance,
                                      overwrite=overwrite)
     return getattr(result, "out_dir", out_dir)
