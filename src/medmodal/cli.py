@@ -255,11 +255,13 @@ def synthesize(
     eta: float | None = typer.Option(None, min=0.0, max=1.0, help="DDIM eta (0: deterministic, 1: DDPM-like)."),
     seed: int | None = typer.Option(None, min=0, help="Seed of the sampling noise (default: the run's)."),
     batch_size: int | None = typer.Option(None, min=1, help="Slices or volumes per network call."),
+    device: str = typer.Option("auto", help="auto (the GPU when there is one), cpu or cuda."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
 ) -> None:
     """Fill each case's missing modalities and write a complete data set (synthetic files marked as such)."""
     loaded, plugin, records, fmt = _run_inputs(run, data, image, case_id, operation="synthesize")
-    options = {"sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "batch_size": batch_size}
+    options = {"sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "batch_size": batch_size,
+               "device": device}
     written = plugin.synthesize(loaded, records, out, source=data, source_format=fmt, options=options,
                                 overwrite=overwrite, progress=True)
     console.print(f"[bold green]wrote[/] the completed data set to {written}")

@@ -23,8 +23,7 @@ from medmodal.engine.datamodule import prepare_cache
 from medmodal.engine.run import RunError
 from medmodal.engine.runinfo import LoadedRun
 from medmodal.methods.m2dn.data import CaseIntensity, to_unit
-from medmodal.methods.m2dn.inference import SamplerSettings, fill_case, settings_from
-from medmodal.methods.m2dn.system import case_seed
+from medmodal.methods.m2dn.inference import SamplerSettings, case_generator, fill_case, inference_device, settings_from
 
 log = logging.getLogger("medmodal")
 
@@ -62,7 +61,8 @@ def synthesis_rows(run: LoadedRun, cases: list, *, model_name: str, settings: Sa
     )
     from medmodal.methods.m2dn import diffusion_of
 
-    network = run.network()
+    device = inference_device()
+    network = run.network().to(device)
     inf = run.info.inference
     diffusion = diffusion_of(inf)
     settings = settings or settings_from(inf)
@@ -90,7 +90,7 @@ def synthesis_rows(run: LoadedRun, cases: list, *, model_name: str, settings: Sa
                 log.warning("case %s: empty foreground; skipped", case.case_id)
                 continue
             avail = torch.tensor(pats)
-            gen = torch.Generator().manual_seed(case_seed(settings.seed, case.case_id))
+            gen = case_generator(settings.seed, case.case_id, device)
             filled = fill_case(network, x, avail, model_dims=net_dims, mode=mode, diffusion=diffusion,
                                settings=settings, batch_size=int(inf.get("batch_size", 16)), generator=gen)
             truth = to_unit(x).numpy()

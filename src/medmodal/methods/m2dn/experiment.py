@@ -103,19 +103,19 @@ def completed_cases(run_dir: Path, cases: Sequence, patterns: Sequence[tuple[boo
     from medmodal.data.preprocess import zscore_foreground
     from medmodal.methods.m2dn import diffusion_of
     from medmodal.methods.m2dn.data import CaseIntensity, to_unit
-    from medmodal.methods.m2dn.inference import fill_case, settings_from
-    from medmodal.methods.m2dn.system import case_seed
+    from medmodal.methods.m2dn.inference import case_generator, fill_case, inference_device, settings_from
 
     run = load_run(run_dir)
     inf = run.info.inference
-    network, diffusion, settings = run.network(), diffusion_of(inf), settings_from(inf)
+    device = inference_device()
+    network, diffusion, settings = run.network().to(device), diffusion_of(inf), settings_from(inf)
     out = []
     for case in cases:
         image = np.asarray(case.image(), dtype=np.float32)
         present = np.asarray(case.available, dtype=bool)
         stats = CaseIntensity.of_case(image, present, percentiles=tuple(inf["percentiles"]))
         fg = stats.foreground(image, present)
-        gen = torch.Generator().manual_seed(case_seed(settings.seed, case.case_id))
+        gen = case_generator(settings.seed, case.case_id, device)
         filled = to_unit(fill_case(network, torch.from_numpy(stats.to_model(image, present)), torch.tensor(patterns),
                                    model_dims=int(inf["model_dims"]), mode=inf["mode"], diffusion=diffusion,
                                    settings=settings, batch_size=int(inf["batch_size"]), generator=gen)).numpy()

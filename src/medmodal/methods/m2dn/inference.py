@@ -6,6 +6,7 @@ regression baseline and replaced by noise in diffusion), ``available (B, M)`` bo
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -78,6 +79,28 @@ def fill_missing(
                             callback=callback)
 
 
+def inference_device(requested: str | None = None) -> torch.device:
+    """``"cuda"`` / ``"cpu"`` as asked; ``None`` or ``"auto"``: the GPU when there is one."""
+    if requested in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected auto, cpu or cuda, got {requested!r}")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine has no CUDA GPU; use --device cpu")
+    return torch.device(requested)
+
+
+def case_seed(seed: int, case_id: str) -> int:
+    """A per-case seed: the same on every rank, in every process and in any case order."""
+    return (int(seed) * 1_000_003 + zlib.crc32(case_id.encode())) % (2**63)
+
+
+def case_generator(seed: int, case_id: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """The sampling-noise generator of one case on ``device`` (a GPU draws other numbers than the CPU for the
+    same seed: synthesis is reproducible per device)."""
+    return torch.Generator(device=torch.device(device)).manual_seed(case_seed(seed, case_id))
+
+
 def batched(n: int, size: int) -> Iterator[slice]:
     """Consecutive slices of ``range(n)`` of at most ``size`` items."""
     for start in range(0, n, max(1, size)):
@@ -120,8 +143,10 @@ def fill_case(
 
     A 2D model on a 3D case works slice by slice along the last axis (axial for RAS-oriented volumes); the
     ``K × S_last`` slices, or the ``K`` images when the model has the case's dimension, go through the sampler in
-    batches of ``batch_size`` drawn from one ``generator``. ``progress(n)`` is called with the items done.
+    batches of ``batch_size`` drawn from one ``generator``, on the network's device (the generator must be there
+    too); the result is on the CPU. ``progress(n)`` is called with the items done.
     """
+    device = next(network.parameters()).device
     case_dims = image.ndim - 1
     if model_dims not in (case_dims, case_dims - 1) or (model_dims == 2 and case_dims == 1):
         raise ValueError(f"a {model_dims}D model cannot fill a {case_dims}D case")
@@ -133,10 +158,10 @@ def fill_case(
         z = image.shape[-1]
         items = image.movedim(-1, 0)[None].expand(k, z, *image.shape[:-1]).reshape(k * z, *image.shape[:-1])
         avail = patterns.repeat_interleave(z, dim=0)
-    out = torch.empty_like(items)
+    out = torch.empty(items.shape, dtype=items.dtype)
     for part in batched(items.shape[0], batch_size):
-        out[part] = fill_missing(network, items[part].contiguous(), avail[part], mode=mode, diffusion=diffusion,
-                                 settings=settings, generator=generator)
+        out[part] = fill_missing(network, items[part].contiguous().to(device), avail[part].to(device), mode=mode,
+                                 diffusion=diffusion, settings=settings, generator=generator).cpu()
         if progress is not None:
             progress(part.stop - part.start)
     if model_dims == case_dims:

@@ -24,8 +24,7 @@ from rich.progress import Progress
 from medmodal.data.case import CaseRecord, DataError
 from medmodal.engine.runinfo import LoadedRun
 from medmodal.methods.m2dn.data import CaseIntensity, to_unit
-from medmodal.methods.m2dn.inference import fill_case, settings_from
-from medmodal.methods.m2dn.system import case_seed
+from medmodal.methods.m2dn.inference import case_generator, fill_case, inference_device, settings_from
 
 log = logging.getLogger("medmodal")
 
@@ -46,6 +45,7 @@ def synthesize_records(run: LoadedRun, records: Sequence[CaseRecord], out_dir: P
         raise DataError(f"{run.dir} is not a synthesis run")
     try:
         settings = settings_from(inf, options)
+        device = inference_device(options.get("device"))
     except ValueError as err:
         raise DataError(str(err)) from None
     if settings.sampler == "ddpm" and settings.steps is not None and settings.steps != int(inf["timesteps"]):
@@ -68,7 +68,7 @@ def synthesize_records(run: LoadedRun, records: Sequence[CaseRecord], out_dir: P
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:  # refused before any case is synthesised
         raise DataError(f"--out {out_dir}: folder exists and is not empty; pass --overwrite or pick another folder")
     info = open_dataset(source)[0] if source is not None else input_info(run)
-    network = run.network()
+    network = run.network().to(device)
     diffusion = diffusion_of(inf)
     mode = inf.get("mode", "diffusion")
     net_dims = int(inf.get("model_dims", run.info.spatial_dims))
@@ -82,7 +82,7 @@ def synthesize_records(run: LoadedRun, records: Sequence[CaseRecord], out_dir: P
             present = np.asarray(available, dtype=bool)
             stats = CaseIntensity.of_case(image, present, percentiles=tuple(inf.get("percentiles", (0.5, 99.5))))
             x = torch.from_numpy(stats.to_model(image, present))
-            gen = torch.Generator().manual_seed(case_seed(settings.seed, rec.case_id))
+            gen = case_generator(settings.seed, rec.case_id, device)
             try:
                 filled = fill_case(network, x, torch.from_numpy(present)[None], model_dims=net_dims, mode=mode,
                                    diffusion=diffusion, settings=settings, batch_size=batch_size,

@@ -15,7 +15,6 @@ foreground on the [0, 1] scale (:mod:`medmodal.evaluation.synthesis`).
 from __future__ import annotations
 
 import copy
-import zlib
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -27,12 +26,7 @@ from medmodal.data.case import Batch, DataError
 from medmodal.engine.system import MethodSystem, lr_factor, make_optimizer
 from medmodal.evaluation.synthesis import all_scenarios
 from medmodal.methods.m2dn.diffusion import MaskedDiffusion, ema_update
-from medmodal.methods.m2dn.inference import Mode, SamplerSettings, fill_case, regression_input
-
-
-def case_seed(seed: int, case_id: str) -> int:
-    """A per-case seed: the same on every rank and in every process."""
-    return (int(seed) * 1_000_003 + zlib.crc32(case_id.encode())) % (2**63)
+from medmodal.methods.m2dn.inference import Mode, SamplerSettings, case_generator, fill_case, regression_input
 
 
 class M2DNSystem(MethodSystem):
@@ -154,7 +148,7 @@ class M2DNSystem(MethodSystem):
                     and any(h and not a for a, h in zip(p, have, strict=True))]
             if not pats:
                 continue
-            gen = torch.Generator().manual_seed(case_seed(self.seed, batch.case_id[i]))
+            gen = case_generator(self.seed, batch.case_id[i], batch.image.device)
             filled = fill_case(self.network, batch.image[i], torch.tensor(pats, device=batch.image.device),
                                model_dims=self.model_dims or dims, mode=self.mode, diffusion=self.diffusion,
                                settings=settings, batch_size=64, generator=gen)
