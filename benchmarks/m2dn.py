@@ -13,10 +13,10 @@ them missing, under the T = 1000 linear schedule of the spec:
   :func:`medmodal.methods.m2dn.inference.fill_case` in batches of ``--volume-batches`` slices: ``--volume-steps``
   DDIM steps are measured on the whole volume and multiplied up to 50 (every DDIM step does the same work), and
   the achieved GFLOP/s is compared with one large ``Conv2d`` (64→64, 3×3, 1×64×256², float32) timed in the same
-  run, interleaved with everything else, on the same threads (the issue's target: ≥ 30 %). The ``Conv3d``
-  reference of ``benchmarks/evaluation.py`` is printed too, to compare with the other tables of
-  docs/benchmarks.md. Batch 16 is what ``medmodal evaluate``/``synthesize`` use (``run.json`` ``inference.batch_size``).
-  Without 1 in ``--volume-batches``, batch 1 is derived from the single-slice chain.
+  run, interleaved with everything else (5 calls in a row per round), on the same threads (the issue's target:
+  ≥ 30 %). The ``Conv3d`` reference of ``benchmarks/evaluation.py`` is printed too, to compare with the other
+  tables of docs/benchmarks.md. Batch 16 is what ``medmodal evaluate``/``synthesize`` use (``run.json``
+  ``inference.batch_size``). Without 1 in ``--volume-batches``, batch 1 is derived from the single-slice chain.
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over one denoiser forward (convolutions and
 matrix products, a multiply-add = 2 FLOPs; norms, activations and the sampler's element-wise update are not
@@ -60,6 +60,7 @@ MODS = ("t1", "t1c", "t2", "flair")
 RECIPE_NET = {"width": 16, "channels": [32, 32], "time_dim": 64}  # src/medmodal/recipes/m2dn_tiny.yaml
 SLICE_SETTINGS = (("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100), ("ddpm", 1000))
 VOLUME_STEPS = 50
+REF_CALLS = 5
 
 
 def conv2d_reference() -> tuple[float, Callable[[], object]]:
@@ -137,8 +138,11 @@ def cost(args: argparse.Namespace) -> None:
     params = sum(p.numel() for p in net.parameters())
 
     fns: dict[str, Callable[[], object]] = {}
-    ref2_flops, fns["conv2d"] = conv2d_reference()
-    ref3_flops, fns["conv3d"] = conv_reference()
+    ref2_flops, conv2d = conv2d_reference()
+    ref3_flops, conv3d = conv_reference()
+    # each round times the references REF_CALLS times in a row (a single call is ~20 ms: load spikes dominate it)
+    fns["conv2d"] = lambda: [conv2d() for _ in range(REF_CALLS)]
+    fns["conv3d"] = lambda: [conv3d() for _ in range(REF_CALLS)]
     measured = [(s, n) for s, n in SLICE_SETTINGS if n <= args.measure_up_to]
     for s, n in measured:
         fns[f"slice/{s}/{n}"] = slice_chain(net, diffusion, s, n, size)
@@ -155,6 +159,7 @@ def cost(args: argparse.Namespace) -> None:
                 torch.zeros(b, dtype=torch.long))
     fns["conv2d"](), fns["conv3d"]()
     t = timed(fns, args.repeats)
+    t["conv2d"], t["conv3d"] = t["conv2d"] / REF_CALLS, t["conv3d"] / REF_CALLS
     g2 = ref2_flops / t["conv2d"] / 1e9
     g3 = ref3_flops / t["conv3d"] / 1e9
 
@@ -257,7 +262,7 @@ def quality(args: argparse.Namespace, run) -> None:
         sec = time.perf_counter() - t0
         results.append((st, np.array([r.psnr for r in rows]), np.array([r.ssim for r in rows]), sec))
     ref = results[0][1]
-    print(f"{'sampler':<8}{'steps':>6}{'fewer':>7}{'PSNR dB':>9}{'SSIM':>7}{'gap dB':>8}{'95% CI of gap':>18}"
+    print(f"{'sampler':<8}{'steps':>6}{'fewer':>7}{'PSNR dB':>9}{'SSIM':>7}{'gap dB':>8}{'naive 95% CI':>18}"
           f"{'s/image':>9}")
     gaps = {}
     for st, psnr, ssim, sec in results:
@@ -271,10 +276,15 @@ def quality(args: argparse.Namespace, run) -> None:
         print(f"{st.sampler.upper():<8}{n:>6}{T / n:>6.0f}x{mean:>9.2f}{np.mean(ssim):>7.3f}{d.mean():>+8.2f}{ci:>18}"
               f"{sec / n_items:>9.2f}")
     print(f"(gap: paired mean of PSNR − the DDPM {T}-step chain's over the {ref.size} (case, scenario, modality) "
-          f"scores; s/image: wall time of the whole evaluation / images, measured once)")
-    within = [n for n, g in gaps.items() if n > 0 and T / n >= 10 and g >= -0.5]
-    print("target (issue 12): DDIM with >= 10x fewer steps than the full chain within 0.5 dB: "
-          + (f"met (DDIM {min(within)}: {gaps[min(within)]:+.2f} dB)" if within else "NOT met"))
+          f"scores, CI treating them as independent; s/image: wall time of the whole evaluation / images, "
+          "measured once)")
+    tenfold = [n for n in gaps if n > 0 and T / n >= 10]
+    within = [n for n in tenfold if gaps[n] >= -0.5]
+    if tenfold:
+        n10 = max(tenfold)
+        print(f"target (issue 12): DDIM with >= 10x fewer steps than the full chain within 0.5 dB: DDIM {n10} "
+              f"{gaps[n10]:+.2f} dB -> {'met' if gaps[n10] >= -0.5 else 'NOT met'}"
+              + (f"; fewest steps within 0.5 dB: DDIM {min(within)} ({gaps[min(within)]:+.2f} dB)" if within else ""))
     if args.figure:
         from medmodal.evaluation.synthesis import metric_vs_steps_figure
 
