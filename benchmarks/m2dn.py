@@ -340,9 +340,13 @@ def main() -> None:
         p.error("--volume-batches and --volume-steps must be >= 1 and --measure-up-to >= 10")
     torch.set_num_threads(args.threads)
     print(f"# M2DN sampling cost and quality against steps, {datetime.datetime.now():%Y-%m-%dT%H:%M}, CPU, "
-          f"{args.threads} threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), torch "
+          f"{args.threads} threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}), torch "
           f"{torch.__version__}; load average {os.getloadavg()[0]:.1f} at the start")
     print(f"command: {shlex.join(['python', *sys.argv])}")
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        print("note: OMP_WAIT_POLICY is not PASSIVE: with other processes on the cores, 2-thread OpenMP calls of "
+              "this small network can stall (0.8 s per 5 ms forward seen here); set OMP_WAIT_POLICY=PASSIVE")
     t0 = time.perf_counter()
     if not args.no_cost:
         cost(args)
