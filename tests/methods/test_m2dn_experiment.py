@@ -42,10 +42,10 @@ def test_report_holds_every_model_and_its_measured_psnr(experiment: Path) -> Non
     for model, value in means.items():  # the summary table shows the mean of the per-case rows
         line = next(line for line in report.splitlines() if line.startswith(f"| {model} |"))
         assert float(line.split("|")[2]) == pytest.approx(value, abs=5e-3), (model, line)
-    for run in ("m2dn@0", "regression@0", "shaspec@0", "zero_fill@0"):
+    for run in ("m2dn@0", "regression@0", "shaspec@0", "zero_fill@0", "all4@0"):
         assert (experiment / run / "weights" / "model.safetensors").is_file()
     # both segmenters: 14 subsets x 3 regions, plus the mean over subsets, for M2DN and the regression completion
-    for method in ("shaspec", "zero_fill"):
+    for method in ("shaspec", "zero_fill", "all4"):
         section = report.split(f"### {method}")[1].split("###")[0]
         rows = [line for line in section.splitlines() if re.match(r"\| [a-z0-9+*]", line) and "| region |" not in line]
         assert len(rows) == 14 * 3 + 3 + 3, (method, len(rows))

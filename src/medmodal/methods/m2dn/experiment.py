@@ -37,7 +37,14 @@ from medmodal.engine.train import train
 log = logging.getLogger("medmodal")
 
 SEEDS = (0, 1, 2)
-SEGMENTERS = ("shaspec", "zero_fill")
+#: the downstream segmenters: run-folder name → (method, method-section fields). Two cope with missing contrasts
+#: (trained with random subsets); ``all4`` is a zero-fill U-Net trained on complete exams only (no modality
+#: dropout), the segmenter that needs every contrast and for which completion is meant.
+SEGMENTERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "shaspec": ("shaspec", {}),
+    "zero_fill": ("zero_fill", {}),
+    "all4": ("zero_fill", {"modality_dropout": 0.0}),
+}
 
 
 @dataclass
@@ -70,16 +77,18 @@ def m2dn_recipe(seed: int, *, fast: bool, overrides: dict[str, Any] | None = Non
     return load_recipe(builtin_recipe_path("m2dn_tiny"), overrides=extra)
 
 
-def segmenter_recipe(method: str, base: Recipe, *, fast: bool) -> Recipe:
-    """A segmentation run on exactly ``base``'s data, seed and split (so the held-out cases are shared)."""
+def segmenter_recipe(name: str, base: Recipe, *, fast: bool) -> Recipe:
+    """The segmenter ``name`` (:data:`SEGMENTERS`) on exactly ``base``'s data, seed and split (so the held-out
+    cases are shared)."""
+    method, fields = SEGMENTERS[name]
     steps = 8 if fast else 400
     doc = {
-        "name": f"m2dn_downstream_{method}",
+        "name": f"m2dn_downstream_{name}",
         "seed": base.seed,
         "data": base.data.model_dump(mode="json", exclude={"augmentation"}) | {"foreground_fraction": 1 / 3},
         "model": {"name": "shaspec" if method == "shaspec" else "unet",
                   "kwargs": {"channels": [8, 16] if fast else [16, 32, 64, 128]}},
-        "method": {"name": method},
+        "method": {"name": method, **fields},
         "train": {"max_steps": steps, "optimizer": "sgd", "lr": 0.01, "momentum": 0.99, "schedule": "poly",
                   "val_every_steps": steps, "checkpoint_every_steps": max(1, steps // 4), "progress": False},
         "eval": {"overlap": 0.0},
@@ -201,14 +210,14 @@ def run_m2dn_experiment(out: Path, *, seeds: Sequence[int] = SEEDS, fast: bool =
         patterns = all_scenarios(len(m2dn_run.info.modalities))
         completed = completed_cases(m2dn_dir, cases, patterns)
         by_regression = completed_cases(reg_dir, cases, patterns)
-        for method in SEGMENTERS:
-            seg_dir = _trained(segmenter_recipe(method, recipe, fast=fast), out / f"{method}@{seed}",
+        for name in SEGMENTERS:
+            seg_dir = _trained(segmenter_recipe(name, recipe, fast=fast), out / f"{name}@{seed}",
                                overwrite=overwrite)
             if load_run(seg_dir).split("val") != m2dn_run.split("val"):
                 raise RunError(f"{seg_dir} holds out other cases than {m2dn_dir}; remove both and rerun")
             left, done = downstream_rows(seg_dir, cases, completed, patterns)
-            downstream[method][0][seed], downstream[method][1][seed] = left, done
-            downstream_reg[method][seed] = downstream_rows(seg_dir, cases, by_regression, patterns)[1]
+            downstream[name][0][seed], downstream[name][1][seed] = left, done
+            downstream_reg[name][seed] = downstream_rows(seg_dir, cases, by_regression, patterns)[1]
     synth = write_synthesis_report(
         rows, out / "synthesis", reference_model="m2dn", title="M2DN vs baselines: synthesis per missing scenario",
         details=[f"seeds: {', '.join(map(str, seeds))}; cases are (seed, held-out case) pairs",
@@ -219,8 +228,8 @@ def run_m2dn_experiment(out: Path, *, seeds: Sequence[int] = SEEDS, fast: bool =
     text = [f"# M2DN experiment ({'fast smoke version' if fast else 'recipe m2dn_tiny'})", "",
             "**Data: synthetic phantom** (2D slices; every contrast a function of the anatomy). The numbers show how "
             "the models compare here, nothing about real MRI.", "",
-            f"- seeds: {', '.join(map(str, seeds))}; runs in this folder (`m2dn@S`, `regression@S`, `shaspec@S`, "
-            "`zero_fill@S`)",
+            f"- seeds: {', '.join(map(str, seeds))}; runs in this folder (`m2dn@S`, `regression@S`, and the "
+            f"segmenters {', '.join(f'`{n}@S`' for n in SEGMENTERS)})",
             f"- synthesis tables (every scenario, PSNR/SSIM/MAE, Wilcoxon): [{synth.relative_to(out)}]"
             f"({synth.relative_to(out)}); figures: `figures/`", "", f"*{METRIC_DEFINITION}*", ""]
     text += _summary_lines(rows)
@@ -228,12 +237,14 @@ def run_m2dn_experiment(out: Path, *, seeds: Sequence[int] = SEEDS, fast: bool =
              "Dice per subset of given modalities (held-out cases; mean ± std over seeds of the per-seed mean; "
              "difference: completed − left missing; p: Wilcoxon signed-rank over (seed, case) pairs). A completed "
              "channel is z-scored over the voxels where the given channels are non-zero, as the cache z-scored the "
-             "given ones. The segmenters were trained with random missing modalities (their own way of coping).", ""]
-    for method in SEGMENTERS:
-        left, done = downstream[method]
+             "given ones. `shaspec` and `zero_fill` were trained with random missing modalities (their own way of "
+             "coping); `all4` is a zero-fill U-Net trained on complete exams only, which sees a missing contrast as "
+             "a zero channel it never met in training.", ""]
+    for name in SEGMENTERS:
+        left, done = downstream[name]
         paired = paired_comparison(left, done)
-        by_reg = [r for r in paired_comparison(left, downstream_reg[method]) if r.subset == MEAN_OVER_SUBSETS]
-        text += [f"### {method}", "", paired_markdown(paired, a="left missing", b="completed by M2DN"), "",
+        by_reg = [r for r in paired_comparison(left, downstream_reg[name]) if r.subset == MEAN_OVER_SUBSETS]
+        text += [f"### {name}", "", paired_markdown(paired, a="left missing", b="completed by M2DN"), "",
                  "Completed by the regression baseline instead (mean over the 14 subsets):", "",
                  paired_markdown(by_reg, a="left missing", b="completed by regression"), ""]
     atomic_write_text(report, "\n".join(text) + "\n")
