@@ -210,6 +210,8 @@ def evaluate(
         False, "--features", help="Also a picture of the model's features, where the method has one (ShaSpec: "
         "t-SNE of shared vs specific features)."
     ),
+    against: Path | None = typer.Option(None, help="Another run of the same method and data to score on the same "
+                                                   "cases and test against (where the method compares runs)."),
 ) -> None:
     """Evaluate a run with its method's evaluation (segmentation: Dice and HD95 for every modality subset)."""
     from medmodal.engine.evaluate import evaluate_run
@@ -219,7 +221,8 @@ def evaluate(
         from medmodal.engine.runinfo import load_run
 
         _warn_once(load_run(run).data_warning(data_synthetic=open_dataset(data)[0].synthetic))
-    report = evaluate_run(run, out_dir=out, split=split, data=data, overwrite=overwrite, features=features)
+    report = evaluate_run(run, out_dir=out, split=split, data=data, overwrite=overwrite, features=features,
+                          against=against)
     console.print(f"[bold green]evaluated[/]: {report}")
 
 

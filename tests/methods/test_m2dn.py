@@ -492,3 +492,29 @@ def test_synthesize_on_a_permuted_grid_gives_the_same_image(runs, tmp_path: Path
         a = np.asarray(plain.dataobj)
         assert a.any()
         np.testing.assert_allclose(np.asarray(moved_img.dataobj), np.transpose(a, (2, 0, 1)), atol=1e-6)
+
+
+def test_evaluate_against_the_regression_baseline(runs, tmp_path: Path) -> None:
+    """``evaluate RUN --against OTHER`` scores the other run on the same cases and scenarios and tests against it;
+    a run of another method, or a method that does not compare runs, is refused in one line."""
+    code, text, regression = train(tmp_path / "reg", get_method("m2dn").contract_recipe(2), "train.max_steps=2",
+                                   "train.val_every_steps=2", "method.mode=regression")
+    assert code == 0, text
+    run = runs["m2dn_2d"]
+    code, text = invoke("evaluate", run, "--against", regression, "--out", tmp_path / "e")
+    assert code == 0, text
+    with (tmp_path / "e" / "synthesis.csv").open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    keys = {m: {(r["scenario"], r["case_id"], r["modality"]) for r in rows if r["model"] == m}
+            for m in ("m2dn", "regression", "zero fill", "mean fill")}
+    assert keys["regression"] == keys["m2dn"] == keys["zero fill"] and len(keys["m2dn"]) > 0
+    m2dn = {(r["scenario"], r["case_id"], r["modality"]): float(r["mae"]) for r in rows if r["model"] == "m2dn"}
+    reg = {(r["scenario"], r["case_id"], r["modality"]): float(r["mae"]) for r in rows if r["model"] == "regression"}
+    assert any(abs(m2dn[k] - reg[k]) > 1e-6 for k in m2dn)  # two different models were scored
+    report = (tmp_path / "e" / "report.md").read_text(encoding="utf-8")
+    assert "| m2dn (reference) | zero fill | mean fill | regression |" in report  # a column, tested against m2dn
+    assert str(regression) in report
+    code, text = invoke("evaluate", run, "--against", runs["zero_fill"], "--out", tmp_path / "e2")
+    assert code == 2 and "--against" in one_error_line(text) and "zero_fill" in text
+    code, text = invoke("evaluate", runs["zero_fill"], "--against", run, "--out", tmp_path / "e3")
+    assert code == 2 and "does not compare runs" in one_error_line(text)

@@ -39,8 +39,12 @@ def evaluate_run(
     progress: bool = True,
     overwrite: bool = False,
     features: bool = False,
+    against: Path | None = None,
 ) -> Path:
     """Evaluate the run in ``run_dir`` with its method's evaluation; returns ``out_dir/report.md``.
+
+    ``against``: another run of the same method and data, scored on the same cases and tested against this one
+    (methods with ``evaluates_against``).
 
     ``split`` is ``"val"`` (the run's held-out cases) or ``"all"``; ``data`` evaluates on every case of another
     labelled data set instead. ``out_dir`` defaults to ``RUN/eval``; an existing evaluation there is replaced
@@ -54,8 +58,18 @@ def evaluate_run(
     if split not in ("val", "all"):
         raise RunError(f"--split: expected val or all, got {split!r}")
     plugin = get_method(run.info.method)
+    if against is None:
+        return plugin.evaluate(run, out_dir=out_dir, split=split, data=data, features=features, progress=progress,
+                               model_name=model_name)
+    if not plugin.evaluates_against:
+        raise RunError(f"--against: the evaluation of method {plugin.name!r} does not compare runs; evaluate each "
+                       "run on its own")
+    other = load_run(against)
+    if other.info.method != run.info.method or tuple(other.info.modalities) != tuple(run.info.modalities):
+        raise RunError(f"--against {against}: a {other.info.method} run of {list(other.info.modalities)}; it must be "
+                       f"a {run.info.method} run of {list(run.info.modalities)} like {run.dir}")
     return plugin.evaluate(run, out_dir=out_dir, split=split, data=data, features=features, progress=progress,
-                           model_name=model_name)
+                           model_name=model_name, against=other)
 
 
 def _report_head(rows: Sequence, *, title: str, synthetic: bool, details: Sequence[str]) -> list[str]:

@@ -87,6 +87,9 @@ class MethodPlugin:
     #: the per-case metrics ``evaluate`` writes to its CSV files (column-name prefix → valid range); the method
     #: contract test checks them.
     evaluation_metrics: ClassVar[dict[str, tuple[float, float]]] = {"dice": (0.0, 1.0)}
+    #: whether :meth:`evaluate` takes ``against`` (another loaded run of the method, scored on the same cases;
+    #: ``medmodal evaluate RUN --against OTHER``).
+    evaluates_against: ClassVar[bool] = False
 
     # -- recipes -----------------------------------------------------------------------------------------
     def check_recipe(self, recipe: Recipe) -> None:

@@ -74,6 +74,7 @@ class M2DNPlugin(MethodPlugin):
     config = M2DNMethod
     summary = "modality-masked diffusion synthesis of missing modalities"
     evaluation_metrics = {"psnr": (0.0, float("inf")), "ssim": (-1.0, 1.0), "mae": (0.0, 1.0)}
+    evaluates_against = True
 
     def check_recipe(self, recipe: Recipe) -> None:
         if recipe.model.name not in NETWORKS:
@@ -163,12 +164,13 @@ class M2DNPlugin(MethodPlugin):
 
     # -- inference ----------------------------------------------------------------------------------------
     def evaluate(self, run: LoadedRun, *, out_dir: Path, split: str, data: Path | None, features: bool,
-                 progress: bool, model_name: str | None = None) -> Path:
+                 progress: bool, model_name: str | None = None, against: LoadedRun | None = None) -> Path:
         from medmodal.methods.m2dn.evaluate import evaluate_run
 
         if features:
             raise self.not_offered("evaluate --features")
-        return evaluate_run(run, out_dir=out_dir, split=split, data=data, progress=progress, model_name=model_name)
+        return evaluate_run(run, out_dir=out_dir, split=split, data=data, progress=progress, model_name=model_name,
+                            against=against)
 
     def synthesize(self, run: LoadedRun, records: Sequence[CaseRecord], out_dir: Path, *, source: Path | None,
                    source_format: str, options: dict[str, Any], overwrite: bool, progress: bool) -> Path:

@@ -134,24 +134,37 @@ def evaluation_cases(run: LoadedRun, *, split: str, data: Path | None, progress:
     return cases, where, bool(source.info.synthetic)
 
 
+def model_label(run: LoadedRun) -> str:
+    """``m2dn`` for a diffusion run, ``regression`` for the direct-regression baseline."""
+    return "m2dn" if run.info.inference.get("mode", "diffusion") == "diffusion" else "regression"
+
+
 def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None, progress: bool,
-                 model_name: str | None = None) -> Path:
-    """Write ``synthesis.csv``, ``report.md`` and the scenario figures of ``run`` to ``out_dir``."""
+                 model_name: str | None = None, against: LoadedRun | None = None) -> Path:
+    """Write ``synthesis.csv``, ``report.md`` and the scenario figures of ``run`` to ``out_dir``; ``against``
+    (another M2DN run, e.g. the regression baseline) is scored on the same cases and tested against ``run``."""
     from medmodal.evaluation.synthesis import write_synthesis_report
     from medmodal.methods.m2dn import diffusion_of
 
     cases, where, synthetic = evaluation_cases(run, split=split, data=data, progress=progress)
     inf = run.info.inference
-    name = model_name or ("m2dn" if inf.get("mode", "diffusion") == "diffusion" else "regression")
+    name = model_name or model_label(run)
     settings = settings_from(inf)
     rows = synthesis_rows(run, cases, model_name=name, settings=settings, progress=progress,
                           figures_dir=out_dir / "figures")
+    other_name = None
+    if against is not None:
+        other_name = model_label(against)
+        if other_name == name:
+            other_name = f"{other_name} ({against.dir.name})"
+        rows += synthesis_rows(against, cases, model_name=other_name, progress=progress, baselines=False)
     if not rows:
         raise RunError(f"no case with two or more modalities to score ({where}) for {run.dir}")
     details = [f"run: `{run.dir}` (method {run.info.method}, mode {inf.get('mode', 'diffusion')})",
                f"cases: {where}",
                f"sampler: {settings.describe(inf.get('mode', 'diffusion'), diffusion_of(inf).timesteps)}",
-               "baselines computed on the same cases: zero fill, mean of the available channels",
+               "baselines computed on the same cases: zero fill, mean of the available channels"
+               + (f"; trained: {other_name} (`{against.dir}`, its own sampler)" if against is not None else ""),
                "figures: figures/scenario_NN.png (one case's middle slice per scenario)"]
     return write_synthesis_report(rows, out_dir, reference_model=name, title=f"{run.recipe.name}: synthesis per "
                                   "missing scenario", details=details, synthetic=synthetic)
