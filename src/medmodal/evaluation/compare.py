@@ -85,7 +85,7 @@ def _per_case(rows: Sequence[SubsetResult]) -> dict[tuple[str, int, str], dict[s
     return out
 
 
-def _wilcoxon(diff: np.ndarray) -> float:
+def wilcoxon_p(diff: np.ndarray) -> float:
     """Two-sided Wilcoxon signed-rank p-value; 1.0 when every difference is zero (nothing to rank)."""
     from scipy.stats import wilcoxon
 
@@ -138,7 +138,7 @@ def paired_comparison(
             subset=subset, n_modalities=n_mod, region=region, n_seeds=len(seeds), n_pairs=int(pairs.size),
             a_mean=float(ma.mean()), a_std=_std(ma), b_mean=float(mb.mean()), b_std=_std(mb),
             diff_mean=float((mb - ma).mean()), diff_std=_std(mb - ma), b_better_seeds=int((mb > ma).sum()),
-            wilcoxon_p=_wilcoxon(pairs),
+            wilcoxon_p=wilcoxon_p(pairs),
         )
 
     out = [row(sub, n, reg, {s: per_a[s][(sub, n, reg)] for s in seeds}, {s: per_b[s][(sub, n, reg)] for s in seeds})
@@ -162,10 +162,11 @@ def paired_markdown(rows: Sequence[PairedRow], *, a: str, b: str) -> str:
         lines.append(
             f"| {subset} | {r.region} | {r.a_mean:.3f} ± {r.a_std:.3f} | {r.b_mean:.3f} ± {r.b_std:.3f} | "
             f"{r.diff_mean:+.3f} ± {r.diff_std:.3f} ({r.b_better_seeds}/{r.n_seeds}) | "
-            f"{_p(r.wilcoxon_p)} ({r.n_pairs}) |"
+            f"{format_p(r.wilcoxon_p)} ({r.n_pairs}) |"
         )
     return "\n".join(lines)
 
 
-def _p(p: float) -> str:
+def format_p(p: float) -> str:
+    """A p-value for a table: three decimals, "<0.001" below."""
     return "<0.001" if p < 1e-3 else f"{p:.3f}"

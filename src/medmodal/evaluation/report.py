@@ -88,7 +88,7 @@ def _grid(summary: Sequence[SummaryRow], model: str) -> tuple[list[str], list[st
     return subsets, regions, grid
 
 
-def _pyplot():  # matplotlib.pyplot, imported lazily with the file-only Agg backend
+def pyplot():  # matplotlib.pyplot, imported lazily with the file-only Agg backend
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,19 +97,19 @@ def _pyplot():  # matplotlib.pyplot, imported lazily with the file-only Agg back
     return plt
 
 
-def _save_figure(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     """Save ``fig`` as PNG at ``path`` atomically and close it."""
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=110, format="png")
     finally:
-        _pyplot().close(fig)
+        pyplot().close(fig)
     return path
 
 
 def plot_heatmap(summary: Sequence[SummaryRow], path: Path, *, title: str) -> Path:
     """Mean Dice per subset (rows) × region (columns), one panel per model, annotated; saved as PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     models = list(dict.fromkeys(s.model for s in summary))
     n_sub = len({s.subset for s in summary})
     fig, axes = plt.subplots(1, len(models), figsize=(2.2 + 1.6 * len(models) * 1.6, 1.2 + 0.38 * n_sub),
@@ -129,12 +129,12 @@ def plot_heatmap(summary: Sequence[SummaryRow], path: Path, *, title: str) -> Pa
     if im is not None:
         fig.colorbar(im, ax=axes[0].tolist(), label="mean Dice", shrink=0.8)
     fig.suptitle(title, fontsize=10)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_training_curves(metrics_csv: Path, path: Path, *, title: str) -> Path:
     """Training loss and validation Dice against optimiser steps, from a run's long-format ``metrics.csv``."""
-    plt = _pyplot()
+    plt = pyplot()
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for row in read_csv(metrics_csv):
         series[row["name"]].append((int(row["step"]), float(row["value"])))
@@ -151,7 +151,7 @@ def plot_training_curves(metrics_csv: Path, path: Path, *, title: str) -> Path:
     if ax_dice.lines:
         ax_dice.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def markdown_table(summary: Sequence[SummaryRow]) -> str:

@@ -26,8 +26,8 @@ from monai.metrics import MAEMetric, PSNRMetric
 from monai.metrics.regression import compute_ssim_and_cs
 
 from medmodal.atomic import atomic_write_text
-from medmodal.evaluation.compare import _p, _wilcoxon
-from medmodal.evaluation.report import _pyplot, _save_figure, write_rows
+from medmodal.evaluation.compare import format_p, wilcoxon_p
+from medmodal.evaluation.report import pyplot, save_figure, write_rows
 from medmodal.evaluation.subsets import subset_name
 
 #: SSIM settings (Wang et al. 2004): Gaussian window of 11 pixels, σ = 1.5, K1 = 0.01, K2 = 0.03, data range 1.
@@ -289,7 +289,7 @@ def _paired_p(ref: np.ndarray, other: np.ndarray) -> str:
     nonzero = int(np.count_nonzero(ref - other))
     if nonzero < MIN_WILCOXON_PAIRS:
         return "n too small"
-    return f"p {_p(_wilcoxon(ref - other))}"
+    return f"p {format_p(wilcoxon_p(ref - other))}"
 
 
 def _std(v: np.ndarray) -> float:
@@ -440,7 +440,7 @@ def synthesis_figure(
         )
     err = np.abs(s - t)
     vmax = max(float(err.max()), 0.01)
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(n, 4, figsize=(8.4, 2.1 * n + 0.5), squeeze=False, constrained_layout=True)
     im = None
     for i, mod in enumerate(modalities):
@@ -460,7 +460,7 @@ def synthesis_figure(
         ax.set_title(name, fontsize=9)
     fig.colorbar(im, ax=axes[:, 3].tolist(), shrink=0.8, label="absolute error")
     fig.suptitle(title, fontsize=10)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def metric_vs_steps_figure(
@@ -481,7 +481,7 @@ def metric_vs_steps_figure(
     for name, v in values.items():
         if len(v) != len(steps):
             raise ValueError(f"metric_vs_steps_figure: series {name!r} has {len(v)} values for {len(steps)} steps")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 3.4), constrained_layout=True)
     for name, v in values.items():
         ax.plot(list(steps), list(v), marker="o", ms=4, lw=1.2, label=name)
@@ -492,4 +492,4 @@ def metric_vs_steps_figure(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)

@@ -31,7 +31,7 @@ from medmodal.atomic import atomic_write_text
 from medmodal.engine.recipe import Recipe, load_recipe, recipe_from_dict
 from medmodal.engine.run import RunError
 from medmodal.engine.train import train
-from medmodal.evaluation.report import _pyplot, _save_figure
+from medmodal.evaluation.report import pyplot, save_figure
 from medmodal.methods.deepstaple.labels import consensus_inputs
 
 log = logging.getLogger("medmodal")
@@ -223,7 +223,7 @@ def write_targets_csv(q: LabelQuality, path: Path) -> Path:
 
 def plot_theta_vs_dice(results: dict[str, LabelQuality], path: Path, *, title: str) -> Path:
     """One scatter panel per run: learned θ against each label's true Dice, coloured by disturbance."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False,
                              constrained_layout=True)
     for ax, (name, q) in zip(axes[0], results.items(), strict=True):
@@ -234,12 +234,12 @@ def plot_theta_vs_dice(results: dict[str, LabelQuality], path: Path, *, title: s
         ax.set(xlabel="true Dice of the label", ylabel="learned θ", title=f"{name}: Spearman {q.spearman:.2f}")
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_fusion_strip(q: LabelQuality, path: Path, *, title: str) -> Path:
     """Per-target Dice of each fusion (box plot with the targets as points)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 3.6), constrained_layout=True)
     data = [[t[k] for t in q.targets] for k in FUSIONS]
     ax.boxplot(data, showfliers=False)
@@ -249,7 +249,7 @@ def plot_fusion_strip(q: LabelQuality, path: Path, *, title: str) -> Path:
     ax.set_xticks(range(1, len(FUSIONS) + 1), [FUSION_NAMES[k].replace(" (", "\n(") for k in FUSIONS], fontsize=7)
     ax.set(ylabel="Dice vs true label", ylim=(0, 1.02))
     fig.suptitle(title, fontsize=10)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def _registration_summary(manifest: Path) -> str:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from medmodal.atomic import atomic_write_text
-from medmodal.evaluation.report import _pyplot, _save_figure
+from medmodal.evaluation.report import pyplot, save_figure
 
 log = logging.getLogger("medmodal")
 
@@ -112,7 +112,7 @@ def embed_tsne(features: np.ndarray, *, seed: int = 0) -> np.ndarray:
 
 def plot_feature_picture(fs: FeatureSet, path: Path, *, title: str, seed: int = 0) -> dict[str, float]:
     """Two t-SNE panels (shared, specific) coloured by modality; returns the silhouette scores."""
-    plt = _pyplot()
+    plt = pyplot()
     scores = {
         "shared": silhouette_by_modality(fs.shared, fs.modality),
         "specific": silhouette_by_modality(fs.specific, fs.modality),
@@ -130,7 +130,7 @@ def plot_feature_picture(fs: FeatureSet, path: Path, *, title: str, seed: int = 
     axes[1].legend(title="modality", fontsize=8, loc="best")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
     return scores
 
 
