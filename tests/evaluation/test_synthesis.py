@@ -291,7 +291,7 @@ def test_report_values_and_p_values_match_scipy(tmp_path):
     rows, values = _rows(9)
     path = write_synthesis_report(rows, tmp_path, reference_model="ref", title="Synthesis test", synthetic=True,
                                   details=["split hash: abc"])
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     assert text.startswith("# Synthesis test") and SYNTHETIC_NOTE in text and "- split hash: abc" in text
     assert text.count(METRIC_DEFINITION) == 6  # under each of the 3 summary and 3 per-scenario tables
 
@@ -321,25 +321,25 @@ def test_report_values_and_p_values_match_scipy(tmp_path):
 
 def test_report_says_n_too_small_below_six_pairs(tmp_path):
     rows, _ = _rows(MIN_WILCOXON_PAIRS - 1)
-    text = write_synthesis_report(rows, tmp_path, reference_model="ref", title="t", synthetic=False).read_text()
+    text = write_synthesis_report(rows, tmp_path, reference_model="ref", title="t", synthetic=False).read_text(encoding="utf-8")
     assert "(n too small)" in _line(text, "| t1+t2 → pd: **pd** | 5 |", "### PSNR")
     assert "(p " not in text and SYNTHETIC_NOTE not in text
     rows6, values = _rows(MIN_WILCOXON_PAIRS)
     text6 = write_synthesis_report(rows6, tmp_path / "six", reference_model="ref", title="t",
-                                   synthetic=False).read_text()
+                                   synthetic=False).read_text(encoding="utf-8")
     assert "(p " in _line(text6, "| t1+t2 → pd: **pd** | 6 |", "## Per scenario")
     # zero differences are dropped before counting: 6 pairs with one tie is again too small
     tie = [r if not (r.model == "base" and r.case_id == "c0") else
            SynthesisRow(**{**r.__dict__, "psnr": values[("ref", r.scenario, r.modality, "c0")]}) for r in rows6]
     text_tie = write_synthesis_report(tie, tmp_path / "tie", reference_model="ref", title="t",
-                                      synthetic=False).read_text()
+                                      synthetic=False).read_text(encoding="utf-8")
     assert "(n too small)" in _line(text_tie, "| t1+t2 → pd: **pd** | 6 |", "## Per scenario")
 
 
 def test_report_marks_infinite_psnr(tmp_path):
     rows, _ = _rows(7)
     rows[0] = SynthesisRow(**{**rows[0].__dict__, "psnr": math.inf})
-    text = write_synthesis_report(rows, tmp_path, reference_model="ref", title="t", synthetic=False).read_text()
+    text = write_synthesis_report(rows, tmp_path, reference_model="ref", title="t", synthetic=False).read_text(encoding="utf-8")
     line = _line(text, "| t1+t2 → pd: **pd** |", "## Per scenario")
     assert "| inf |" in line and "(p n/a: inf)" in line
     assert read_csv(tmp_path / "synthesis.csv")[0]["psnr"] == "inf"
