@@ -321,7 +321,8 @@ def test_report_values_and_p_values_match_scipy(tmp_path):
 
 def test_report_says_n_too_small_below_six_pairs(tmp_path):
     rows, _ = _rows(MIN_WILCOXON_PAIRS - 1)
-    text = write_synthesis_report(rows, tmp_path, reference_model="ref", title="t", synthetic=False).read_text(encoding="utf-8")
+    path = write_synthesis_report(rows, tmp_path, reference_model="ref", title="t", synthetic=False)
+    text = path.read_text(encoding="utf-8")
     assert "(n too small)" in _line(text, "| t1+t2 → pd: **pd** | 5 |", "### PSNR")
     assert "(p " not in text and SYNTHETIC_NOTE not in text
     rows6, values = _rows(MIN_WILCOXON_PAIRS)
@@ -339,7 +340,8 @@ def test_report_says_n_too_small_below_six_pairs(tmp_path):
 def test_report_marks_infinite_psnr(tmp_path):
     rows, _ = _rows(7)
     rows[0] = SynthesisRow(**{**rows[0].__dict__, "psnr": math.inf})
-    text = write_synthesis_report(rows, tmp_path, reference_model="ref", title="t", synthetic=False).read_text(encoding="utf-8")
+    path = write_synthesis_report(rows, tmp_path, reference_model="ref", title="t", synthetic=False)
+    text = path.read_text(encoding="utf-8")
     line = _line(text, "| t1+t2 → pd: **pd** |", "## Per scenario")
     assert "| inf |" in line and "(p n/a: inf)" in line
     assert read_csv(tmp_path / "synthesis.csv")[0]["psnr"] == "inf"
