@@ -43,3 +43,50 @@ def test_split_is_deterministic_disjoint_and_never_empty() -> None:
     assert split_cases(["a", "b"], val_fraction=0.9, seed=0)[0]  # at least one training case
     with pytest.raises(DataError, match="at least 2 labelled cases"):
         split_cases(["a"], val_fraction=0.2, seed=0)
+
+
+def _phantom_in_process(cache: str, queue) -> None:  # noqa: ANN001 - a multiprocessing queue
+    import os
+
+    os.environ["MEDMODAL_CACHE"] = cache
+    import time
+
+    import nibabel as nib
+
+    from medmodal.data.formats import open_dataset
+    from medmodal.engine.datamodule import ensure_phantom
+    from medmodal.engine.recipe import PhantomConfig
+
+    root = ensure_phantom(PhantomConfig(cases=8, spatial_dims=3, size=24, seed=3))
+    ok, ids, until = True, [], time.monotonic() + 4.0
+    while time.monotonic() < until:  # keep reading while the other processes finish theirs
+        try:
+            info, records = open_dataset(root)
+            ids = sorted(r.case_id for r in records)
+            for r in records:
+                for path in r.images.values():
+                    nib.load(path).get_fdata()
+        except Exception:  # noqa: BLE001 - any failure to read is the bug under test
+            ok = False
+            break
+    queue.put((str(root), ids, ok))
+
+
+def test_processes_generating_the_same_phantom_at_once_all_read_a_complete_one(tmp_path) -> None:
+    """Two processes that need the same phantom at once (two `train` commands) both get all of it: each writes a
+    private copy and renames it into place, the first rename wins."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_phantom_in_process, args=(str(tmp_path / "cache"), queue)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert len({r[0] for r in results}) == 1
+    assert all(r[1] == [f"phantom_{i:03d}" for i in range(8)] and r[2] for r in results), results
+    leftovers = [p.name for p in (tmp_path / "cache" / "phantom").iterdir() if p.name.endswith(".tmp")]
+    assert not leftovers

@@ -45,15 +45,26 @@ def phantom_dir(cfg: PhantomConfig) -> Path:
 
 
 def ensure_phantom(cfg: PhantomConfig, *, progress: bool = False) -> Path:
-    """Write the phantom described by ``cfg`` unless it is already in the cache; return its folder."""
+    """Write the phantom described by ``cfg`` unless it is already in the cache; return its folder.
+
+    The phantom is written into a private folder next to its place and renamed into place when complete, so
+    processes that need the same phantom at once (two ``train`` commands, parallel runs) never read a half-written
+    one: the first rename wins, the others discard their copy.
+    """
+    import shutil
+
     from medmodal.data.phantom import write_phantom
 
     root = phantom_dir(cfg)
-    done = root / ".complete"
-    if not done.is_file():
-        log.info("generating the synthetic phantom (%d cases, %dD) in %s", cfg.cases, cfg.spatial_dims, root)
+    if (root / ".complete").is_file():
+        return root
+    log.info("generating the synthetic phantom (%d cases, %dD) in %s", cfg.cases, cfg.spatial_dims, root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
         write_phantom(
-            root,
+            tmp,
             cases=cfg.cases,
             seed=cfg.seed,
             spatial_dims=cfg.spatial_dims,
@@ -64,7 +75,16 @@ def ensure_phantom(cfg: PhantomConfig, *, progress: bool = False) -> Path:
             overwrite=True,
             progress=progress,
         )
-        done.touch()
+        (tmp / ".complete").touch()
+        if root.exists() and not (root / ".complete").is_file():
+            shutil.rmtree(root, ignore_errors=True)  # a copy left half-written by an older, killed process
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process put a complete copy there first
+            if not (root / ".complete").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
