@@ -518,3 +518,27 @@ def test_evaluate_against_the_regression_baseline(runs, tmp_path: Path) -> None:
     assert code == 2 and "--against" in one_error_line(text) and "zero_fill" in text
     code, text = invoke("evaluate", runs["zero_fill"], "--against", run, "--out", tmp_path / "e3")
     assert code == 2 and "does not compare runs" in one_error_line(text)
+
+
+def test_one_slice_patches_of_volumes_train_a_2d_denoiser(tmp_path: Path) -> None:
+    """``data.patch_size [H, W, 1]`` on 3D data (the BraTS recipe's setting): a 2D denoiser trains on axial
+    slices, validates and evaluates slice by slice, and run.json records the model's dimension."""
+    data = write_phantom(tmp_path / "ph", cases=4, seed=2, spatial_dims=3, size=[17, 18, 19])
+    recipe = get_method("m2dn").contract_recipe(3)
+    recipe["data"] = {"path": str(data), "patch_size": [16, 16, 1], "batch_size": 4, "val_fraction": 0.25,
+                      "num_workers": 0, "cache_dir": str(tmp_path / "cache")}
+    code, text, run = train(tmp_path / "r", recipe, "train.max_steps=2", "train.val_every_steps=2")
+    assert code == 0, text
+    info = load_run(run).info
+    assert info.spatial_dims == 3 and info.inference["model_dims"] == 2
+    assert json.loads((run / "weights" / "model.json").read_text())["kwargs"]["spatial_dims"] == 2
+    assert any(name.startswith("val/psnr") for _, name, _ in _metric_rows(run))
+    code, text = invoke("evaluate", run, "--out", tmp_path / "e")
+    assert code == 0, text
+    with (tmp_path / "e" / "synthesis.csv").open(newline="", encoding="utf-8") as f:
+        assert len({r["scenario"] for r in csv.DictReader(f)}) == 14
+
+
+def _metric_rows(run: Path) -> list[tuple[int, str, float]]:
+    with (run / "metrics.csv").open(newline="", encoding="utf-8") as f:
+        return [(int(r["step"]), r["name"], float(r["value"])) for r in csv.DictReader(f)]
