@@ -124,6 +124,14 @@ class LoadedRun:
             raise RunError(f"{self.split_file}: not found; the run did not finish (resume it) or pass --split all")
         return list(json.loads(self.split_file.read_text(encoding="utf-8"))[name])
 
+    def split_hash(self) -> str:
+        """The first 12 hex digits of the SHA-1 of ``split.json``'s sorted train and val ids: results files quote
+        it so that two tables can be checked to come from the same split."""
+        import hashlib
+
+        ids = {name: sorted(self.split(name)) for name in ("train", "val")}
+        return hashlib.sha1(json.dumps(ids, sort_keys=True).encode()).hexdigest()[:12]
+
     def data_warning(self, *, data_synthetic: bool) -> str | None:
         """The warning to print once when this run's model meets data it was not trained on: a model trained
         only on synthetic data applied to data that is not synthetic. ``None`` when there is nothing to say."""

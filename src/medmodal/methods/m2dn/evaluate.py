@@ -161,7 +161,8 @@ def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None
     if not rows:
         raise RunError(f"no case with two or more modalities to score ({where}) for {run.dir}")
     details = [f"run: `{run.dir}` (method {run.info.method}, mode {inf.get('mode', 'diffusion')})",
-               f"cases: {where}",
+               f"cases: {where}" + (f"; split {run.split_hash()} (SHA-1 of split.json's ids)"
+                                    if data is None and split == "val" else ""),
                f"sampler: {settings.describe(inf.get('mode', 'diffusion'), diffusion_of(inf).timesteps)}",
                "baselines computed on the same cases: zero fill, mean of the available channels"
                + (f"; trained: {other_name} (`{against.dir}`, its own sampler)" if against is not None else ""),

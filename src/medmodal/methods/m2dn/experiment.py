@@ -196,12 +196,14 @@ def run_m2dn_experiment(out: Path, *, seeds: Sequence[int] = SEEDS, fast: bool =
     rows: list = []
     downstream: dict[str, tuple[dict[int, list], dict[int, list]]] = {s: ({}, {}) for s in SEGMENTERS}
     downstream_reg: dict[str, dict[int, list]] = {s: {} for s in SEGMENTERS}
+    split_hashes: dict[int, str] = {}
     for seed in seeds:
         recipe = m2dn_recipe(seed, fast=fast, overrides=overrides)
         m2dn_dir = _trained(recipe, out / f"m2dn@{seed}", overwrite=overwrite)
         reg_dir = _trained(m2dn_recipe(seed, fast=fast, overrides=overrides, mode="regression"),
                            out / f"regression@{seed}", overwrite=overwrite)
         m2dn_run, reg_run = load_run(m2dn_dir), load_run(reg_dir)
+        split_hashes[seed] = m2dn_run.split_hash()
         cases, _, _ = evaluation_cases(m2dn_run, split="val", data=None, progress=False)
         figures = out / "figures" if seed == seeds[0] else None
         seed_rows = synthesis_rows(m2dn_run, cases, model_name="m2dn", figures_dir=figures)
@@ -220,7 +222,8 @@ def run_m2dn_experiment(out: Path, *, seeds: Sequence[int] = SEEDS, fast: bool =
             downstream_reg[name][seed] = downstream_rows(seg_dir, cases, by_regression, patterns)[1]
     synth = write_synthesis_report(
         rows, out / "synthesis", reference_model="m2dn", title="M2DN vs baselines: synthesis per missing scenario",
-        details=[f"seeds: {', '.join(map(str, seeds))}; cases are (seed, held-out case) pairs",
+        details=[f"seeds: {', '.join(map(str, seeds))}; cases are (seed, held-out case) pairs; splits (SHA-1 of "
+                 f"split.json's ids): {', '.join(f'{s}: {h}' for s, h in split_hashes.items())}",
                  f"M2DN: {m2dn_run.info.inference['sampler'].upper()} "
                  f"{m2dn_run.info.inference['steps'] or m2dn_run.info.inference['timesteps']} steps; regression: "
                  "the same network with the mask as input and no timestep, one pass, same budget"],
@@ -228,8 +231,9 @@ def run_m2dn_experiment(out: Path, *, seeds: Sequence[int] = SEEDS, fast: bool =
     text = [f"# M2DN experiment ({'fast smoke version' if fast else 'recipe m2dn_tiny'})", "",
             "**Data: synthetic phantom** (2D slices; every contrast a function of the anatomy). The numbers show how "
             "the models compare here, nothing about real MRI.", "",
-            f"- seeds: {', '.join(map(str, seeds))}; runs in this folder (`m2dn@S`, `regression@S`, and the "
-            f"segmenters {', '.join(f'`{n}@S`' for n in SEGMENTERS)})",
+            f"- seeds: {', '.join(map(str, seeds))} (splits: "
+            f"{', '.join(f'{s} {h}' for s, h in split_hashes.items())}); runs in this folder (`m2dn@S`, "
+            f"`regression@S`, and the segmenters {', '.join(f'`{n}@S`' for n in SEGMENTERS)})",
             f"- synthesis tables (every scenario, PSNR/SSIM/MAE, Wilcoxon): [{synth.relative_to(out)}]"
             f"({synth.relative_to(out)}); figures: `figures/`", "", f"*{METRIC_DEFINITION}*", ""]
     text += _summary_lines(rows)
