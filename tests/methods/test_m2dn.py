@@ -542,3 +542,13 @@ def test_one_slice_patches_of_volumes_train_a_2d_denoiser(tmp_path: Path) -> Non
 def _metric_rows(run: Path) -> list[tuple[int, str, float]]:
     with (run / "metrics.csv").open(newline="", encoding="utf-8") as f:
         return [(int(r["step"]), r["name"], float(r["value"])) for r in csv.DictReader(f)]
+
+
+def test_split_hash_is_in_the_report_and_follows_the_split(runs, tmp_path: Path) -> None:
+    run = load_run(runs["m2dn_2d"])
+    digest = run.split_hash()
+    assert len(digest) == 12 and digest == load_run(runs["m2dn_2d"]).split_hash()
+    assert digest != load_run(runs["m2dn_3d"]).split_hash()  # other cases, other hash
+    code, text = invoke("evaluate", runs["m2dn_2d"], "--out", tmp_path / "e")
+    assert code == 0, text
+    assert f"split {digest}" in (tmp_path / "e" / "report.md").read_text(encoding="utf-8")
