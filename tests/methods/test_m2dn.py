@@ -548,7 +548,12 @@ def test_split_hash_is_in_the_report_and_follows_the_split(runs, tmp_path: Path)
     run = load_run(runs["m2dn_2d"])
     digest = run.split_hash()
     assert len(digest) == 12 and digest == load_run(runs["m2dn_2d"]).split_hash()
-    assert digest != load_run(runs["m2dn_3d"]).split_hash()  # other cases, other hash
+    copy = tmp_path / "copy"
+    shutil.copytree(runs["m2dn_2d"], copy)
+    split = json.loads((copy / "split.json").read_text())
+    split["train"], split["val"] = split["train"][1:], [*split["val"], split["train"][0]]
+    (copy / "split.json").write_text(json.dumps(split))
+    assert load_run(copy).split_hash() != digest  # another split, another hash
     code, text = invoke("evaluate", runs["m2dn_2d"], "--out", tmp_path / "e")
     assert code == 0, text
     assert f"split {digest}" in (tmp_path / "e" / "report.md").read_text(encoding="utf-8")
