@@ -72,6 +72,40 @@ def run_source(run: LoadedRun, data: Path | None) -> DataSource:
     return resolve_source(cfg)
 
 
+def cache_data(recipe: Recipe, source: DataSource, *, item_transform: Any = None) -> CacheDataModule:
+    """The data module of the recipe's ``data`` and ``train`` sections over ``source`` (patches of the cached
+    training cases, whole validation cases); ``item_transform``: see :class:`CacheDataModule`. A global batch
+    that the processes cannot share evenly is a :class:`RecipeError`."""
+    try:
+        per_rank_batch(recipe.data.batch_size, recipe.world_size)
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
+    d, t = recipe.data, recipe.train
+    return CacheDataModule(
+        source=source, patch_size=tuple(d.patch_size), batch_size=d.batch_size,
+        steps_per_epoch=min(t.val_every_steps, t.max_steps), foreground_fraction=d.foreground_fraction,
+        num_workers=d.num_workers, val_fraction=d.val_fraction, seed=recipe.seed, progress=t.progress,
+        augmentation=d.augmentation, item_transform=item_transform,
+    )
+
+
+def evaluation_cases(run: LoadedRun, *, split: str, data: Path | None, progress: bool) -> tuple[list, str, bool]:
+    """The cached cases ``evaluate`` scores: the run's ``split`` (``"val"``; ``"all"``: every case of its data) or
+    every case of ``data``, at most ``eval.max_cases``; with a description of them and whether the data is
+    synthetic."""
+    source = run_source(run, data)
+    index = prepare_cache(source, progress=progress)
+    if data is not None or split == "all":
+        cases = list(index.cases)
+        where = f"all cases of {data}" if data is not None else "all cases of the training data"
+    else:
+        cases = list(index.subset(run.split(split)).cases)
+        where = f"{split} (local held-out cases of the run, not an online benchmark)"
+    if run.recipe.eval.max_cases is not None:
+        cases = cases[: run.recipe.eval.max_cases]
+    return cases, where, bool(source.info.synthetic)
+
+
 def tiny_case_recipe(spatial_dims: int, *, method: dict[str, Any], model: dict[str, Any] | None = None,
                      **data: Any) -> dict[str, Any]:
     """A recipe on 6 tiny phantom cases (17×18×19 voxels, or 33×34 slices) that trains in seconds."""
@@ -115,10 +149,7 @@ class CasesPlugin(MethodPlugin):
     def build(self, recipe: Recipe) -> Training:
         source = resolve_source(recipe.data)
         task = self.task_info(recipe, source.info)
-        try:
-            per_rank_batch(recipe.data.batch_size, recipe.world_size)
-        except ValueError as err:
-            raise RecipeError(str(err)) from None
+        data = cache_data(recipe, source)
         kwargs = network_kwargs(recipe, source.modalities, out_channels=task.out_channels,
                                 classification=task.kind == "classification")
         network = build_network(recipe.model.name, kwargs)
@@ -133,12 +164,6 @@ class CasesPlugin(MethodPlugin):
             system = self.make_system(recipe, network, task, common)
         except ValueError as err:
             raise RecipeError(f"method: {err}") from None
-        data = CacheDataModule(
-            source=source, patch_size=tuple(recipe.data.patch_size), batch_size=recipe.data.batch_size,
-            steps_per_epoch=min(t.val_every_steps, t.max_steps), foreground_fraction=recipe.data.foreground_fraction,
-            num_workers=recipe.data.num_workers, val_fraction=recipe.data.val_fraction, seed=recipe.seed,
-            progress=t.progress, augmentation=recipe.data.augmentation,
-        )
         return Training(
             system=system, data=data, network_name=recipe.model.name, network_kwargs=kwargs, task=task,
             modalities=tuple(source.modalities),
@@ -188,22 +213,14 @@ class CasesPlugin(MethodPlugin):
         from medmodal.evaluation.subsets import evaluate_subsets
 
         network = run.network()
-        source = run_source(run, data)
-        index = prepare_cache(source, progress=progress)
-        if data is not None or split == "all":
-            cases = list(index.cases)
-            where = f"all cases of {data}" if data is not None else "all cases of the training data"
-        else:
-            cases = list(index.subset(run.split(split)).cases)
-            where = f"{split} (local held-out cases of the run, not an online benchmark)"
-        if run.recipe.eval.max_cases is not None:
-            cases = cases[: run.recipe.eval.max_cases]
+        cases, where, synthetic = evaluation_cases(run, split=split, data=data, progress=progress)
+        modalities = tuple(run.info.modalities)  # the channels the model reads (run_source selects them)
         name = model_name or run.recipe.model.name
         subsets = self.default_subsets(run)
         details = [f"run: `{run.dir}` (method {run.info.method})", f"cases: {where}"]
         task, inf = run.info.task, run.info.inference
         if task.kind == "classification":
-            rows: list = evaluate_classification(network, cases, modalities=source.modalities, subsets=subsets,
+            rows: list = evaluate_classification(network, cases, modalities=modalities, subsets=subsets,
                                                  model_name=name)
             if not rows:
                 raise RunError(f"no case with a class target to evaluate ({where}) for {run.dir}")
@@ -215,14 +232,14 @@ class CasesPlugin(MethodPlugin):
             details.append(f"sliding windows: {window['roi_size']}, overlap {window['overlap']:.3g}, "
                            f"blend {window['blend']}")
             rows = evaluate_subsets(
-                network, cases, modalities=source.modalities, regions={k: tuple(v) for k, v in task.regions.items()},
+                network, cases, modalities=modalities, regions={k: tuple(v) for k, v in task.regions.items()},
                 roi_size=window["roi_size"], overlap=window["overlap"], blend=window["blend"],
                 sw_batch_size=window["sw_batch_size"], channels_last=window["channels_last"], subsets=subsets,
                 model_name=name, progress=progress, postprocess=post,
             )
             if not rows:
                 raise RunError(f"no labelled case to evaluate ({where}) for {run.dir}")
-        return rows, details, bool(source.info.synthetic), cases
+        return rows, details, synthetic, cases
 
     def evaluate(self, run: LoadedRun, *, out_dir: Path, split: str, data: Path | None, features: bool,
                  progress: bool, model_name: str | None = None) -> Path:

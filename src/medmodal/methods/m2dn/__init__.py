@@ -90,9 +90,8 @@ class M2DNPlugin(MethodPlugin):
     def build(self, recipe: Recipe) -> Training:
         from medmodal.data.case import DataError
         from medmodal.data.formats import canonical_modality
-        from medmodal.engine.cases import build_network
-        from medmodal.engine.datamodule import CacheDataModule, resolve_source
-        from medmodal.engine.distributed import per_rank_batch
+        from medmodal.engine.cases import build_network, cache_data
+        from medmodal.engine.datamodule import resolve_source
         from medmodal.engine.recipe import RecipeError
         from medmodal.engine.runinfo import TaskInfo
         from medmodal.methods.m2dn.data import UnitIntensityItems
@@ -112,10 +111,7 @@ class M2DNPlugin(MethodPlugin):
                 raise DataError(f"{len(lacking)} case(s) lack one of {list(mods)} ({shown}); M2DN trains on complete "
                                 "cases: set method.incomplete_cases: mask to train on incomplete ones (beyond the "
                                 "paper), or choose data.modalities every case has")
-        try:
-            per_rank_batch(recipe.data.batch_size, recipe.world_size)
-        except ValueError as err:
-            raise RecipeError(str(err)) from None
+        data = cache_data(recipe, source, item_transform=UnitIntensityItems(percentiles=tuple(m.percentiles)))
         fixed = None
         if m.fixed_available:
             names = [canonical_modality(n) for n in m.fixed_available]
@@ -139,13 +135,6 @@ class M2DNPlugin(MethodPlugin):
             )
         except ValueError as err:
             raise RecipeError(f"method: {err}") from None
-        data = CacheDataModule(
-            source=source, patch_size=tuple(recipe.data.patch_size), batch_size=recipe.data.batch_size,
-            steps_per_epoch=min(t.val_every_steps, t.max_steps), foreground_fraction=recipe.data.foreground_fraction,
-            num_workers=recipe.data.num_workers, val_fraction=recipe.data.val_fraction, seed=recipe.seed,
-            progress=t.progress, augmentation=recipe.data.augmentation,
-            item_transform=UnitIntensityItems(percentiles=tuple(m.percentiles)),
-        )
         from medmodal.engine.cases import PREPROCESSING
 
         preprocessing = {**PREPROCESSING, **source.preprocessing(),

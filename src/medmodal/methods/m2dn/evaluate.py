@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from medmodal.engine.cases import run_source
-from medmodal.engine.datamodule import prepare_cache
+from medmodal.engine.cases import evaluation_cases
 from medmodal.engine.run import RunError
 from medmodal.engine.runinfo import LoadedRun
 from medmodal.methods.m2dn.data import CaseIntensity, to_unit
@@ -117,21 +116,6 @@ def synthesis_rows(run: LoadedRun, cases: list, *, model_name: str, settings: Sa
                     )
                 bar.advance(task)
     return rows
-
-
-def evaluation_cases(run: LoadedRun, *, split: str, data: Path | None, progress: bool) -> tuple[list, str, bool]:
-    """The cached cases to evaluate, a description of them, and whether the data is synthetic."""
-    source = run_source(run, data)
-    index = prepare_cache(source, progress=progress)
-    if data is not None or split == "all":
-        cases = list(index.cases)
-        where = f"all cases of {data}" if data is not None else "all cases of the training data"
-    else:
-        cases = list(index.subset(run.split(split)).cases)
-        where = f"{split} (local held-out cases of the run, not an online benchmark)"
-    if run.recipe.eval.max_cases is not None:
-        cases = cases[: run.recipe.eval.max_cases]
-    return cases, where, bool(source.info.synthetic)
 
 
 def model_label(run: LoadedRun) -> str:

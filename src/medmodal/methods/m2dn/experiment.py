@@ -180,13 +180,14 @@ def downstream_rows(seg_dir: Path, cases: Sequence, completed: list[list[_Comple
 def run_m2dn_experiment(out: Path, *, seeds: Sequence[int] = SEEDS, fast: bool = False, overwrite: bool = False,
                         overrides: dict[str, Any] | None = None) -> Path:
     """Train, evaluate and report (see the module docstring); returns ``out/report.md``."""
+    from medmodal.engine.cases import evaluation_cases
     from medmodal.evaluation.compare import MEAN_OVER_SUBSETS, paired_comparison, paired_markdown
     from medmodal.evaluation.synthesis import (
         METRIC_DEFINITION,
         all_scenarios,
         write_synthesis_report,
     )
-    from medmodal.methods.m2dn.evaluate import evaluation_cases, synthesis_rows
+    from medmodal.methods.m2dn.evaluate import synthesis_rows
 
     out = Path(out)
     report = out / "report.md"
