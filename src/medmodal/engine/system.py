@@ -9,7 +9,7 @@ validation values with :meth:`add_val_metric`, and the base class does the rest.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import lightning as L
@@ -43,6 +43,19 @@ def make_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; expected sgd or adamw")
+
+
+def stepped_schedule(optimizer: torch.optim.Optimizer, multiplier: Callable[[int], float], *,
+                     warmup_steps: int = 0) -> dict[str, Any]:
+    """Lightning's ``configure_optimizers`` answer: ``optimizer`` with a per-step learning-rate factor
+    ``multiplier(step)``, after a linear warm-up from ``lr / warmup_steps`` over the first ``warmup_steps``."""
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+        return warm * multiplier(step)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 class MethodSystem(L.LightningModule):

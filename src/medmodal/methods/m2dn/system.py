@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from medmodal.data.case import Batch, DataError
-from medmodal.engine.system import MethodSystem, lr_factor, make_optimizer
+from medmodal.engine.system import MethodSystem, lr_factor, make_optimizer, stepped_schedule
 from medmodal.evaluation.synthesis import all_scenarios
 from medmodal.methods.m2dn.diffusion import MaskedDiffusion, ema_update
 from medmodal.methods.m2dn.inference import Mode, SamplerSettings, case_generator, fill_case, regression_input
@@ -173,9 +173,5 @@ class M2DNSystem(MethodSystem):
         opt = make_optimizer(self.online.parameters(), name=self.optimizer_name, lr=self.lr,
                              weight_decay=self.weight_decay, momentum=self.momentum)
 
-        def multiplier(step: int) -> float:
-            warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-            return warm * lr_factor(step, schedule=self.schedule, total=max(1, self.max_steps))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, multiplier)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return stepped_schedule(opt, lambda step: lr_factor(step, schedule=self.schedule, total=max(1, self.max_steps)),
+                                warmup_steps=self.warmup_steps)

@@ -16,7 +16,7 @@ from monai.metrics import compute_dice
 from torch import nn
 
 from medmodal.data.case import Batch
-from medmodal.engine.system import MethodSystem, lr_factor, make_optimizer
+from medmodal.engine.system import MethodSystem, lr_factor, make_optimizer, stepped_schedule
 from medmodal.evaluation.inference import predict_subsets
 from medmodal.losses.segmentation import BceReduction, DiceReduction, RegionDiceBCELoss
 from medmodal.transforms import drop_modalities, labels_to_regions, sample_modality_subsets
@@ -147,12 +147,7 @@ class SegmentationSystem(MethodSystem):
     def configure_optimizers(self) -> Any:
         opt = make_optimizer(self.network.parameters(), name=self.optimizer_name, lr=self.lr,
                              weight_decay=self.weight_decay, momentum=self.momentum)
-        def multiplier(step: int) -> float:
-            warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-            return warm * self.lr_multiplier(step)
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, multiplier)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return stepped_schedule(opt, self.lr_multiplier, warmup_steps=self.warmup_steps)
 
     def lr_multiplier(self, step: int) -> float:
         """Learning-rate multiplier at optimiser step ``step`` (the recipe's schedule over ``max_steps``)."""
