@@ -267,3 +267,19 @@ def _dataset_name(built: Training) -> str:
 def _synthetic(built: Training) -> bool:
     source = getattr(built.data, "source", None)
     return bool(getattr(getattr(source, "info", None), "synthetic", False))
+
+
+def train_or_resume(recipe: Recipe, run_dir: Path, *, overwrite: bool = False) -> Path:
+    """The run of ``recipe`` in ``run_dir`` for a command that trains several runs (an experiment): a finished run
+    is reused, an interrupted one resumed from its ``last.ckpt``, anything else (or everything, with
+    ``overwrite``) trained afresh. Returns ``run_dir``."""
+    run_dir = Path(run_dir)
+    finished = (run_dir / "split.json").is_file() and (run_dir / "weights" / "model.safetensors").is_file()
+    if finished and not overwrite:
+        log.info("%s is trained; reusing it", run_dir)
+    elif (run_dir / "checkpoints" / "last.ckpt").is_file() and not overwrite:
+        log.info("resuming the interrupted run in %s", run_dir)
+        train(None, run_dir, resume=True)
+    else:
+        train(recipe, run_dir, overwrite=True)
+    return run_dir

@@ -32,7 +32,7 @@ from medmodal.atomic import atomic_write_text
 from medmodal.engine.recipe import Recipe, builtin_recipe_path, load_recipe
 from medmodal.engine.run import RunError
 from medmodal.engine.runinfo import load_run
-from medmodal.engine.train import train
+from medmodal.engine.train import train_or_resume
 
 log = logging.getLogger("medmodal")
 
@@ -94,19 +94,6 @@ def segmenter_recipe(name: str, base: Recipe, *, fast: bool) -> Recipe:
         "eval": {"overlap": 0.0},
     }
     return Recipe.model_validate(doc)
-
-
-def _trained(recipe: Recipe, run_dir: Path, *, overwrite: bool) -> Path:
-    done = (run_dir / "split.json").is_file() and (run_dir / "weights" / "model.safetensors").is_file()
-    if done and not overwrite:
-        log.info("%s is trained; reusing it", run_dir)
-    elif (run_dir / "checkpoints" / "last.ckpt").is_file() and not overwrite:
-        log.info("resuming %s", run_dir)
-        train(None, run_dir, resume=True)
-    else:
-        log.info("training %s", run_dir)
-        train(recipe, run_dir, overwrite=True)
-    return run_dir
 
 
 def zscore_in(values: np.ndarray, region: np.ndarray) -> np.ndarray:
@@ -200,8 +187,8 @@ def run_m2dn_experiment(out: Path, *, seeds: Sequence[int] = SEEDS, fast: bool =
     split_hashes: dict[int, str] = {}
     for seed in seeds:
         recipe = m2dn_recipe(seed, fast=fast, overrides=overrides)
-        m2dn_dir = _trained(recipe, out / f"m2dn@{seed}", overwrite=overwrite)
-        reg_dir = _trained(m2dn_recipe(seed, fast=fast, overrides=overrides, mode="regression"),
+        m2dn_dir = train_or_resume(recipe, out / f"m2dn@{seed}", overwrite=overwrite)
+        reg_dir = train_or_resume(m2dn_recipe(seed, fast=fast, overrides=overrides, mode="regression"),
                            out / f"regression@{seed}", overwrite=overwrite)
         m2dn_run, reg_run = load_run(m2dn_dir), load_run(reg_dir)
         split_hashes[seed] = m2dn_run.split_hash()
@@ -214,7 +201,7 @@ def run_m2dn_experiment(out: Path, *, seeds: Sequence[int] = SEEDS, fast: bool =
         completed = completed_cases(m2dn_dir, cases, patterns)
         by_regression = completed_cases(reg_dir, cases, patterns)
         for name in SEGMENTERS:
-            seg_dir = _trained(segmenter_recipe(name, recipe, fast=fast), out / f"{name}@{seed}",
+            seg_dir = train_or_resume(segmenter_recipe(name, recipe, fast=fast), out / f"{name}@{seed}",
                                overwrite=overwrite)
             if load_run(seg_dir).split("val") != m2dn_run.split("val"):
                 raise RunError(f"{seg_dir} holds out other cases than {m2dn_dir}; remove both and rerun")

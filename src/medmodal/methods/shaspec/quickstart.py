@@ -33,7 +33,7 @@ from medmodal.engine.plugin import get_method
 from medmodal.engine.recipe import Recipe, builtin_recipe_path, load_recipe
 from medmodal.engine.run import RunError
 from medmodal.engine.runinfo import load_run
-from medmodal.engine.train import train
+from medmodal.engine.train import train_or_resume
 from medmodal.evaluation.compare import collapsed_regions, paired_comparison, paired_markdown
 from medmodal.evaluation.report import (
     SYNTHETIC_NOTE,
@@ -75,17 +75,6 @@ def _reference_models(modalities: Sequence[str], weakest: str) -> tuple[Quicksta
                         "quickstart_fast", {"data.modalities": list(sub), "method.modality_dropout": 0.0})
         for sub in (tuple(modalities), (weakest,))
     )
-
-
-def _train_or_resume(recipe: Recipe, run_dir: Path, *, overwrite: bool) -> None:
-    trained = (run_dir / "split.json").is_file() and (run_dir / "weights" / "model.safetensors").is_file()
-    if trained and not overwrite:
-        log.info("training in %s is finished; evaluating it", run_dir)
-    elif (run_dir / "checkpoints" / "last.ckpt").is_file() and not overwrite:
-        log.info("resuming the interrupted quickstart run in %s", run_dir)
-        train(None, run_dir, resume=True)
-    else:
-        train(recipe, run_dir, overwrite=True)
 
 
 def summarise_over_seeds(rows: list[SubsetResult]) -> list[SummaryRow]:
@@ -160,7 +149,7 @@ def _train_and_evaluate(job: _Job, *, overwrite: bool, progress: bool, threads: 
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
         torch.set_num_threads(threads)
     t = time.perf_counter()
-    _train_or_resume(job.recipe, job.run_dir, overwrite=overwrite)
+    train_or_resume(job.recipe, job.run_dir, overwrite=overwrite)
     seconds = time.perf_counter() - t
     run = load_run(job.run_dir)
     plugin = get_method(run.info.method)
