@@ -237,8 +237,9 @@ def load_m2dn_run(path: Path):
 
 
 def quality(args: argparse.Namespace, run) -> None:
+    from medmodal.engine.cases import evaluation_cases
     from medmodal.methods.m2dn import diffusion_of
-    from medmodal.methods.m2dn.evaluate import case_patterns, evaluation_cases, synthesis_rows
+    from medmodal.methods.m2dn.evaluate import case_patterns, synthesis_rows
     from medmodal.methods.m2dn.inference import settings_from
 
     inf = run.info.inference

@@ -433,7 +433,7 @@ def test_synthesize_is_seeded_and_refuses_bad_calls(runs, incomplete_2d: Path, t
 
 # -- 7. medmodal evaluate --------------------------------------------------------------------------------------
 def test_evaluate_scores_14_scenarios_and_zero_fill_by_hand(runs, tmp_path: Path) -> None:
-    from medmodal.methods.m2dn.evaluate import evaluation_cases
+    from medmodal.engine.cases import evaluation_cases
 
     run = runs["m2dn_2d"]
     code, text = invoke("evaluate", run, "--out", tmp_path / "e")

@@ -65,8 +65,8 @@ def test_rerun_reuses_the_runs_and_reproduces_the_report(experiment: Path) -> No
 
 
 def test_completion_keeps_the_given_channels_and_normalises_the_synthesised_ones(experiment: Path) -> None:
+    from medmodal.engine.cases import evaluation_cases
     from medmodal.engine.runinfo import load_run
-    from medmodal.methods.m2dn.evaluate import evaluation_cases
 
     run = load_run(experiment / "m2dn@0")
     cases, _, _ = evaluation_cases(run, split="val", data=None, progress=False)
