@@ -420,9 +420,11 @@ def test_synthesize_is_seeded_and_refuses_bad_calls(runs, incomplete_2d: Path, t
     code, text = invoke("synthesize", run, "--image", f"t1={t1}", "--image", f"t2={t2}", "--case-id", "odd",
                         "--out", out)
     assert code == 2, text
-    # --image input of a phantom-trained model is warned about; the progress bar had started: one error line
-    errors = [line for line in text.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and text.rstrip().endswith(errors[0]), text
+    # --image input of a phantom-trained model is warned about, then one error line (the progress bar is gone)
+    lines = [line for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], text
+    assert all(line.startswith(("warning:", "error:", " ")) for line in lines), text
     assert "case 'odd'" in errors[0] and "not on the same grid" in errors[0]
 
     code, text = invoke("synthesize", runs["zero_fill"], "--data", incomplete_2d, "--out", out)

@@ -74,7 +74,7 @@ def synthesize_records(run: LoadedRun, records: Sequence[CaseRecord], out_dir: P
     net_dims = int(inf.get("model_dims", run.info.spatial_dims))
     synthesized: dict[str, dict[str, np.ndarray]] = {}
     todo = [r for r in records if set(mods) - set(r.images)]
-    with Progress(disable=not progress) as bar:
+    with Progress(disable=not progress, transient=True) as bar:  # an error then stands alone
         task = bar.add_task(f"synthesising ({settings.describe(mode, diffusion.timesteps)})", total=len(todo))
         for rec in todo:
             case = read_case(replace(rec, label=None), replace(info, modalities=mods))
