@@ -559,3 +559,23 @@ def test_split_hash_is_in_the_report_and_follows_the_split(runs, tmp_path: Path)
     code, text = invoke("evaluate", runs["m2dn_2d"], "--out", tmp_path / "e")
     assert code == 0, text
     assert f"split {digest}" in (tmp_path / "e" / "report.md").read_text(encoding="utf-8")
+
+
+def test_curriculum_limit_rises_from_one_to_m_minus_one_then_lifts() -> None:
+    from medmodal.methods.m2dn.diffusion import MaskedDiffusion
+    from medmodal.methods.m2dn.system import M2DNSystem
+
+    system = M2DNSystem(network=tiny_denoiser(regression=False), diffusion=MaskedDiffusion(timesteps=10),
+                        modalities=MODS3, curriculum=True, curriculum_fraction=0.5, max_steps=300)
+    limits = [system.curriculum_limit(step, 4) for step in (0, 49, 50, 99, 100, 149, 150, 299)]
+    assert limits == [1, 1, 2, 2, 3, 3, None, None]
+    assert [system.curriculum_limit(step, 3) for step in (0, 74, 75, 149, 150)] == [1, 1, 2, 2, None]
+    present = torch.ones(500, 3, dtype=torch.bool)
+    assert bool((system._missing(present).sum(1) == 1).all())  # step 0: one contrast hidden at a time
+
+
+def test_curriculum_recipe_trains(tmp_path: Path) -> None:
+    code, text, run = train(tmp_path / "c", get_method("m2dn").contract_recipe(2), "train.max_steps=2",
+                            "train.val_every_steps=2", "method.mask_dist=curriculum")
+    assert code == 0, text
+    assert load_run(run).recipe.method.mask_dist == "curriculum"

@@ -496,3 +496,23 @@ def test_ema_update_values_warmup_and_buffers():
         ema_update(nn.Linear(3, 5), nn.Linear(3, 4))
     with pytest.raises(ValueError, match="decay"):
         ema_update(ema, model, decay=1.5)
+
+
+def test_sample_missing_max_missing_limits_the_hidden_contrasts_uniformly() -> None:
+    """The curriculum's limit: with ``max_missing=1`` every draw hides exactly one present contrast, each of the M
+    equally often; absent channels are missing on top and do not count; ``None`` keeps the full distribution."""
+    gen = torch.Generator().manual_seed(0)
+    present = torch.ones(8000, 4, dtype=torch.bool)
+    missing = MaskedDiffusion.sample_missing(present, generator=gen, max_missing=1)
+    assert bool((missing.sum(1) == 1).all())
+    freq = missing.float().mean(0)
+    assert torch.allclose(freq, torch.full((4,), 0.25), atol=3 * (0.25 * 0.75 / 8000) ** 0.5)
+    two = MaskedDiffusion.sample_missing(present, generator=gen, max_missing=2)
+    assert set(two.sum(1).tolist()) == {1, 2}  # 4 one-hidden + 6 two-hidden patterns, uniform: 40 % / 60 %
+    assert abs(float((two.sum(1) == 2).float().mean()) - 0.6) < 0.03
+    assert set(MaskedDiffusion.sample_missing(present, generator=gen).sum(1).tolist()) == {1, 2, 3}
+    incomplete = torch.tensor([[True, True, False, True]] * 2000)
+    m = MaskedDiffusion.sample_missing(incomplete, generator=gen, max_missing=1)
+    assert bool(m[:, 2].all()) and bool(((m & incomplete).sum(1) <= 1).all())
+    with pytest.raises(ValueError, match="max_missing"):
+        MaskedDiffusion.sample_missing(present, generator=gen, max_missing=0)

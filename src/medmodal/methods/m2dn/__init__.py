@@ -128,7 +128,8 @@ class M2DNPlugin(MethodPlugin):
         try:
             system = M2DNSystem(
                 network=network, diffusion=diffusion_of(m.model_dump()), modalities=mods, mode=m.mode,
-                loss_channels=m.loss_channels, fixed_available=fixed, incomplete_cases=m.incomplete_cases,
+                loss_channels=m.loss_channels, fixed_available=fixed, curriculum=m.mask_dist == "curriculum",
+                curriculum_fraction=m.curriculum_fraction, incomplete_cases=m.incomplete_cases,
                 ema_decay=m.ema_decay, val_steps=m.val_steps, clip_x0=m.clip_x0, optimizer=t.optimizer, lr=t.lr,
                 weight_decay=t.weight_decay, momentum=t.momentum, schedule=t.schedule, max_steps=t.max_steps,
                 warmup_steps=t.warmup_steps, seed=recipe.seed, model_dims=model_dims(recipe),

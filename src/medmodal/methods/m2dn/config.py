@@ -35,8 +35,11 @@ class M2DNMethod(MethodSection):
     objective: Literal["pred_x0", "pred_eps"] = "pred_x0"
     # all: self-reconstruction of the available channels + synthesis of the missing ones ("J"); missing: the latter
     loss_channels: Literal["all", "missing"] = "all"
-    # uniform over the 2^M - 2 partial patterns (spec), or one fixed scenario (the paper's "J" and cDM variants)
-    mask_dist: Literal["uniform", "fixed"] = "uniform"
+    # uniform over the 2^M - 2 partial patterns (spec), one fixed scenario (the paper's "J" and cDM variants), or
+    # MM-GAN's easy-to-hard curriculum: at most k contrasts hidden, k rising from 1 to M - 1 in equal stages over
+    # the first curriculum_fraction of the steps, then uniform
+    mask_dist: Literal["uniform", "fixed", "curriculum"] = "uniform"
+    curriculum_fraction: float = Field(0.5, gt=0.0, le=1.0)
     fixed_available: list[str] | None = None  # mask_dist fixed: the modalities given as input
     # the paper's ablation names; when set they fix loss_channels and model.kwargs.mask_cond (VARIANTS)
     variant: Literal["U", "U+J", "U+M", "U+J+M"] | None = None

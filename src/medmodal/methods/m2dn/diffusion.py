@@ -187,7 +187,8 @@ class MaskedDiffusion:
         return torch.randint(0, self.timesteps, (batch,), generator=generator, device=generator.device)
 
     @staticmethod
-    def sample_missing(present: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
+    def sample_missing(present: torch.Tensor, *, generator: torch.Generator,
+                       max_missing: int | None = None) -> torch.Tensor:
         """Draw the simulated missing pattern of every row (spec §2.2), uniformly over its allowed patterns.
 
         A row with every channel present draws uniformly from the 2^M − 2 patterns that are neither none- nor
@@ -198,6 +199,8 @@ class MaskedDiffusion:
         Args:
             present: ``(B, M)`` bool, True = the channel exists in the data. M ≤ 16 (patterns are enumerated).
             generator: on ``present``'s device.
+            max_missing: draw only patterns that hide at most this many present channels (an easy-to-hard
+                curriculum, MM-GAN's; ``None``: no limit).
 
         Returns:
             missing ``(B, M)`` bool (the M2DN mask v; ``available = present & ~missing``).
@@ -220,6 +223,11 @@ class MaskedDiffusion:
         # none-missing (which only a complete row could draw)
         covers = ~(absent[:, None, :] & ~patterns[None]).any(dim=2)  # (B, P)
         allowed = covers & ~patterns.all(dim=1)[None] & patterns.any(dim=1)[None]
+        if max_missing is not None:
+            if max_missing < 1:
+                raise ValueError(f"max_missing must be at least 1, got {max_missing}")
+            hidden = (patterns[None] & present[:, None, :]).sum(dim=2)  # (B, P) present channels a pattern hides
+            allowed &= hidden <= max_missing
         if batch == 0:
             return torch.zeros(0, m, dtype=torch.bool, device=present.device)
         if not allowed.any(dim=1).all():

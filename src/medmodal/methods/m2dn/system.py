@@ -37,7 +37,9 @@ class M2DNSystem(MethodSystem):
         diffusion: the schedule, mask sampler, loss and samplers (:class:`MaskedDiffusion`).
         mode: ``"diffusion"`` or ``"regression"`` (missing channels zero-filled, one pass, no noise).
         loss_channels: ``"all"`` (self-reconstruction + synthesis) or ``"missing"``.
-        fixed_available: ``(M,)`` bool: always this scenario (``mask_dist: fixed``), or ``None`` (uniform).
+        fixed_available: ``(M,)`` bool: always this scenario (``mask_dist: fixed``), or ``None``.
+        curriculum: draw patterns easy to hard (``mask_dist: curriculum``, :meth:`curriculum_limit`) over the first
+            ``curriculum_fraction`` of the steps; otherwise uniform (unless ``fixed_available``).
         incomplete_cases: ``"error"`` or ``"mask"`` (a truly absent channel is missing and out of the loss).
         ema_decay: decay of the sampling weights' moving average (0: a copy of the trained weights).
         val_steps: DDIM steps of the validation synthesis.
@@ -57,6 +59,8 @@ class M2DNSystem(MethodSystem):
         mode: Mode = "diffusion",
         loss_channels: Literal["all", "missing"] = "all",
         fixed_available: Sequence[bool] | None = None,
+        curriculum: bool = False,
+        curriculum_fraction: float = 0.5,
         incomplete_cases: Literal["error", "mask"] = "error",
         ema_decay: float = 0.999,
         val_steps: int = 10,
@@ -80,6 +84,7 @@ class M2DNSystem(MethodSystem):
         self.mode, self.loss_channels = mode, loss_channels
         self.fixed_available = None if fixed_available is None else torch.tensor(list(fixed_available))
         self.incomplete_cases = incomplete_cases
+        self.curriculum, self.curriculum_fraction = bool(curriculum), float(curriculum_fraction)
         self.ema_decay, self.val_steps, self.clip_x0 = float(ema_decay), int(val_steps), bool(clip_x0)
         self.optimizer_name, self.lr, self.weight_decay, self.momentum = optimizer, lr, weight_decay, momentum
         self.schedule, self.max_steps, self.warmup_steps = schedule, max_steps, warmup_steps
@@ -101,7 +106,18 @@ class M2DNSystem(MethodSystem):
                 raise DataError("method.fixed_available: a training case lacks every input modality of the "
                                 "fixed scenario")
             return missing | ~present
-        return self.diffusion.sample_missing(present.cpu(), generator=self.generator).to(present.device)
+        limit = self.curriculum_limit(int(self.global_step), present.shape[1]) if self.curriculum else None
+        return self.diffusion.sample_missing(present.cpu(), generator=self.generator,
+                                             max_missing=limit).to(present.device)
+
+    def curriculum_limit(self, step: int, m: int) -> int | None:
+        """The most contrasts a training pattern may hide at optimiser ``step`` under the easy-to-hard curriculum
+        (``mask_dist: curriculum``): 1 at the start, one more in each of ``M − 1`` equal stages of the first
+        ``curriculum_fraction`` of ``max_steps``, then no limit."""
+        span = self.curriculum_fraction * max(1, self.max_steps)
+        if step >= span:
+            return None
+        return min(m - 1, 1 + int((m - 1) * step / span))
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         x0, present = batch.image, batch.available
