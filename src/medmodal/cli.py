@@ -238,7 +238,7 @@ def predict(
     overwrite: bool = typer.Option(False, help="Replace existing outputs."),
 ) -> None:
     """Apply a run's model to cases from whichever modalities they have; outputs land on each input's grid."""
-    loaded, plugin, records, _fmt = _run_inputs(run, data, image, case_id, operation="predict")
+    loaded, plugin, records, _fmt, _info = _run_inputs(run, data, image, case_id, operation="predict")
     written = plugin.predict(loaded, records, out, overwrite=overwrite, progress=True)
     console.print(f"[bold green]wrote[/] {len(written)} file(s) to {out}")
 
@@ -262,16 +262,16 @@ def synthesize(
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
 ) -> None:
     """Fill each case's missing modalities and write a complete data set (synthetic files marked as such)."""
-    loaded, plugin, records, fmt = _run_inputs(run, data, image, case_id, operation="synthesize")
+    loaded, plugin, records, fmt, info = _run_inputs(run, data, image, case_id, operation="synthesize")
     options = {"sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "batch_size": batch_size,
                "device": device}
-    written = plugin.synthesize(loaded, records, out, source=data, source_format=fmt, options=options,
-                                overwrite=overwrite, progress=True)
+    written = plugin.synthesize(loaded, records, out, source=data, source_format=fmt, source_info=info,
+                                options=options, overwrite=overwrite, progress=True)
     console.print(f"[bold green]wrote[/] the completed data set to {written}")
 
 
 def _run_inputs(run: Path, data: Path | None, image: list[str], case_id: str, *,
-                operation: str) -> tuple[Any, Any, list, str]:
+                operation: str) -> tuple[Any, Any, list, str, Any]:
     """``(loaded run, its plug-in, case records, data-set format)`` of a ``predict``-style call; a run whose
     method does not offer ``operation`` is refused before any input is read."""
     from medmodal.engine.plugin import get_method
@@ -286,7 +286,7 @@ def _run_inputs(run: Path, data: Path | None, image: list[str], case_id: str, *,
     plugin = get_method(loaded.info.method)
     if not plugin.offers(operation):
         raise plugin.not_offered(operation)
-    fmt = "images"
+    fmt, info = "images", None
     if data is not None:
         from medmodal.data.formats import detect_format, open_dataset
 
@@ -305,7 +305,7 @@ def _run_inputs(run: Path, data: Path | None, image: list[str], case_id: str, *,
         records = records_from_images(pairs, case_id=case_id)
         data_synthetic = False
     _warn_once(loaded.data_warning(data_synthetic=data_synthetic))
-    return loaded, plugin, records, fmt
+    return loaded, plugin, records, fmt, info
 
 
 def _check_case_id_option(case_id: str) -> None:

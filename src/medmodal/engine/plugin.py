@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import lightning as L
     import typer
 
-    from medmodal.data.case import CaseRecord
+    from medmodal.data.case import CaseRecord, DatasetInfo
     from medmodal.engine.recipe import Recipe
     from medmodal.engine.runinfo import LoadedRun, TaskInfo
 
@@ -116,8 +116,10 @@ class MethodPlugin:
         raise self.not_offered("predict")
 
     def synthesize(self, run: LoadedRun, records: Sequence[CaseRecord], out_dir: Path, *, source: Path | None,
-                   source_format: str, options: dict[str, Any], overwrite: bool, progress: bool) -> Path:
-        """Fill the missing modalities of ``records`` (read from data set ``source`` in ``source_format``, or
+                   source_format: str, source_info: DatasetInfo | None, options: dict[str, Any], overwrite: bool,
+                   progress: bool) -> Path:
+        """Fill the missing modalities of ``records`` (read from data set ``source`` in ``source_format``, whose
+        :class:`DatasetInfo` the command already read is ``source_info``, or
         ``--image`` files when ``source`` is ``None``) and write a complete data set to ``out_dir`` in the
         input's layout; ``options`` holds the sampler settings given on the command line (``None``: the run's).
         Returns ``out_dir``."""

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medmodal.data.case import CaseRecord
+from medmodal.data.case import CaseRecord, DatasetInfo
 from medmodal.engine.plugin import MethodPlugin, Training, register_method
 from medmodal.engine.recipe import Recipe
 from medmodal.engine.runinfo import LoadedRun
@@ -163,11 +163,12 @@ class M2DNPlugin(MethodPlugin):
                             against=against)
 
     def synthesize(self, run: LoadedRun, records: Sequence[CaseRecord], out_dir: Path, *, source: Path | None,
-                   source_format: str, options: dict[str, Any], overwrite: bool, progress: bool) -> Path:
+                   source_format: str, source_info: DatasetInfo | None, options: dict[str, Any], overwrite: bool,
+                   progress: bool) -> Path:
         from medmodal.methods.m2dn.synthesize import synthesize_records
 
         return synthesize_records(run, records, out_dir, source=source, source_format=source_format,
-                                  options=options, overwrite=overwrite, progress=progress)
+                                  source_info=source_info, options=options, overwrite=overwrite, progress=progress)
 
     def add_commands(self, app: Any) -> None:
         from medmodal.methods.m2dn.commands import add_commands

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from medmodal.data.case import CaseRecord, DataError
+from medmodal.data.case import CaseRecord, DataError, DatasetInfo
 from medmodal.engine.runinfo import LoadedRun
 from medmodal.methods.m2dn.data import CaseIntensity, to_unit
 from medmodal.methods.m2dn.inference import case_generator, fill_case, inference_device, settings_from
@@ -30,7 +30,8 @@ log = logging.getLogger("medmodal")
 
 
 def synthesize_records(run: LoadedRun, records: Sequence[CaseRecord], out_dir: Path, *, source: Path | None,
-                       source_format: str, options: dict[str, Any], overwrite: bool, progress: bool) -> Path:
+                       source_format: str, source_info: DatasetInfo | None = None, options: dict[str, Any],
+                       overwrite: bool, progress: bool) -> Path:
     """Complete every case of ``records`` with ``run`` and write the data set to ``out_dir`` (returned)."""
     from medmodal.data.formats import open_dataset
     from medmodal.data.formats.brats import check_case_id
@@ -67,7 +68,10 @@ def synthesize_records(run: LoadedRun, records: Sequence[CaseRecord], out_dir: P
     out_dir = Path(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:  # refused before any case is synthesised
         raise DataError(f"--out {out_dir}: folder exists and is not empty; pass --overwrite or pick another folder")
-    info = open_dataset(source)[0] if source is not None else input_info(run)
+    if source_info is not None:  # the data set as the command read it
+        info = source_info
+    else:
+        info = open_dataset(source)[0] if source is not None else input_info(run)
     network = run.network().to(device)
     diffusion = diffusion_of(inf)
     mode = inf.get("mode", "diffusion")
