@@ -239,8 +239,8 @@ def load_m2dn_run(path: Path):
 def quality(args: argparse.Namespace, run) -> None:
     from medmodal.engine.cases import evaluation_cases
     from medmodal.methods.m2dn import diffusion_of
-    from medmodal.methods.m2dn.evaluate import case_patterns, synthesis_rows
-    from medmodal.methods.m2dn.inference import settings_from
+    from medmodal.methods.m2dn.evaluate import synthesis_rows
+    from medmodal.methods.m2dn.inference import case_patterns, settings_from
 
     inf = run.info.inference
     T = diffusion_of(inf).timesteps

@@ -22,19 +22,16 @@ from medmodal.engine.cases import evaluation_cases
 from medmodal.engine.run import RunError
 from medmodal.engine.runinfo import LoadedRun
 from medmodal.methods.m2dn.data import CaseIntensity, to_unit
-from medmodal.methods.m2dn.inference import SamplerSettings, case_generator, fill_case, inference_device, settings_from
+from medmodal.methods.m2dn.inference import (
+    SamplerSettings,
+    case_generator,
+    case_patterns,
+    fill_case,
+    inference_device,
+    settings_from,
+)
 
 log = logging.getLogger("medmodal")
-
-
-def case_patterns(present: np.ndarray) -> list[tuple[bool, ...]]:
-    """The scenarios a case can be scored under: partial patterns whose given modalities are present and that
-    leave at least one present modality to synthesise (all ``2^M − 2`` for a complete case)."""
-    from medmodal.evaluation.synthesis import all_scenarios
-
-    return [p for p in all_scenarios(len(present))
-            if all(h or not a for a, h in zip(p, present, strict=True))
-            and any(h and not a for a, h in zip(p, present, strict=True))]
 
 
 def middle_slice(volume: np.ndarray, spatial_dims: int) -> np.ndarray:

@@ -7,7 +7,7 @@ regression baseline and replaced by noise in diffusion), ``available (B, M)`` bo
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,6 +36,16 @@ class SamplerSettings:
         n = self.steps or timesteps
         eta = f", eta {self.eta:g}" if self.sampler == "ddim" else ""
         return f"{self.sampler.upper()} {n} of {timesteps} steps{eta}, seed {self.seed}"
+
+
+def case_patterns(present: Sequence[bool]) -> list[tuple[bool, ...]]:
+    """The scenarios a case can be scored under: partial patterns whose given modalities are present and that
+    leave at least one present modality to synthesise (all ``2^M − 2`` for a complete case)."""
+    from medmodal.evaluation.synthesis import all_scenarios
+
+    return [p for p in all_scenarios(len(present))
+            if all(h or not a for a, h in zip(p, present, strict=True))
+            and any(h and not a for a, h in zip(p, present, strict=True))]
 
 
 def regression_input(x_obs: torch.Tensor, available: torch.Tensor) -> torch.Tensor:

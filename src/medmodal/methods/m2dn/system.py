@@ -24,9 +24,15 @@ from torch import nn
 
 from medmodal.data.case import Batch, DataError
 from medmodal.engine.system import MethodSystem, lr_factor, make_optimizer, stepped_schedule
-from medmodal.evaluation.synthesis import all_scenarios
 from medmodal.methods.m2dn.diffusion import MaskedDiffusion, ema_update
-from medmodal.methods.m2dn.inference import Mode, SamplerSettings, case_generator, fill_case, regression_input
+from medmodal.methods.m2dn.inference import (
+    Mode,
+    SamplerSettings,
+    case_generator,
+    case_patterns,
+    fill_case,
+    regression_input,
+)
 
 
 class M2DNSystem(MethodSystem):
@@ -158,10 +164,7 @@ class M2DNSystem(MethodSystem):
                                    clip=self.clip_x0)
         for i in range(len(batch)):
             present = batch.available[i]
-            have = present.tolist()
-            pats = [p for p in all_scenarios(len(have))
-                    if all(h or not a for a, h in zip(p, have, strict=True))
-                    and any(h and not a for a, h in zip(p, have, strict=True))]
+            pats = case_patterns(present.tolist())
             if not pats:
                 continue
             gen = case_generator(self.seed, batch.case_id[i], batch.image.device)
