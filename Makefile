@@ -23,6 +23,8 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# real chest X-ray JPEGs for the tests (data only: --no-deps, never imported, not a dependency of medmodal)
+	$(BIN)/pip install --quiet --no-deps pneumonia-model-package==0.3.0
 	@touch $@
 
 install: $(VENV)/.installed
