@@ -80,8 +80,11 @@ class Case:
         case_id: unique identifier, used in file names and reports.
         images: modality name → :class:`Volume`, only for modalities present on disk.
         label: integer segmentation map on the same grid as the images, or ``None`` (unlabelled case).
-        target: class index for classification tasks, or ``None``.
+        target: class index for classification tasks (into :attr:`DatasetInfo.class_names` when the dataset
+            names its classes), or ``None`` (no class label).
         report: a free-text report, or ``None``.
+        source: the site, scanner or data set the case comes from (a domain, e.g. for cross-source
+            evaluation), or ``None``.
     """
 
     case_id: str
@@ -89,6 +92,7 @@ class Case:
     label: Volume | None = None
     target: int | None = None
     report: str | None = None
+    source: str | None = None
 
     def available(self, modalities: Sequence[str]) -> np.ndarray:
         """``(M,) bool``: which of ``modalities`` (the dataset's fixed order) this case has."""
@@ -112,6 +116,7 @@ class CaseRecord:
         label: segmentation file, or ``None``.
         target: class index, or ``None``.
         report: report text, or ``None``.
+        source: the site, scanner or data set the case comes from, or ``None``.
     """
 
     case_id: str
@@ -119,6 +124,7 @@ class CaseRecord:
     label: Path | None = None
     target: int | None = None
     report: str | None = None
+    source: str | None = None
 
 
 @dataclass
@@ -132,7 +138,10 @@ class DatasetInfo:
         regions: evaluation regions, each a tuple of label values (BraTS: WT, TC, ET).
         synthetic: True for the generated phantom; every report that uses it says so.
         label_map: value stored in the label files → label value, for layouts that store other values than
-            ``labels`` (nnU-Net needs consecutive 0..K-1, so BraTS 4 is stored as 3); ``None`` = stored as is.
+            ``labels`` (nnU-Net needs consecutive 0..K-1, so BraTS 4 is stored as 3; a lung mask stored 0/255 is
+            ``{0: 0, 255: 1}``); ``None`` = stored as is.
+        class_names: the names of the classification classes, ``target`` being an index into them (the chest
+            X-ray phantom's are ``("normal", "opacity")``); ``None`` when the dataset does not name them.
     """
 
     name: str
@@ -141,6 +150,7 @@ class DatasetInfo:
     regions: dict[str, tuple[int, ...]] = field(default_factory=lambda: dict(BRATS_REGIONS))
     synthetic: bool = False
     label_map: dict[int, int] | None = None
+    class_names: tuple[str, ...] | None = None
 
     def check_modalities(self, names: Sequence[str], *, where: str) -> None:
         """Raise :class:`DataError` naming ``where`` if any of ``names`` is not one of this dataset's modalities."""

@@ -519,7 +519,8 @@ def _as_label(volume: Volume, info: DatasetInfo, case_id: str) -> Volume:
         raise DataError(
             f"case {case_id!r}: label {volume.where} has value(s) {unknown} that the dataset does not "
             f"declare (labels {list(info.labels)}); relabel the file or declare the labels in the "
-            "dataset's metadata"
+            "dataset's metadata (a manifest: \"labels\", and for a mask stored as other values, e.g. 0/255, "
+            "\"label_map\": {\"255\": 1} in the JSON manifest or in the medmodal.json beside a CSV manifest)"
         )
     return Volume(np.asarray(array).astype(compact_int_dtype(values), copy=False), volume.affine, volume.path)
 
@@ -562,7 +563,8 @@ def inspect_case(
     if errors:
         return None, errors
     images = {m: volumes[m] for m in info.modalities if m in volumes}
-    case = Case(record.case_id, images, label=label, target=record.target, report=record.report)
+    case = Case(record.case_id, images, label=label, target=record.target, report=record.report,
+                source=record.source)
     return case, errors
 
 
