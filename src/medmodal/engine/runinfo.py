@@ -21,7 +21,7 @@ from medmodal.engine.run import RunError
 
 RUN_INFO = "run.json"
 FORMAT_VERSION = 1
-TaskKind = Literal["regions", "labels", "classification", "synthesis"]
+TaskKind = Literal["regions", "labels", "classification", "synthesis", "multitask"]
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,9 @@ class TaskInfo:
     Attributes:
         kind: ``"regions"`` (one sigmoid channel per possibly overlapping region, e.g. BraTS WT/TC/ET),
             ``"labels"`` (softmax over label values, channel ``c`` is ``label_values[c]``) or
-            ``"classification"`` (softmax over ``class_names``) or ``"synthesis"`` (one image channel per
-            modality: the network fills missing modalities).
+            ``"classification"`` (softmax over ``class_names``), ``"synthesis"`` (one image channel per
+            modality: the network fills missing modalities) or ``"multitask"`` (``regions`` segmented and
+            ``class_names`` classified by one network).
         regions: region name → label values (``"regions"``).
         label_names: label value → name, for the label map written by ``predict``.
         label_values: the label value of each output channel (``"labels"``).
@@ -49,7 +50,7 @@ class TaskInfo:
     def out_channels(self) -> int:
         """Output channels of a segmentation network for this task (0 for classification and synthesis)."""
         return {"regions": len(self.regions), "labels": len(self.label_values), "classification": 0,
-                "synthesis": 0}[self.kind]
+                "synthesis": 0, "multitask": len(self.regions)}[self.kind]
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> TaskInfo:

@@ -223,7 +223,8 @@ def train(
     if trainer.global_rank == 0:
         atomic_write_text(
             run_dir / "split.json",
-            json.dumps({"train": built.data.train_ids, "val": built.data.val_ids}, indent=2),
+            json.dumps({"train": built.data.train_ids, "val": built.data.val_ids,
+                        **getattr(built.data, "extra_splits", {})}, indent=2),
         )
     return run_dir
 

@@ -118,8 +118,9 @@ def segmentation_kl(
     ``"none"``: a constant 0 outside any graph (``requires_grad`` False).
 
     Args:
-        labelled_logits: ``(B_l, 1, *S)`` seg logits of the labelled images.
-        unlabelled_logits: ``(B_u, 1, *S)`` seg logits of the unlabelled images (same ``*S``).
+        labelled_logits: ``(B_l, C, *S)`` seg logits of the labelled images (MultiMix: ``C = 1``, the lungs; one
+            channel per region otherwise, the KL averaged over them too).
+        unlabelled_logits: ``(B_u, C, *S)`` seg logits of the unlabelled images (same ``C`` and ``*S``).
         mode: ``"bernoulli"``, ``"faithful_zero"`` or ``"none"``.
 
     Returns:
@@ -127,18 +128,19 @@ def segmentation_kl(
     """
     if mode not in ("bernoulli", "faithful_zero", "none"):
         raise ValueError(f"segmentation_kl: mode must be 'bernoulli', 'faithful_zero' or 'none', got {mode!r}")
-    if (labelled_logits.ndim < 3 or labelled_logits.shape[1] != 1
-            or labelled_logits.shape[1:] != unlabelled_logits.shape[1:]):
+    if labelled_logits.ndim < 3 or labelled_logits.shape[1:] != unlabelled_logits.shape[1:]:
         raise ValueError(
             f"segmentation_kl: labelled {tuple(labelled_logits.shape)} and unlabelled "
-            f"{tuple(unlabelled_logits.shape)} logits must be (B, 1, *S) with the same 1 channel and *S"
+            f"{tuple(unlabelled_logits.shape)} logits must be (B, C, *S) with the same C and *S"
         )
     n = min(labelled_logits.shape[0], unlabelled_logits.shape[0])
     if mode == "none" or n == 0:
         return torch.zeros((), dtype=labelled_logits.dtype, device=labelled_logits.device)
     a, b = labelled_logits[:n], unlabelled_logits[:n]
     if mode == "faithful_zero":
-        # the released kl_divergence_seg: softmax(l) * (log_softmax(l) - log_softmax(u)) over ONE channel ≡ 0
+        # the released kl_divergence_seg: softmax(l) * (log_softmax(l) - log_softmax(u)) over ONE channel ≡ 0;
+        # with several region channels each is taken as its own one-channel map (a new singleton axis)
+        a, b = a.unsqueeze(1), b.unsqueeze(1)
         return (a.softmax(dim=1) * (a.log_softmax(dim=1) - b.log_softmax(dim=1))).mean()
     p = torch.sigmoid(a).clamp(KL_EPS, 1.0 - KL_EPS)
     q = torch.sigmoid(b).clamp(KL_EPS, 1.0 - KL_EPS)
