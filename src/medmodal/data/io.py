@@ -1,4 +1,5 @@
-"""Reading and writing images and cases: NIfTI (nibabel), NRRD / MetaImage / DICOM series (SimpleITK).
+"""Reading and writing images and cases: NIfTI (nibabel), NRRD / MetaImage / DICOM series (SimpleITK), 2D X-rays
+(PNG / JPEG / TIFF / BMP and single-frame DICOM files, :mod:`medmodal.data.xray`).
 
 Every :class:`~medmodal.data.case.Volume` returned here follows nibabel's convention: the array axes are the
 voxel axes of a RAS+ ``affine`` (``(X, Y, Z)`` for 3D, ``(X, Y)`` for 2D). SimpleITK images (LPS+, numpy axes
@@ -25,6 +26,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 from numpy.typing import DTypeLike
 
+from medmodal.data import xray
 from medmodal.data.case import Case, CaseRecord, DataError, DatasetInfo, Volume
 
 __all__ = [
@@ -44,9 +46,9 @@ __all__ = [
 _NIFTI = (".nii.gz", ".nii")
 _SITK = (".nrrd", ".nhdr", ".mha", ".mhd")
 #: File endings :func:`read_image` accepts (a folder is read as a DICOM series).
-READ_EXTENSIONS: tuple[str, ...] = (*_NIFTI, *_SITK, ".dcm")
-#: File endings :func:`write_image` can write.
-WRITE_EXTENSIONS: tuple[str, ...] = (*_NIFTI, *_SITK)
+READ_EXTENSIONS: tuple[str, ...] = (*_NIFTI, *_SITK, ".dcm", *xray.PICTURE_EXTENSIONS)
+#: File endings :func:`write_image` can write (``.png``: 2D integer label maps 0..65535 only).
+WRITE_EXTENSIONS: tuple[str, ...] = (*_NIFTI, *_SITK, ".png")
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS (its own inverse)
 _READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, RuntimeError, ImageFileError, HeaderDataError)
 
@@ -308,7 +310,11 @@ def read_image(path: Path | str, *, dicom_resample: bool = False) -> Volume:
 
     Args:
         path: a NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage (``.mha``, ``.mhd``) or
-            DICOM (``.dcm``) file, or a folder holding one DICOM series.
+            DICOM (``.dcm``) file, or a folder holding one DICOM series, or a 2D picture (``.png``, ``.jpg``,
+            ``.jpeg``, ``.tif``, ``.tiff``, ``.bmp``). Pictures and single-frame DICOM files are read by
+            :func:`medmodal.data.xray.read_xray` (an :class:`~medmodal.data.xray.XrayVolume`: modality LUT
+            applied, MONOCHROME1 inverted, ``spacing_source`` set); multi-frame DICOM files and series folders by
+            SimpleITK.
         dicom_resample: resample an unevenly spaced DICOM series onto evenly spaced slices between its first and
             last slice (linear interpolation, float32) with a :class:`DicomGeometryWarning`, instead of refusing it.
 
@@ -331,6 +337,10 @@ def read_image(path: Path | str, *, dicom_resample: bool = False) -> Volume:
             f"{path}: unsupported file type {ext!r}; convert it to one of {', '.join(READ_EXTENSIONS)} "
             "or a DICOM series folder"
         )
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(f"{path}: is empty (0 bytes); re-export it or download it again")
+    if ext in xray.PICTURE_EXTENSIONS or (ext == ".dcm" and path.is_file() and xray.is_single_frame_dicom(path)):
+        return xray.read_xray(path)
     try:
         if ext in _NIFTI and not path.is_dir():
             img = nib.load(path, mmap=False)
@@ -404,7 +414,9 @@ def write_image(volume: Volume, path: Path | str, *, dtype: DTypeLike | None = N
 
     Args:
         volume: the ``(X, Y[, Z])`` array and its RAS+ affine.
-        path: destination; the ending picks the format (one of :data:`WRITE_EXTENSIONS`).
+        path: destination; the ending picks the format (one of :data:`WRITE_EXTENSIONS`). A ``.png`` holds a 2D
+            integer label map with values 0..65535 (``uint8`` when they fit, else ``uint16``) and no geometry:
+            it is on the grid of a picture read by :func:`read_image` (1 mm pixels), not the volume's affine.
         dtype: on-disk dtype; by default the array's (``int64`` is narrowed, ``bool`` becomes ``uint8``).
 
     Returns:
@@ -415,6 +427,8 @@ def write_image(volume: Volume, path: Path | str, *, dtype: DTypeLike | None = N
     if ext not in WRITE_EXTENSIONS:
         raise DataError(f"{path}: cannot write {ext!r} files; use one of {', '.join(WRITE_EXTENSIONS)}")
     array = _storable(np.asarray(volume.array), dtype)
+    if ext == ".png":
+        xray.png_label_map(array, path)  # refuse what a PNG cannot hold before staging anything
     path.parent.mkdir(parents=True, exist_ok=True)
     # A private folder keeps two-file formats (.nhdr/.mhd + data file) consistent under their final names.
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -426,6 +440,8 @@ def write_image(volume: Volume, path: Path | str, *, dtype: DTypeLike | None = N
             img.set_sform(volume.affine, code=1)
             img.header.set_xyzt_units("mm")
             nib.save(img, staged)
+        elif ext == ".png":
+            xray.write_png(array, staged)
         else:
             sitk.WriteImage(_volume_to_sitk(Volume(array, volume.affine, volume.path)), str(staged), True)
         written = sorted(tmp.iterdir(), key=lambda p: p.name == path.name)  # the header last
