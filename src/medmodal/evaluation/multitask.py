@@ -341,8 +341,9 @@ def _render(panels: Sequence[MultitaskPanel], *, title: str):
     handles = [Line2D([], [], color=BOUNDARY_COLOURS["true"], lw=1.2, ls="solid", label="true lung"),
                Line2D([], [], color=BOUNDARY_COLOURS["predicted"], lw=1.2, ls="dashed", label="predicted lung")]
     if per_case == 2:
-        handles.append(Patch(color=plt.get_cmap("inferno")(0.8), label="saliency (scaled to its 99.5th percentile)"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=7, frameon=False)
+        handles.append(Patch(color=plt.get_cmap("inferno")(0.8), label="saliency (1 = its 99.5th percentile)"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), n_cols), fontsize=7,
+               frameon=False)
     fig.suptitle(title, fontsize=9)
     return fig
 
