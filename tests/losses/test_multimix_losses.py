@@ -177,10 +177,18 @@ def test_none_is_zero_outside_the_graph() -> None:
 def test_segmentation_kl_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="mode"):
         segmentation_kl(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), mode="softmax")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"\(B, 1, \*S\)"):
-        segmentation_kl(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4, 4), mode="bernoulli")
-    with pytest.raises(ValueError, match=r"\(B, 1, \*S\)"):
+    with pytest.raises(ValueError, match=r"same C and \*S"):
+        segmentation_kl(torch.zeros(1, 1, 4, 4), torch.zeros(1, 2, 4, 4), mode="bernoulli")
+    with pytest.raises(ValueError, match=r"same C and \*S"):
         segmentation_kl(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5), mode="bernoulli")
+
+
+def test_several_region_channels_average_the_per_channel_kl() -> None:
+    torch.manual_seed(5)
+    a, b = torch.randn(2, 3, 6, 5) * 2, torch.randn(2, 3, 6, 5) * 2
+    per_channel = [segmentation_kl(a[:, c:c + 1], b[:, c:c + 1], mode="bernoulli") for c in range(3)]
+    assert torch.allclose(segmentation_kl(a, b, mode="bernoulli"), torch.stack(per_channel).mean())
+    assert segmentation_kl(a, b, mode="faithful_zero").item() == 0.0
 
 
 # --- invariant 6: Dice ------------------------------------------------------------------------------------------
