@@ -125,7 +125,7 @@ def test_bad_inputs_are_data_errors_naming_the_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="needs --method staple"):
         fuse_label_files(good, method="majority", out=out, probability_out=tmp_path / "p.nii.gz")
     with pytest.raises(DataError, match="must end in one of"):
-        fuse_label_files(good, method="staple", out=tmp_path / "fused.png")
+        fuse_label_files(good, method="staple", out=tmp_path / "fused.gif")
     assert not out.exists()
 
 
