@@ -70,18 +70,49 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more.
 @user_errors
 def data_phantom(
     out: Path = typer.Option(..., file_okay=False, help="Output folder."),
+    kind: str = typer.Option("brain", help="brain (multi-modal brain tumour, BraTS labels) or chest_xray (2D chest "
+                             "X-rays: lung masks, classes normal/opacity, several sources)."),
     cases: int = typer.Option(40, min=1, help="Number of cases."),
-    dims: int = typer.Option(3, min=2, max=3, help="2 or 3 spatial dimensions."),
-    size: int = typer.Option(64, min=8, help="Voxels per axis."),
+    dims: int | None = typer.Option(None, min=2, max=3, help="brain: 2 or 3 spatial dimensions (default 3)."),
+    size: int = typer.Option(64, min=8, help="Voxels per axis (chest_xray: source A's pixels per side, >= 16)."),
     seed: int = typer.Option(0, min=0, help="Random seed (same seed, same data)."),
-    spacing: str | None = typer.Option(None, help="Voxel spacing in mm, e.g. 1,1,3 (default isotropic 1 mm)."),
-    missing_rate: float = typer.Option(0.0, min=0.0, max=0.99, help="Chance each modality file is left out."),
-    layout: str = typer.Option("brats", help="brats or nnunet."),
+    spacing: str | None = typer.Option(None, help="brain: voxel spacing in mm, e.g. 1,1,3 (default isotropic 1 mm)."),
+    missing_rate: float | None = typer.Option(None, min=0.0, max=0.99,
+                                              help="brain: chance each modality file is left out (default 0)."),
+    layout: str | None = typer.Option(None, help="brain: brats (default) or nnunet. chest_xray is always a "
+                                      "manifest (manifest.csv, medmodal.json, images/, masks/)."),
+    sources: str | None = typer.Option(None, help="chest_xray: a number of sources (default 3) or names, e.g. "
+                                       "A,C (sources A-F)."),
     overwrite: bool = typer.Option(False, help="Write into a non-empty --out."),
 ) -> None:
-    """Write the procedural multi-modal brain-tumour phantom (synthetic) as a data set."""
+    """Write a procedural phantom (synthetic) as a data set: the multi-modal brain-tumour phantom, or the chest
+    X-ray phantom of MultiMix."""
+    if kind == "chest_xray":
+        from medmodal.data.phantom_xray import chest_source_names, write_chest_phantom
+
+        given = {"--dims": dims not in (None, 2), "--spacing": spacing is not None,
+                 "--missing-rate": missing_rate not in (None, 0.0), "--layout": layout not in (None, "manifest")}
+        refused = [name for name, set_ in given.items() if set_]
+        if refused:
+            raise DataError(f"{', '.join(refused)}: not an option of the chest_xray phantom (2D, one modality, each "
+                            "source with its own pixel spacing, a manifest data set); drop it")
+        if size < 16:
+            raise DataError(f"--size {size}: the chest_xray phantom needs at least 16 pixels per side")
+        text = (sources or "3").strip()
+        names = chest_source_names(int(text) if text.isdigit() else [s for s in text.split(",") if s.strip()])
+        root = write_chest_phantom(out, cases=cases, seed=seed, size=size, sources=names, overwrite=overwrite,
+                                   progress=True)
+        console.print(f"wrote {cases} synthetic chest X-ray phantom case(s) (sources {', '.join(names)}; manifest "
+                      f"layout) to {root}")
+        return
+    if kind != "brain":
+        raise DataError(f"--kind: expected brain or chest_xray, got {kind!r}")
+    if sources is not None:
+        raise DataError("--sources: only the chest_xray phantom has sources; add --kind chest_xray or drop it")
     from medmodal.data.phantom import write_phantom
 
+    dims = 3 if dims is None else dims
+    layout = layout or "brats"
     if layout not in ("brats", "nnunet"):
         raise DataError(f"--layout: expected brats or nnunet, got {layout!r}")
     sp = _floats(spacing, option="--spacing")
@@ -90,7 +121,7 @@ def data_phantom(
     if sp is not None and not all(math.isfinite(v) and v > 0 for v in sp):
         raise DataError(f"--spacing {spacing}: voxel sizes must be finite positive numbers in mm, e.g. 1,1,3")
     root = write_phantom(out, cases=cases, seed=seed, spatial_dims=dims, size=size, spacing=sp,
-                         missing_rate=missing_rate, layout=layout, overwrite=overwrite, progress=True)
+                         missing_rate=missing_rate or 0.0, layout=layout, overwrite=overwrite, progress=True)
     console.print(f"wrote {cases} synthetic phantom case(s) ({dims}D, {layout} layout) to {root}")
 
 
@@ -112,10 +143,32 @@ def data_check(
         console.print(f"[{style}]{where}[/]: {p.message}" if where else f"[{style}]{p.message}[/]", highlight=False,
                       soft_wrap=True)
     if info is not None:
+        _print_label_counts(info, records)
         console.print(f"{path}: {len(records)} case(s), modalities {list(info.modalities)}; "
                       f"{len(errors)} error(s), {len(problems) - len(errors)} warning(s)")
     if errors:
         raise typer.Exit(code=2)
+
+
+def _print_label_counts(info: Any, records: list) -> None:
+    """A table per source: images, masks, class labels per class, unlabelled images (from the index)."""
+    from rich.table import Table
+
+    from medmodal.data.check import label_counts
+
+    counts = label_counts(info, records)
+    if not counts:
+        return
+    classes = list(counts[0].classes)
+    table = Table(box=None, pad_edge=False)
+    for col in ("source", "images", "masks", *(f"class {c}" for c in classes), "unlabelled"):
+        table.add_column(col, justify="left" if col == "source" else "right")
+    rows = [(c.source or "(none)", c.images, c.masks, *c.classes.values(), c.unlabelled) for c in counts]
+    if len(counts) > 1:
+        rows.append(("all", *(sum(r[i] for r in rows) for i in range(1, len(rows[0])))))
+    for row in rows:
+        table.add_row(*(str(v) for v in row))
+    console.print(table)
 
 
 @data_app.command("convert")

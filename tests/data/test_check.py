@@ -117,5 +117,9 @@ def test_convert_to_a_manifest_file_refuses_what_it_cannot_list(tmp_path, io_mak
         convert_dataset(src, tmp_path / "out.csv", to="nnunet")
     nn = convert_dataset(src, tmp_path / "nn", to="nnunet")  # BraTS label 4 is stored as 3 there
     with pytest.raises(DataError, match="stores label values"):
-        convert_dataset(nn, tmp_path / "out.json", to="manifest")
-    assert not (tmp_path / "out.json").exists()
+        convert_dataset(nn, tmp_path / "out.csv", to="manifest")
+    assert not (tmp_path / "out.csv").exists()
+    out = convert_dataset(nn, tmp_path / "out.json", to="manifest")  # a JSON manifest records the label_map
+    info, records = open_dataset(out)
+    assert info.label_map is not None and info.label_map[3] == 4
+    assert set(np.unique(read_case(records[0], info).label.array)) == {0, 1, 2, 4}

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,10 @@ import numpy as np
 from medmodal.data.case import Case, CaseRecord, DataError, DatasetInfo
 from medmodal.data.formats import FORMATS, open_dataset, write_dataset, write_manifest
 from medmodal.data.formats.completed import SIDECAR, read_synthetic_sidecar
+from medmodal.data.formats.manifest import ClassNamesWarning
 from medmodal.data.io import DataErrors, inspect_case, read_case
 
-__all__ = ["Problem", "check_dataset", "convert_dataset"]
+__all__ = ["Problem", "SourceCounts", "check_dataset", "convert_dataset", "label_counts"]
 
 #: destination suffixes that make ``convert_dataset(..., to="manifest")`` write one manifest file
 MANIFEST_SUFFIXES = (".csv", ".json")
@@ -42,6 +44,57 @@ class Problem:
         return self.message
 
 
+@dataclass
+class SourceCounts:
+    """What one source (site, scanner) of a dataset holds for each task; from the index, no image is read.
+
+    Args:
+        source: the source name, or ``None`` for cases without one.
+        images: cases (each has at least one image).
+        masks: cases with a segmentation label.
+        classes: class name (or index, as text, when the dataset names no classes) → cases with that target.
+        unlabelled: cases with neither a mask nor a class label.
+    """
+
+    source: str | None
+    images: int = 0
+    masks: int = 0
+    classes: dict[str, int] = field(default_factory=dict)
+    unlabelled: int = 0
+
+
+def label_counts(info: DatasetInfo, records: Sequence[CaseRecord]) -> list[SourceCounts]:
+    """Per source (sorted by name; cases without a source last): images, masks, class labels per class and
+    unlabelled images. Every class of ``info.class_names`` is listed, with 0 where a source has none."""
+    names = list(info.class_names or [])
+    names += sorted({str(r.target) for r in records if r.target is not None and not 0 <= r.target < len(names)},
+                    key=int)
+    counts: dict[str | None, SourceCounts] = {}
+    for r in records:
+        c = counts.setdefault(r.source, SourceCounts(r.source, classes=dict.fromkeys(names, 0)))
+        c.images += 1
+        c.masks += r.label is not None
+        if r.target is not None:
+            c.classes[names[r.target] if 0 <= r.target < len(info.class_names or ()) else str(r.target)] += 1
+        c.unlabelled += r.label is None and r.target is None
+    return [counts[k] for k in sorted(counts, key=lambda s: (s is None, s or ""))]
+
+
+def _open(path: Path, format: str) -> tuple[DatasetInfo, list[CaseRecord], list[Problem]]:
+    """:func:`open_dataset`, with its :class:`ClassNamesWarning` (class names taken from the rows) as a warning
+    problem; other warnings pass through."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ClassNamesWarning)
+        info, records = open_dataset(path, format)
+    notes = []
+    for w in caught:
+        if issubclass(w.category, ClassNamesWarning):
+            notes.append(Problem(None, None, f"warning: {w.message}"))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return info, records, notes
+
+
 def _progress(records: list[CaseRecord], enabled: bool) -> Iterable[CaseRecord]:
     if not enabled:
         return records
@@ -55,10 +108,12 @@ def check_dataset(
 ) -> tuple[DatasetInfo | None, list[CaseRecord], list[Problem]]:
     """Read every case of a dataset and collect all problems instead of stopping at the first.
 
-    Problems: layout errors, duplicate case ids, cases with no modality, unreadable or truncated files,
-    NaN/inf voxels, images (and labels) on different grids, unknown modalities, non-integer or undeclared label
-    values; warnings for label maps that hold only background, and one that counts the synthesised images a
-    completed data set's ``synthetic.json`` lists.
+    Problems: layout errors, duplicate case ids, cases with no modality, unreadable, empty or truncated files,
+    colour images, NaN/inf voxels, images (and labels) on different grids (a mask of another size than its
+    image), unknown modalities, unknown class names, non-integer or undeclared label values; warnings for label
+    maps that hold only background, for class names taken from a manifest's rows (no ``classes`` declared), and
+    one that counts the synthesised images a completed data set's ``synthetic.json`` lists. See
+    :func:`label_counts` for what each source holds.
 
     Args:
         path: dataset folder, ``dataset.json`` or manifest file.
@@ -71,12 +126,12 @@ def check_dataset(
     """
     path = Path(path)
     try:
-        info, records = open_dataset(path, format)
+        info, records, notes = _open(path, format)
     except DataErrors as err:
         return None, [], [Problem(case_id, file, message) for case_id, file, message in err.problems]
     except DataError as err:
         return None, [], [Problem(None, path, str(err))]
-    problems = [
+    problems = notes + [
         Problem(case_id, None, f"case id {case_id!r} appears {n} times; case ids must be unique")
         for case_id, n in Counter(r.case_id for r in records).items()
         if n > 1
@@ -149,9 +204,10 @@ def _write_manifest_file(src: Path, dst: Path, *, src_format: str, overwrite: bo
     if dst.is_dir():
         raise DataError(f"{dst}: is a folder; give a manifest file name ending in .csv or .json")
     info, records = open_dataset(src, src_format)
-    if info.label_map and any(k != v for k, v in info.label_map.items()):
+    if info.label_map and any(k != v for k, v in info.label_map.items()) and dst.suffix.lower() != ".json":
         raise DataError(f"{src}: stores label values {sorted(info.label_map)} for labels "
-                        f"{sorted(info.label_map.values())}, which a manifest cannot record; convert to a folder "
-                        "instead (--to manifest with a folder as destination copies the images and labels)")
+                        f"{sorted(info.label_map.values())}, which a CSV manifest cannot record; write a .json "
+                        "manifest, or convert to a folder (--to manifest with a folder as destination copies the "
+                        "images and labels)")
     dst.parent.mkdir(parents=True, exist_ok=True)
     return write_manifest(records, dst, info)

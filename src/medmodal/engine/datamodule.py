@@ -39,9 +39,20 @@ def _key(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def phantom_key(cfg: PhantomConfig) -> dict[str, Any]:
+    """The settings that identify a phantom; a brain phantom's leave out ``kind`` and ``sources``, so its cache
+    folders keep the names they had before the chest phantom existed."""
+    key = cfg.model_dump(mode="json")
+    if cfg.kind == "brain":
+        for name in ("kind", "sources"):
+            key.pop(name)
+    return key
+
+
 def phantom_dir(cfg: PhantomConfig) -> Path:
     """The cached location of the phantom data set described by ``cfg``."""
-    return cache_root() / "phantom" / f"{cfg.spatial_dims}d-{cfg.cases}c-{_key(cfg.model_dump(mode='json'))}"
+    prefix = "xray" if cfg.kind == "chest_xray" else ""
+    return cache_root() / "phantom" / f"{prefix}{cfg.spatial_dims}d-{cfg.cases}c-{_key(phantom_key(cfg))}"
 
 
 def ensure_phantom(cfg: PhantomConfig, *, progress: bool = False) -> Path:
@@ -54,27 +65,34 @@ def ensure_phantom(cfg: PhantomConfig, *, progress: bool = False) -> Path:
     import shutil
 
     from medmodal.data.phantom import write_phantom
+    from medmodal.data.phantom_xray import write_chest_phantom
 
     root = phantom_dir(cfg)
     if (root / ".complete").is_file():
         return root
-    log.info("generating the synthetic phantom (%d cases, %dD) in %s", cfg.cases, cfg.spatial_dims, root)
+    log.info("generating the synthetic %s phantom (%d cases, %dD) in %s", cfg.kind, cfg.cases, cfg.spatial_dims,
+             root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write_phantom(
-            tmp,
-            cases=cfg.cases,
-            seed=cfg.seed,
-            spatial_dims=cfg.spatial_dims,
-            size=cfg.size,
-            spacing=tuple(cfg.spacing) if cfg.spacing else None,
-            missing_rate=cfg.missing_rate,
-            layout="brats",
-            overwrite=True,
-            progress=progress,
-        )
+        if cfg.kind == "chest_xray":
+            assert isinstance(cfg.size, int)  # PhantomConfig checks it
+            write_chest_phantom(tmp, cases=cfg.cases, seed=cfg.seed, size=cfg.size, sources=cfg.sources,
+                                overwrite=True, progress=progress)
+        else:
+            write_phantom(
+                tmp,
+                cases=cfg.cases,
+                seed=cfg.seed,
+                spatial_dims=cfg.spatial_dims,
+                size=cfg.size,
+                spacing=tuple(cfg.spacing) if cfg.spacing else None,
+                missing_rate=cfg.missing_rate,
+                layout="brats",
+                overwrite=True,
+                progress=progress,
+            )
         (tmp / ".complete").touch()
         if root.exists() and not (root / ".complete").is_file():
             shutil.rmtree(root, ignore_errors=True)  # a copy left half-written by an older, killed process
@@ -118,16 +136,19 @@ class DataSource:
 
         root = self.dataset_dir if self.phantom is None else ensure_phantom(self.phantom)
         assert root is not None
-        return open_dataset(root, format=self.format if self.phantom is None else "brats")
+        if self.phantom is None:
+            return open_dataset(root, format=self.format)
+        return open_dataset(root, format="manifest" if self.phantom.kind == "chest_xray" else "brats")
 
 
 def resolve_source(cfg: DataConfig) -> DataSource:
     """Read what a recipe's ``data`` section points at (cheap: no image is decoded)."""
     from medmodal.data.phantom import phantom_info
+    from medmodal.data.phantom_xray import chest_phantom_info
 
     if cfg.path is None:
-        info = phantom_info()
-        source_key: Any = cfg.phantom.model_dump(mode="json")
+        info = chest_phantom_info() if cfg.phantom.kind == "chest_xray" else phantom_info()
+        source_key: Any = phantom_key(cfg.phantom)
         dataset_dir = None
     else:
         from medmodal.data.formats import open_dataset

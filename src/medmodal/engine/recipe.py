@@ -34,14 +34,21 @@ class _Section(BaseModel):
 
 
 class PhantomConfig(_Section):
-    """The embedded synthetic phantom used when ``data.path`` is not set."""
+    """The embedded synthetic phantom used when ``data.path`` is not set.
 
+    ``kind``: ``brain`` (:mod:`medmodal.data.phantom`, multi-modal brain tumour, 2D or 3D) or ``chest_xray``
+    (:mod:`medmodal.data.phantom_xray`: 2D chest X-rays with lung masks, classes normal/opacity and ``sources``
+    sources that differ in contrast, gamma, bias, noise and resolution; ``size`` is source A's pixels per side).
+    """
+
+    kind: Literal["brain", "chest_xray"] = "brain"
     cases: int = Field(40, ge=2)
     spatial_dims: Literal[2, 3] = 3
     size: int | list[int] = 64
     spacing: list[float] | None = None
     seed: int = 0
     missing_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    sources: int = Field(3, ge=2)  # chest_xray only
 
     @field_validator("spacing")
     @classmethod
@@ -49,6 +56,31 @@ class PhantomConfig(_Section):
         if v is not None and (not v or any(not s > 0 for s in v)):
             raise ValueError(f"spacing must be positive voxel sizes in mm, e.g. [1, 1, 3], got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _fits_kind(self) -> PhantomConfig:
+        if self.kind == "brain":
+            if self.sources != 3:
+                raise ValueError("sources: only the chest_xray phantom has sources; remove data.phantom.sources "
+                                 "or set data.phantom.kind: chest_xray")
+            return self
+        from medmodal.data.phantom_xray import CHEST_SOURCES
+
+        if self.spatial_dims != 2:
+            raise ValueError("spatial_dims: the chest_xray phantom is 2D; set data.phantom.spatial_dims: 2")
+        if self.missing_rate != 0:
+            raise ValueError("missing_rate: the chest_xray phantom has one modality (xray), so none can be missing; "
+                             "set data.phantom.missing_rate: 0")
+        if self.spacing is not None:
+            raise ValueError("spacing: each chest_xray source has its own pixel spacing; remove "
+                             "data.phantom.spacing")
+        if not isinstance(self.size, int) or self.size < 16:
+            raise ValueError(f"size: the chest_xray phantom takes one size, source A's pixels per side (at least "
+                             f"16), got {self.size}")
+        if self.sources > len(CHEST_SOURCES):
+            raise ValueError(f"sources: the chest_xray phantom has {len(CHEST_SOURCES)} sources "
+                             f"({', '.join(CHEST_SOURCES)}), got {self.sources}")
+        return self
 
 
 def _increasing(v: tuple[float, float]) -> tuple[float, float]:
