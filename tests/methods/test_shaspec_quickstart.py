@@ -39,7 +39,7 @@ def test_interrupted_quickstart_resumes(tmp_path) -> None:
 def test_jobs_must_be_positive_and_default_to_the_cores(tmp_path) -> None:
     import os
 
-    from medmodal.methods.shaspec.quickstart import default_jobs
+    from medmodal.engine.parallel import default_jobs
 
     with pytest.raises(RunError, match="--jobs must be at least 1"):
         run_quickstart(tmp_path / "qs", fast=True, jobs=0)

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import csv
 import logging
-import multiprocessing
 import os
 import platform
-import signal
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +25,7 @@ from medmodal.atomic import atomic_write_text
 from medmodal.data.case import BRATS_MODALITIES, BRATS_REGIONS
 from medmodal.engine.datamodule import phantom_dir
 from medmodal.engine.evaluate import write_evaluation
+from medmodal.engine.parallel import default_jobs, run_jobs
 from medmodal.engine.plugin import get_method
 from medmodal.engine.recipe import Recipe, builtin_recipe_path, load_recipe
 from medmodal.engine.run import RunError
@@ -119,16 +116,6 @@ def _per_seed_table(runs: dict[tuple[str, int], list[SubsetResult]], collapsed: 
             cells = [f"{means[(m, s)][r]:.3f}" + (" †" if r in collapsed[(m, s)] else "") for s in seeds]
             lines.append(f"| {m} | {r} | " + " | ".join(cells) + " |")
     return lines
-
-
-def default_jobs(n_runs: int) -> int:
-    """Runs trained at once by default: one per usable CPU core, at most ``n_runs``.
-
-    On 2 cores two single-thread runs side by side have 1.36× the throughput of the same two runs one after the
-    other with 2 threads each (``benchmarks/parallel_runs.py``, docs/benchmarks.md): small 3D networks use a
-    second thread poorly.
-    """
-    return max(1, min(n_runs, len(os.sched_getaffinity(0))))
 
 
 @dataclass(frozen=True)
@@ -356,59 +343,25 @@ def _reference_lines(runs, reference_rows, names, weakest, full) -> list[str]:
 
 def _run_jobs(todo: list[_Job], *, jobs: int, overwrite: bool, progress: bool, threads: int | None) -> list:
     """Results of :func:`_train_and_evaluate` for every job, in order; ``jobs`` at once in worker processes."""
-    if jobs == 1:
-        out = []
+    if jobs > 1:
+        # Build the shared phantom and cache once here, so that the workers never race to write them.
+        from medmodal.engine.datamodule import prepare_cache, resolve_source
+
+        sources = {}
         for job in todo:
-            log.info("quickstart: %s, seed %d", job.model.name, job.seed)
-            out.append(_train_and_evaluate(job, overwrite=overwrite, progress=progress, threads=None))
-        return out
-    # Build the shared phantom and cache once here, so that the workers never race to write them.
-    from medmodal.engine.datamodule import prepare_cache, resolve_source
-
-    sources = {}
-    for job in todo:
-        source = resolve_source(job.recipe.data)
-        sources.setdefault(source.cache_dir, source)
-    for source in sources.values():
-        prepare_cache(source, progress=progress)
+            source = resolve_source(job.recipe.data)
+            sources.setdefault(source.cache_dir, source)
+        for source in sources.values():
+            prepare_cache(source, progress=progress)
     # Longest runs (ShaSpec, about twice the baseline's cost per step) first, so that the pool ends together.
-    order = sorted(range(len(todo)), key=lambda i: todo[i].model.key != "shaspec")
-    log.info("quickstart: %d runs, %d at a time (%d thread(s) each); a line per finished run",
-             len(todo), jobs, threads)
-    results: list = [None] * len(todo)
-    ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_ignore_ctrl_c)
-    try:
-        futures = {pool.submit(_interruptible, _train_and_evaluate, todo[i], overwrite=overwrite, progress=False,
-                               threads=threads): i for i in order}
-        for done, future in enumerate(as_completed(futures), start=1):
-            i = futures[future]
-            results[i] = future.result()
-            log.info("quickstart: %d/%d done: %s, seed %d (training %.1f min)", done, len(todo),
-                     todo[i].model.name, todo[i].seed, results[i][1] / 60)
-    except KeyboardInterrupt:
-        # Ctrl-C reached every process of the group: the running workers stop their jobs (a training saves its
-        # last.ckpt first), queued jobs are dropped; nothing else prints, and the next quickstart resumes.
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise KeyboardInterrupt("the finished runs and each interrupted run's checkpoint are kept; run the same "
-                                "quickstart again to continue where it stopped") from None
-    pool.shutdown()
-    return results
-
-
-def _ignore_ctrl_c() -> None:
-    """Worker initialiser: an idle worker ignores Ctrl-C (the parent stops the pool); see :func:`_interruptible`."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _interruptible(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run one job in a worker with Ctrl-C enabled: it interrupts the job (a KeyboardInterrupt the pool hands to
-    the parent as the job's outcome, or the training's own graceful stop), never the idle worker loop."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    order = sorted(range(len(todo)), key=lambda i: todo[i].model.key != "shaspec") if jobs > 1 else range(len(todo))
+    results = run_jobs(_train_and_evaluate, [todo[i] for i in order], jobs=jobs, what="quickstart",
+                       describe=lambda job: f"{job.model.name}, seed {job.seed}", overwrite=overwrite,
+                       progress=progress if jobs == 1 else False, threads=None if jobs == 1 else threads)
+    out: list = [None] * len(todo)
+    for i, result in zip(order, results, strict=True):
+        out[i] = result
+    return out
 
 
 def _report_text(recipes, names, summary, figures, scores, *, seeds, n_cases, timings, t_total, jobs, runs,
