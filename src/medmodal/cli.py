@@ -35,7 +35,8 @@ data_app = typer.Typer(
     "_seg.nii.gz (BraTS 2023 names -t1n, -t1c, -t2w, -t2f, -seg too); a missing modality file is a missing "
     "modality. An nnU-Net v2 raw folder: <root>/dataset.json (channel_names, labels, file_ending), "
     "imagesTr/<case>_0000.nii.gz, ... and labelsTr/<case>.nii.gz. A CSV manifest with a header "
-    "case_id,<modality>,...,label[,target,report] (column names in any case; an empty cell is a missing modality) "
+    "case_id,<modality>,...,label[,target,report,source] (column names in any case; an empty cell is a missing "
+    "modality or label; target is a class index or name, classes declared in a medmodal.json beside the CSV) "
     "or a JSON manifest {\"modalities\": [...], \"cases\": [{\"case_id\": ..., \"images\": {...}, "
     "\"label\": ...}]}; relative paths in a manifest start at the manifest's folder. Images may be NIfTI, NRRD, "
     "MHA or a DICOM series folder.",
