@@ -100,7 +100,10 @@ def data_phantom(
         if size < 16:
             raise DataError(f"--size {size}: the chest_xray phantom needs at least 16 pixels per side")
         text = (sources or "3").strip()
-        names = chest_source_names(int(text) if text.isdigit() else [s for s in text.split(",") if s.strip()])
+        try:
+            names = chest_source_names(int(text) if text.isdigit() else [s for s in text.split(",") if s.strip()])
+        except DataError as err:
+            raise DataError(f"--sources {text}: {err}") from None
         root = write_chest_phantom(out, cases=cases, seed=seed, size=size, sources=names, overwrite=overwrite,
                                    progress=True)
         console.print(f"wrote {cases} synthetic chest X-ray phantom case(s) (sources {', '.join(names)}; manifest "

@@ -212,7 +212,7 @@ def test_data_phantom_command_writes_the_chest_phantom_and_refuses_brain_options
                            "--missing-rate, --layout: not an option"),
                           (["--sources", "3"], "--sources: only the chest_xray phantom has sources"),
                           (["--kind", "lungs"], "--kind: expected brain or chest_xray"),
-                          (["--kind", "chest_xray", "--sources", "A,Q"], "give distinct names from")]:
+                          (["--kind", "chest_xray", "--sources", "A,Q"], "--sources A,Q: chest phantom sources")]:
         result = runner.invoke(app, ["data", "phantom", "--out", str(tmp_path / "x"), *args], terminal_width=200)
         assert result.exit_code == 2 and message in result.output, (args, result.output)
         assert not (tmp_path / "x").exists()
