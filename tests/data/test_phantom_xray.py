@@ -91,7 +91,7 @@ def test_both_classes_of_a_seed_differ_by_the_opacity_alone():
 
 def test_classes_are_balanced_and_the_opacity_contrast_varies_down_to_faint():
     amplitudes = [chest_phantom_layers(seed=s, size=SIZE, target=1).opacity.max() for s in range(40)]
-    assert min(amplitudes) < 0.08 and max(amplitudes) > 0.25  # faint ones make the task not trivial
+    assert min(amplitudes) < 0.15 and max(amplitudes) > 0.5  # faint ones make the task not trivial
     targets = [c.target for c in generate_chest_cases(cases=200, seed=0, size=16)]
     assert 0.4 < np.mean(targets) < 0.6
 

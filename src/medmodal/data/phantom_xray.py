@@ -177,8 +177,8 @@ def _sample_anatomy(rng: np.random.Generator, *, opacity: bool) -> _Anatomy:
         centre = (lung[0] + rng.uniform(-reach, reach), lung[1] + rng.uniform(-reach, reach))
         if _lung_depth(np.array(centre[0]), np.array(centre[1]), lungs, heart) > 0.45:
             break
-    sigma = float(rng.uniform(0.035, 0.10))
-    amplitude = float(np.exp(rng.uniform(np.log(0.05), np.log(0.5))))  # log-uniform: many are faint
+    sigma = float(rng.uniform(0.06, 0.14))
+    amplitude = float(np.exp(rng.uniform(np.log(0.1), np.log(0.8))))  # log-uniform: many are faint
     spot = (float(centre[0]), float(centre[1]), sigma, amplitude) if opacity else None
     bias = rng.normal(size=3)
     return _Anatomy(**anatomy, opacity=spot, bias_direction=tuple(float(b) for b in bias / np.linalg.norm(bias)))
