@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 #: Bumped whenever the generator changes, so caches of written phantoms can tell they are stale.
-CHEST_PHANTOM_VERSION = 1
+CHEST_PHANTOM_VERSION = 3
 #: Class names of the phantom's target (index = target).
 CHEST_CLASSES: tuple[str, ...] = ("normal", "opacity")
 #: Field of view (mm) of every source: a source's pixel spacing is ``CHEST_FOV_MM / pixels``.
@@ -177,8 +177,8 @@ def _sample_anatomy(rng: np.random.Generator, *, opacity: bool) -> _Anatomy:
         centre = (lung[0] + rng.uniform(-reach, reach), lung[1] + rng.uniform(-reach, reach))
         if _lung_depth(np.array(centre[0]), np.array(centre[1]), lungs, heart) > 0.45:
             break
-    sigma = float(rng.uniform(0.06, 0.14))
-    amplitude = float(np.exp(rng.uniform(np.log(0.1), np.log(0.8))))  # log-uniform: many are faint
+    sigma = float(rng.uniform(0.08, 0.16))
+    amplitude = float(np.exp(rng.uniform(np.log(0.5), np.log(1.5))))  # log-uniform: some are faint
     spot = (float(centre[0]), float(centre[1]), sigma, amplitude) if opacity else None
     bias = rng.normal(size=3)
     return _Anatomy(**anatomy, opacity=spot, bias_direction=tuple(float(b) for b in bias / np.linalg.norm(bias)))

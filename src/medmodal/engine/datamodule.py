@@ -46,6 +46,10 @@ def phantom_key(cfg: PhantomConfig) -> dict[str, Any]:
     if cfg.kind == "brain":
         for name in ("kind", "sources"):
             key.pop(name)
+    else:  # a new version of the generator is a new data set, never a stale cache
+        from medmodal.data.phantom_xray import CHEST_PHANTOM_VERSION
+
+        key["version"] = CHEST_PHANTOM_VERSION
     return key
 
 

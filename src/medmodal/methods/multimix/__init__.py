@@ -121,7 +121,8 @@ class MultiMixPlugin(MethodPlugin):
                 weight_kl=m.weight_kl, tau=m.tau, fixmatch_norm=m.fixmatch_norm, seg_kl=m.seg_kl,
                 input_scaling=m.input_scaling, optimizer=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
                 momentum=t.momentum, warmup_steps=t.warmup_steps, max_steps=t.max_steps, lr_decay=m.lr_decay,
-                lr_step_epochs=m.lr_step_epochs, lr_gamma=m.lr_gamma, seed=recipe.seed)
+                lr_step_epochs=m.lr_step_epochs, lr_gamma=m.lr_gamma, channels_last=t.channels_last,
+                seed=recipe.seed)
         except ValueError as err:
             raise RecipeError(f"method: {err}") from None
         task = TaskInfo(kind="multitask", regions={k: list(v) for k, v in regions.items()},
@@ -140,7 +141,7 @@ class MultiMixPlugin(MethodPlugin):
         m: MultiMixMethod = recipe.method  # type: ignore[assignment]
         return {"image_size": list(m.image_size), "percentiles": list(m.percentiles),
                 "input_scaling": m.input_scaling, "model_selection": m.model_selection, "variant": m.variant,
-                "batch_size": 16}
+                "batch_size": 16, "channels_last": recipe.train.channels_last}
 
     # -- inference ----------------------------------------------------------------------------------------
     def evaluate(self, run: LoadedRun, *, out_dir: Path, split: str, data: Path | None, features: bool,

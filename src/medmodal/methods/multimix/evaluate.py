@@ -124,8 +124,8 @@ def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None
     figure = None
     if panels:
         figure = multitask_figure(panels, out_dir / "figure.png",
-                                  title=f"{model_name or run.dir.name}: saliency (overlay), predicted (red) vs "
-                                        "true (green) boundaries")
+                                  title=f"{model_name or run.dir.name}: predicted (dashed) vs true (solid) lung "
+                                        "boundaries, saliency")
     text = _report(run, model_name=model_name, chosen=chosen, synthetic=bool(info.synthetic), data=data,
                    split=split, groups=groups, summaries=summaries, rows=rows, regions=regions, classes=classes,
                    figure=figure, definitions=METRIC_DEFINITIONS)

@@ -19,7 +19,7 @@ from torch import nn
 from medmodal.data.case import Case
 from medmodal.engine.runinfo import LoadedRun
 from medmodal.methods.multimix.data import ModelInput, model_input, resize
-from medmodal.methods.multimix.system import multitask_outputs, to_unit
+from medmodal.methods.multimix.system import memory_format, multitask_outputs, to_unit
 
 
 @dataclass
@@ -59,7 +59,7 @@ def predict_inputs(network: nn.Module, inputs: Sequence[ModelInput], *, inferenc
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start:start + batch_size]
         x = torch.stack([c.image for c in chunk])
-        x = to_unit(x) if faithful else x
+        x = memory_format(to_unit(x) if faithful else x, bool(inference.get("channels_last", False)))
         avail = torch.stack([c.available for c in chunk])
         with torch.no_grad():
             res = multitask_outputs(network, x, avail)
