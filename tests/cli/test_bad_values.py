@@ -88,6 +88,7 @@ def _baselines(d: Path, phantom: Path, run: Path, recipe: Path, m2dn_run: Path) 
         ("data", "convert"): [str(phantom), str(d / "new_convert"), "--to", "nnunet"],
         ("experiment", "deepstaple"): ["--fast", "--out", str(d / "new_deepstaple")],
         ("experiment", "m2dn"): ["--fast", "--out", str(d / "new_m2dn")],
+        ("experiment", "multimix"): ["--fast", "--out", str(d / "new_multimix")],
     }
 
 

@@ -283,3 +283,24 @@ def test_clear_errors() -> None:
         make(2, channels=(4,))
     with pytest.raises(TypeError, match="multimix_unet_tiny.*channels"):
         create_network("multimix_unet_tiny", spatial_dims=2, modalities=MODS, out_channels=1, channels=(4, 8))
+
+
+def test_saliency_impl_backward_is_the_released_extra_backward() -> None:
+    """``saliency_impl="backward"`` (the released code) gives the same map as ``autograd.grad`` but wipes the
+    parameter gradients (its ``zero_grad``), which the default leaves alone."""
+    torch.manual_seed(0)
+    kw = dict(spatial_dims=2, modalities=("xray",), out_channels=1)
+    a = create_network("multimix_unet_tiny", **kw).eval()
+    b = create_network("multimix_unet_tiny", **kw, saliency_impl="backward").eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 1, 21, 23)
+    avail = torch.ones(2, 1, dtype=torch.bool)
+    for net in (a, b):
+        for p in net.parameters():
+            p.grad = torch.ones_like(p)
+    sa, sb = a.saliency(x, avail), b.saliency(x, avail)
+    assert torch.allclose(sa, sb, atol=1e-6) and sa.abs().sum() > 0
+    assert all(p.grad is not None and bool((p.grad == 1).all()) for p in a.parameters())
+    assert all(p.grad is None for p in b.parameters())
+    with pytest.raises(ValueError, match="saliency_impl"):
+        create_network("multimix_unet_tiny", **kw, saliency_impl="grad")

@@ -132,6 +132,10 @@ class MultiMixNet(nn.Module):
         restore_mode_after_saliency: restore the encoder's train/eval mode after the saliency pass (spec §2.5
             default); ``False`` leaves the encoder in training mode as the released code does (see the module
             docstring).
+        saliency_impl: ``"autograd_grad"`` (default: the gradient of the input only, parameter gradients
+            untouched) or ``"backward"`` (the released code: ``score.backward()``, read the input's ``.grad``, then
+            ``zero_grad()`` every parameter; it discards accumulated gradients and fires DDP's gradient hooks, so
+            use it single-process only).
 
     Attributes:
         bridge_channels: ``2·M`` with the saliency bridge, else 0.
@@ -157,8 +161,12 @@ class MultiMixNet(nn.Module):
         segment: bool = True,
         saliency_bridge: bool = True,
         restore_mode_after_saliency: bool = True,
+        saliency_impl: str = "autograd_grad",
     ) -> None:
         super().__init__()
+        if saliency_impl not in ("autograd_grad", "backward"):
+            raise ValueError(f"saliency_impl must be 'autograd_grad' or 'backward', got {saliency_impl!r}")
+        self.saliency_impl = saliency_impl
         self.spatial_dims = spatial_dims
         self.modalities = tuple(modalities)
         self.channels = tuple(int(c) for c in channels)
@@ -302,7 +310,13 @@ class MultiMixNet(nn.Module):
             with torch.enable_grad():
                 leaf = x.detach().requires_grad_(True)
                 score = self._class_logits(self._encode(leaf)[-1]).max(dim=1).values.sum()
-                (grad,) = torch.autograd.grad(score, leaf)
+                if self.saliency_impl == "backward":  # the released code: backward, then model.zero_grad()
+                    score.backward()
+                    grad = leaf.grad
+                    for p in self.parameters():
+                        p.grad = None
+                else:
+                    (grad,) = torch.autograd.grad(score, leaf)
         finally:
             if self.restore_mode_after_saliency:
                 for m, mode in zip(parts, modes, strict=True):
@@ -362,6 +376,7 @@ def multimix_unet_tiny(
     segment: bool = True,
     saliency_bridge: bool = True,
     restore_mode_after_saliency: bool = True,
+    saliency_impl: str = "autograd_grad",
 ) -> MultiMixNet:
     """A four-level (4, 8, 16, 32) :class:`MultiMixNet` for tests (every axis >= 16)."""
     return MultiMixNet(
@@ -374,4 +389,5 @@ def multimix_unet_tiny(
         segment=segment,
         saliency_bridge=saliency_bridge,
         restore_mode_after_saliency=restore_mode_after_saliency,
+        saliency_impl=saliency_impl,
     )

@@ -55,7 +55,7 @@ def network_settings(recipe: Recipe, modalities: Sequence[str], *, regions: int,
 
     m: MultiMixMethod = recipe.method  # type: ignore[assignment]
     kw = dict(recipe.model.kwargs)
-    fixed = {"classify", "segment", "saliency_bridge", "restore_mode_after_saliency"}
+    fixed = {"classify", "segment", "saliency_bridge", "restore_mode_after_saliency", "saliency_impl"}
     clash = sorted(({"spatial_dims", "modalities", "out_channels", "num_classes"} | fixed) & set(kw))
     if clash:
         raise RecipeError(f"model.kwargs: {clash} are set from the data and method.variant / "
@@ -63,7 +63,8 @@ def network_settings(recipe: Recipe, modalities: Sequence[str], *, regions: int,
     classify, segment, _, bridge = m.tasks
     return {"spatial_dims": len(m.image_size), "modalities": list(modalities), "out_channels": regions,
             "num_classes": classes, "classify": classify, "segment": segment, "saliency_bridge": bridge,
-            "restore_mode_after_saliency": m.eval_mode_after_saliency == "restore", **kw}
+            "restore_mode_after_saliency": m.eval_mode_after_saliency == "restore", "saliency_impl": m.saliency_impl,
+            **kw}
 
 
 class MultiMixPlugin(MethodPlugin):
@@ -81,6 +82,10 @@ class MultiMixPlugin(MethodPlugin):
             raise ValueError(f"method.image_size {m.image_size} is {len(m.image_size)}D but the data is "
                              f"{recipe.spatial_dims}D (for data on disk data.patch_size sets it: MultiMix trains on "
                              "whole images, so give data.patch_size the image_size)")
+        if m.saliency_impl == "backward" and recipe.world_size > 1:
+            raise ValueError("method.saliency_impl: backward (the released code's extra backward + zero_grad) "
+                             "fires the gradient all-reduce of multi-process training; use autograd_grad with "
+                             "train.devices > 1")
 
     # -- training -----------------------------------------------------------------------------------------
     def build(self, recipe: Recipe) -> Training:

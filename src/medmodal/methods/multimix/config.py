@@ -63,6 +63,9 @@ class MultiMixMethod(MethodSection):
     seg_kl: Literal["bernoulli", "faithful_zero", "none"] = "bernoulli"
     # restore: the caller's train/eval mode after the saliency pass; train: the released code (dropout stays on)
     eval_mode_after_saliency: Literal["restore", "train"] = "restore"
+    # autograd_grad: the input's gradient only; backward: the released extra backward() + zero_grad() (discards
+    # accumulated parameter gradients and fires DDP's hooks: single process only)
+    saliency_impl: Literal["autograd_grad", "backward"] = "autograd_grad"
     # validation: best validation Dice + accuracy; first: the first validation's weights (the released code's
     # epoch-0 bug); last: the final weights
     model_selection: Literal["validation", "first", "last"] = "validation"
