@@ -43,7 +43,8 @@ def test_every_plugin_meets_the_contract(name: str) -> None:
 def test_recipe_errors_name_the_method_field() -> None:
     with pytest.raises(RecipeError, match="method.alfa: unknown field"):
         recipe_from_dict({"method": {"name": "shaspec", "alfa": 1}})
-    with pytest.raises(RecipeError, match="method: unknown method 'shaspc'; registered: deepstaple, m2dn, multimix, shaspec"):
+    with pytest.raises(RecipeError,
+                       match="method: unknown method 'shaspc'; registered: deepstaple, m2dn, multimix, shaspec"):
         recipe_from_dict({"method": {"name": "shaspc"}})
     with pytest.raises(RecipeError, match="method: method needs a name: one of deepstaple, m2dn, multimix, shaspec"):
         recipe_from_dict({"method": {"alpha": 1}})
