@@ -121,7 +121,8 @@ def run_multimix_experiment(out: Path, *, seeds: Sequence[int], variants: Sequen
         for row in res["rows"]:
             table.append([job.budget, job.variant, job.seed, row["group"], row["metric"], row["mean"]])
     write_csv(out / "results.csv", ["budget", "variant", "seed", "group", "metric", "value"], table)
-    text = _report(todo, results, table, fast=fast, minutes=minutes, jobs=n_jobs)
+    figure = budget_figure(table, out / "budgets.png")
+    text = _report(todo, results, table, fast=fast, minutes=minutes, jobs=n_jobs, figure=figure)
     atomic_write_text(out / "report.md", text)
     return out / "report.md"
 
@@ -133,8 +134,54 @@ def _cell(values: list[float]) -> str:
     return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
 
 
+def budget_figure(table: Sequence[Sequence[Any]], path: Path) -> Path:
+    """Accuracy and Dice (first region) per budget and model, in-source and cross-source: bars = mean over seeds,
+    error bars = std, dots = the seeds."""
+    from medmodal.evaluation.report import pyplot, save_figure
+
+    plt = pyplot()
+    budgets = list(dict.fromkeys(str(r[0]) for r in table))
+    variants = list(dict.fromkeys(str(r[1]) for r in table))
+    groups = list(dict.fromkeys(str(r[3]) for r in table))
+    dice = next((str(r[4]) for r in table if str(r[4]).startswith("dice_")), "dice")
+    metrics = [("accuracy", "accuracy"), (dice, f"Dice ({dice.removeprefix('dice_')})")]
+    fig, axes = plt.subplots(len(metrics), len(groups), figsize=(5.5 * len(groups), 3.4 * len(metrics)),
+                             squeeze=False)
+    colours = plt.get_cmap("tab10")
+    width = 0.8 / max(1, len(variants))
+    for i, (metric, label) in enumerate(metrics):
+        for j, group in enumerate(groups):
+            ax = axes[i][j]
+            for k, variant in enumerate(variants):
+                for b, budget in enumerate(budgets):
+                    v = np.array([float(r[5]) for r in table if (r[0], r[1], r[3], r[4]) ==
+                                  (budget, variant, group, metric)], dtype=float)
+                    v = v[np.isfinite(v)]
+                    if not len(v):
+                        continue
+                    x = b + (k - (len(variants) - 1) / 2) * width
+                    ax.bar(x, v.mean(), width, yerr=v.std(ddof=1) if len(v) > 1 else 0, color=colours(k),
+                           label=VARIANT_TITLES[variant] if b == 0 else None, capsize=2)
+                    ax.plot(np.full(len(v), x), v, "k.", ms=3)
+            ax.set_xticks(range(len(budgets)), budgets)
+            ax.set_xlim(-0.5, len(budgets) - 0.5)
+            ax.set_title(f"{label}, {group}")
+            ax.set_ylim(0, 1)
+            ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
+    fig.suptitle("MultiMix vs the paper's baselines on the synthetic chest phantom (mean ± std over seeds)")
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    return save_figure(fig, path)
+
+
 def _report(todo: Sequence[_Job], results: Sequence[dict], table: list[list], *, fast: bool, minutes: float,
-            jobs: int) -> str:
+            jobs: int, figure: Path | None = None) -> str:
     values: dict[tuple[str, str, str, str], list[float]] = defaultdict(list)
     region = None
     for budget, variant, _seed, group, metric, value in table:
@@ -166,6 +213,8 @@ def _report(todo: Sequence[_Job], results: Sequence[dict], table: list[list], *,
                 cells += [_cell(values.get((budget, variant, group, f"{k}_{region}"), [])) for k in SEG_METRICS]
                 lines.append(f"| {budget} | {VARIANT_TITLES[variant]} | " + " | ".join(cells) + " |")
         lines.append("")
+    if figure is not None:
+        lines += [f"![budgets]({figure.name})", ""]
     example = next((r["report"] for j, r in zip(todo, results, strict=True) if j.variant == "multimix"), None)
     if example:
         lines += [f"Figures of images, saliency and boundaries: each run's `eval/figure.png` (e.g. `{example}`).", ""]
