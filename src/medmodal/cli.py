@@ -87,7 +87,7 @@ def data_phantom(
     overwrite: bool = typer.Option(False, help="Write into a non-empty --out."),
 ) -> None:
     """Write a procedural phantom (synthetic) as a data set: the multi-modal brain-tumour phantom, or the chest
-    X-ray phantom of MultiMix."""
+    X-ray phantom (lung masks, a class, several sources)."""
     if kind == "chest_xray":
         from medmodal.data.phantom_xray import chest_source_names, write_chest_phantom
 

@@ -1,5 +1,5 @@
-"""The embedded default data of MultiMix: a procedural chest X-ray phantom with lung masks, a two-class target
-and several sources.
+"""The embedded chest X-ray data set (semi-supervised multi-task learning): a procedural chest X-ray phantom
+with lung masks, a two-class target and several sources.
 
 Each case is a frontal chest radiograph drawn from a continuous model (canonical coordinates ``u`` across and
 ``v`` down the picture, both in ``[-1, 1]`` over a :data:`CHEST_FOV_MM` field of view):

@@ -1,11 +1,10 @@
 """Joint classification + segmentation evaluation: scores per case, their summary and a case figure.
 
-The metrics of MultiMix (Haque et al., ISBI 2021; ``shared/methods/multimix.md`` §4): accuracy, F1 per class and
-ROC AUC for the classifier (scikit-learn); Dice, Jaccard, precision, recall, SSIM, average Hausdorff distance and
-HD95 for the lung masks. The paper states neither its "average Hausdorff" definition nor its units, so the
-conventions used here are spelled out in :data:`METRIC_DEFINITIONS`, which reports print under their tables.
-
-Arrays follow medmodal's Volume convention: a 2D image is ``(X, Y)``, the transpose of a picture's
+The metrics of joint chest X-ray classification and lung segmentation (Haque et al., ISBI 2021, §4 of its spec):
+accuracy, F1 per class and ROC AUC for the classifier (scikit-learn); Dice, Jaccard, precision, recall, SSIM,
+average Hausdorff distance and HD95 for the lung masks. The paper states neither its "average Hausdorff" definition
+nor its units, so the conventions used here are spelled out in :data:`METRIC_DEFINITIONS`, which reports print under
+their tables. Arrays follow medmodal's Volume convention: a 2D image is ``(X, Y)``, the transpose of a picture's
 ``(rows, cols)``; :func:`multitask_figure` shows it with ``.T`` so it looks upright.
 """
 
