@@ -170,7 +170,8 @@ def load_image_set(records: Sequence[CaseRecord], info: DatasetInfo, *, modaliti
         path = Path(cache_dir) / f"multimix-{_cache_key(records, settings)}.npz"
         if path.is_file():
             with np.load(path) as z:
-                return ImageSet(case_ids=list(z["case_ids"]), sources=list(z["sources"]), images=z["images"],
+                return ImageSet(case_ids=[str(c) for c in z["case_ids"]], sources=[str(s) for s in z["sources"]],
+                                images=z["images"],
                                 available=z["available"], masks=z["masks"], has_mask=z["has_mask"],
                                 targets=z["targets"])
     n, m, r = len(records), len(modalities), len(regions)
