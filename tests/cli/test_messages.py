@@ -27,3 +27,28 @@ def test_data_help_describes_the_layouts_the_errors_point_to(tmp_path: Path) -> 
     assert code == 0
     for must in ("BraTS", "_t1ce", "dataset.json", "imagesTr", "manifest", "case_id", "label"):
         assert must in text, must
+
+
+def test_error_text_is_not_read_as_console_markup(tmp_path) -> None:
+    """A message that quotes a list of names (``['a', 'b']`` or ``[lung]``) prints whole: rich would take
+    ``[lung]`` for a style tag and drop it."""
+    import typer
+    from typer.testing import CliRunner
+
+    from medmodal.commands.common import user_errors
+    from medmodal.data.case import DataError
+
+    app = typer.Typer()
+
+    @app.command()
+    @user_errors
+    def fail() -> None:
+        raise DataError("method.regions: unknown region(s) [lung]; the data set has [bold] and ['WT']")
+
+    @app.command()
+    def other() -> None:  # a second command keeps typer from folding the app into one command
+        pass
+
+    result = CliRunner().invoke(app, ["fail"])
+    assert result.exit_code == 2
+    assert "unknown region(s) [lung]; the data set has [bold] and ['WT']" in result.output

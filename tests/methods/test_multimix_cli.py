@@ -216,7 +216,7 @@ def test_real_chest_xray_jpegs_train_evaluate_and_predict(tmp_path: Path) -> Non
     recipe = {"name": "kermany", "seed": 0,
               "data": {"path": str(data / "manifest.csv"), "patch_size": [48, 48], "batch_size": 4,
                        "val_fraction": 0.2, "num_workers": 0},
-              "model": {"name": "multimix_unet_tiny", "kwargs": {}},
+              "model": {"name": "multimix_unet_tiny"},  # the generic default model.kwargs are not passed on
               "method": {"name": "multimix", "variant": "enc", "image_size": [48, 48], "test_fraction": 0.25,
                          "lr_decay": "none"},
               "train": {"max_steps": 3, "val_every_steps": 3, "checkpoint_every_steps": 3, "progress": False,
@@ -227,6 +227,8 @@ def test_real_chest_xray_jpegs_train_evaluate_and_predict(tmp_path: Path) -> Non
     assert code == 0, text
     split = json.loads((run / "split.json").read_text())
     assert len(split["test"]) == 4 and split["cross_source"] == []
+    info = json.loads((run / "run.json").read_text())
+    assert info["task"]["regions"] == {} and info["task"]["class_names"] == ["normal", "pneumonia"]
     code, text = invoke("evaluate", run)
     assert code == 0, text
     report = (run / "eval" / "report.md").read_text()

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from medmodal.data.case import DataError
 from medmodal.engine.recipe import RecipeError
@@ -45,14 +46,16 @@ def user_errors(fn: F) -> F:
                 check_output_path(kwargs["out"], option="--out")
             return fn(*args, **kwargs)
         except (DataError, RecipeError, RunError) as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            # escaped: a message quoting a list (['A', 'B']) or a [section] is text, not console markup
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
         except KeyboardInterrupt as err:  # Ctrl-C: one line (what was kept, how to continue, if the command says)
-            err_console.print(f"interrupted{f': {err}' if str(err) else ''}", highlight=False, soft_wrap=True)
+            err_console.print(f"interrupted{f': {escape(str(err))}' if str(err) else ''}", highlight=False,
+                              soft_wrap=True)
             raise typer.Exit(code=130) from None
         except _PATH_ERRORS as err:
             text = f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
-            err_console.print(f"[bold red]error:[/] {text}; check the path", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(text)}; check the path", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]

@@ -31,9 +31,12 @@ NETWORKS = ("multimix_unet", "multimix_unet_tiny")
 
 
 def task_regions(method: MultiMixMethod, info: DatasetInfo) -> dict[str, tuple[int, ...]]:
-    """The regions the model segments (``method.regions`` of the data's, default all)."""
+    """The regions the model segments (``method.regions`` of the data's, default all; none for a variant that
+    does not segment)."""
     from medmodal.engine.recipe import RecipeError
 
+    if not method.tasks[1]:
+        return {}
     names = method.regions or list(info.regions)
     unknown = [n for n in names if n not in info.regions]
     if unknown:
@@ -51,17 +54,19 @@ def class_names_of(info: DatasetInfo, records: Sequence[CaseRecord]) -> list[str
 
 def network_settings(recipe: Recipe, modalities: Sequence[str], *, regions: int, classes: int) -> dict[str, Any]:
     """The network's constructor arguments: the data's vocabulary, ``model.kwargs``, and what the variant fixes."""
-    from medmodal.engine.recipe import RecipeError
+    from medmodal.engine.recipe import ModelConfig, RecipeError
 
     m: MultiMixMethod = recipe.method  # type: ignore[assignment]
     kw = dict(recipe.model.kwargs)
+    if kw == ModelConfig.model_fields["kwargs"].default:  # the generic default (a unet's widths) is not a choice
+        kw = {}
     fixed = {"classify", "segment", "saliency_bridge", "restore_mode_after_saliency", "saliency_impl"}
     clash = sorted(({"spatial_dims", "modalities", "out_channels", "num_classes"} | fixed) & set(kw))
     if clash:
         raise RecipeError(f"model.kwargs: {clash} are set from the data and method.variant / "
                           "method.eval_mode_after_saliency; remove them from the recipe")
     classify, segment, _, bridge = m.tasks
-    return {"spatial_dims": len(m.image_size), "modalities": list(modalities), "out_channels": regions,
+    return {"spatial_dims": len(m.image_size), "modalities": list(modalities), "out_channels": max(1, regions),
             "num_classes": classes, "classify": classify, "segment": segment, "saliency_bridge": bridge,
             "restore_mode_after_saliency": m.eval_mode_after_saliency == "restore", "saliency_impl": m.saliency_impl,
             **kw}

@@ -110,7 +110,7 @@ def model_input(case: Case, *, modalities: Sequence[str], regions: dict[str, tup
         unit = torch.from_numpy(to_unit_range(vol.array, percentiles))
         channels.append(resize(unit[None], image_size)[0].clamp(0.0, 1.0) * 2.0 - 1.0)
     mask = None
-    if case.label is not None:
+    if case.label is not None and regions:
         mask = resize(torch.from_numpy(region_masks(np.asarray(case.label.array), regions)), image_size, mask=True)
     return ModelInput(image=torch.stack(channels).float(), available=torch.tensor(available), mask=mask,
                       shape=tuple(ref.shape))
