@@ -50,6 +50,7 @@ bench: install
 	$(BIN)/python benchmarks/registration.py --size 48 --pairs 4 --repeats 2 --workers 0
 	$(BIN)/python benchmarks/parallel_runs.py --recipe quickstart --steps 200 --runs 2 --repeats 2
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/m2dn.py --threads 2 --repeats 3
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/multimix.py --threads 2
 
 experiment-deepstaple: install
 	$(BIN)/medmodal experiment deepstaple --out runs/deepstaple

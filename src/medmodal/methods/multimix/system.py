@@ -37,7 +37,7 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 def memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """``x`` in channels-last order (``channels_last`` / ``_3d`` by its rank) when asked: PyTorch's CPU
-    convolutions and instance norms of this network's small widths run about 4× faster so (docs/benchmarks.md)."""
+    convolutions and instance norms run 1.1-1.3x faster so (benchmarks/multimix.py, docs/benchmarks.md)."""
     if not channels_last or x.dim() not in (4, 5):
         return x
     return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
