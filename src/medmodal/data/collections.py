@@ -1,0 +1,670 @@
+"""Image collections: single unlabelled images of any modality, 2D or 3D, each on its own grid (for pretraining).
+
+A collection is listed from a **folder** or a **manifest**:
+
+* folder (:func:`list_folder`): every image under it, recursively (hidden files and folders, and cache folders
+  holding a ``collection.json``, are skipped). A file with an ending of
+  :data:`~medmodal.data.io.READ_EXTENSIONS` is one image; a folder holding one DICOM series (``.dcm`` files, or
+  files without an ending that carry the DICOM ``DICM`` marker) is one image; lone ``.dcm`` files (single-frame
+  X-rays, multi-frame volumes) are one image each. The modality tag is the name of the first sub-folder the image
+  lies in (``root/CT/case1.nii.gz`` and ``root/CT/patient3/series/`` are ``CT``); images directly in ``root``
+  get the ``modality`` argument.
+* manifest (:func:`read_collection_manifest`): a CSV with a header or a JSON list of objects (or an object with
+  an ``"images"`` list), fields ``image`` (path, relative to the manifest's folder), ``modality``, and optionally
+  ``dataset`` (the sampling group, default: the modality) and ``spacing`` (``"0.14,0.14"``: the pixel / voxel
+  size in mm of the image's own axes, for pictures that carry none, e.g. an X-ray JPEG).
+
+Every image is prepared by :func:`prepare_image` (spec §2.5 of the pretraining method, "Data"):
+
+1. 3D images are reoriented to the closest RAS axis order (:func:`~medmodal.data.preprocess.canonical_orientation`,
+   a permutation and flips, no interpolation); then the axis with the coarsest spacing is moved last, so that the
+   slice (depth) axis of a thick-slice scan is ``Z`` whatever plane it was acquired in. 2D images keep their axes.
+2. Intensities are mapped to ``[0, 1]``: ``clip((v - p_0.5) / (p_99.5 - p_0.5), 0, 1)`` with the image's own
+   0.5 / 99.5 percentiles, or ``v / 255`` for 8-bit natural pictures (the datasets named in ``natural``).
+3. The array is stored as ``(X, Y, Z)``; a 2D image as a one-slice volume ``(X, Y, 1)``.
+
+Each image carries its spacing ``(s_x, s_y, s_z)`` in mm and its degree of anisotropy
+``DA = clip(floor(log2(s_z / min(s_x, s_y))), 0, 5)``; a 2D image has DA 5 and the placeholder depth spacing
+``s_z = min(s_x, s_y) * 2**5`` (so the formula gives DA 5 from the stored spacing too). The data layer computes
+DA itself (:func:`degree_of_anisotropy`; data sits below ``medmodal.layers``), with the same formula as
+``medmodal.layers.sac.degree_of_anisotropy``; a test checks that the two agree.
+
+:func:`build_collection_cache` writes the prepared arrays (``float16`` by default) to a cache folder::
+
+    collection.json   index: parameters and one entry per image (written last, atomically)
+    <hash>.npy        (X, Y, Z) array of one image, memory-mapped on read
+
+An image is prepared again only when its source changed (path + size + modification time of the file, or of every
+file of a DICOM series folder), or when its spacing override or intensity mapping changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from nibabel.orientations import apply_orientation
+
+from medmodal.atomic import atomic_write, read_csv
+from medmodal.data.case import DataError, Volume
+from medmodal.data.check import Problem
+from medmodal.data.io import READ_EXTENSIONS, DataErrors, read_image
+from medmodal.data.preprocess import canonical_orientation
+
+__all__ = [
+    "DEFAULT_PERCENTILES",
+    "INDEX_NAME",
+    "MAX_DA",
+    "CachedImage",
+    "CollectionIndex",
+    "ImageRecord",
+    "PreparedImage",
+    "build_collection_cache",
+    "check_collection",
+    "degree_of_anisotropy",
+    "list_collection",
+    "list_folder",
+    "percentile_scale",
+    "prepare_image",
+    "read_collection_manifest",
+]
+
+FORMAT_VERSION = 1
+INDEX_NAME = "collection.json"
+#: the DA of a 2D image and the upper clip of the degree of anisotropy (at least 32x anisotropic counts as 2D).
+MAX_DA = 5
+#: the intensity percentiles mapped to 0 and 1.
+DEFAULT_PERCENTILES: tuple[float, float] = (0.5, 99.5)
+MANIFEST_FIELDS = ("image", "modality", "dataset", "spacing")
+_DICOM = ".dcm"
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of a collection, before it is read.
+
+    Attributes:
+        image_id: a unique name: the path relative to the folder or manifest (posix), or the absolute path.
+        path: the image file, or a DICOM series folder.
+        modality: the modality tag (``"CT"``, ``"xray"``, ...).
+        dataset: the sampling group (default: the modality); sampling weights and ``natural`` name datasets.
+        spacing: the voxel size in mm of the image's own axes that replaces the file's (2 values for a 2D image,
+            3 for a 3D one), or ``None`` to use the file's.
+    """
+
+    image_id: str
+    path: Path
+    modality: str
+    dataset: str = ""
+    spacing: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.dataset:
+            object.__setattr__(self, "dataset", self.modality)
+
+
+def list_collection(source: Path | str, *, modality: str | None = None) -> list[ImageRecord]:
+    """The images of a folder (:func:`list_folder`) or of a ``.csv`` / ``.json`` manifest
+    (:func:`read_collection_manifest`); ``modality`` is the tag of images that name none.
+
+    Raises:
+        DataErrors: every listing problem at once, each naming the file or row.
+    """
+    source = Path(source)
+    if source.is_dir():
+        return list_folder(source, modality=modality)
+    if source.suffix.lower() in (".csv", ".json"):
+        return read_collection_manifest(source, modality=modality)
+    if not source.exists():
+        raise DataError(f"{source}: not found; give an image folder or a .csv / .json manifest")
+    raise DataError(f"{source}: is neither a folder nor a .csv / .json manifest; give an image folder or a manifest")
+
+
+def list_folder(root: Path | str, *, modality: str | None = None) -> list[ImageRecord]:
+    """Every image under ``root``, in sorted path order (see the module docstring for the rules).
+
+    Args:
+        root: the folder.
+        modality: the tag of images directly in ``root`` (images in sub-folders take the first sub-folder's name).
+
+    Raises:
+        DataErrors: a folder with several DICOM series, an image directly in ``root`` without ``modality``, or an
+            empty folder; all of them at once.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: is not a folder; give the folder that holds the images")
+    problems: list[tuple[str | None, Path | None, str]] = []
+    records: list[ImageRecord] = []
+    for path in _scan(root, problems):
+        rel = path.relative_to(root)
+        tag = rel.parts[0] if len(rel.parts) > 1 else modality
+        if not tag:
+            problems.append((None, path, f"{path}: lies directly in {root} and has no modality tag; move it into a "
+                                         "sub-folder named after its modality or pass a default modality"))
+            continue
+        records.append(ImageRecord(image_id=rel.as_posix(), path=path, modality=tag))
+    if not records and not problems:
+        problems.append((None, root, f"{root}: holds no image ({', '.join(READ_EXTENSIONS)} or DICOM series "
+                                     "folders); point to the folder of the images"))
+    if problems:
+        raise DataErrors(problems, where=str(root))
+    return records
+
+
+def _scan(root: Path, problems: list) -> Iterator[Path]:
+    """Images under ``root``: picture/volume files, DICOM series folders and lone DICOM files."""
+    for folder, subdirs, names in os.walk(root):
+        here = Path(folder)
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        if INDEX_NAME in names:  # a collection cache: its .npy files are not images
+            subdirs[:] = []
+            continue
+        names = sorted(n for n in names if not n.startswith("."))
+        dicom = [n for n in names if n.lower().endswith(_DICOM) or (_unknown_ending(n) and _has_dicm(here / n))]
+        yield from (here / n for n in names if not n.lower().endswith(_DICOM) and not _unknown_ending(n))
+        if dicom:
+            yield from _dicom_images(here, dicom, problems)
+
+
+def _unknown_ending(name: str) -> bool:
+    lower = name.lower()
+    return not any(lower.endswith(ext) for ext in READ_EXTENSIONS)
+
+
+def _has_dicm(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"
+
+
+def _dicom_images(folder: Path, names: list[str], problems: list) -> list[Path]:
+    """A folder's DICOM files as images: the folder for a series of several slices, else each ``.dcm`` file."""
+    reader = sitk.ImageSeriesReader()
+    series = {uid: reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in reader.GetGDCMSeriesIDs(str(folder))}
+    stacks = {uid: files for uid, files in series.items() if len(files) > 1}
+    if len(stacks) > 1:
+        listed = ", ".join(f"{uid} ({len(files)} files)" for uid, files in stacks.items())
+        problems.append((None, folder, f"{folder}: holds {len(stacks)} DICOM series ({listed}); put each series in "
+                                       "its own folder"))
+        return []
+    if stacks:
+        uid, files = next(iter(stacks.items()))
+        if len(files) < len(names):
+            problems.append((None, folder, f"{folder}: holds DICOM series {uid} ({len(files)} slices) and "
+                                           f"{len(names) - len(files)} other DICOM file(s); move the series into "
+                                           "its own folder"))
+            return []
+        return [folder]
+    lone = [folder / n for n in names if n.lower().endswith(_DICOM)]
+    for n in names:
+        if not n.lower().endswith(_DICOM):
+            problems.append((None, folder / n, f"{folder / n}: is a single DICOM file without the .dcm ending; "
+                                               "rename it to end in .dcm"))
+    return lone
+
+
+def read_collection_manifest(path: Path | str, *, modality: str | None = None) -> list[ImageRecord]:
+    """The images a CSV or JSON manifest lists (fields :data:`MANIFEST_FIELDS`; see the module docstring).
+
+    Raises:
+        DataErrors: every bad row at once: a missing ``image``, an image file that does not exist or has an
+            unsupported ending, a missing modality (and no default), a bad ``spacing``, an unknown field, a
+            duplicate image.
+    """
+    path = Path(path)
+    rows = _manifest_rows(path)
+    base = path.parent
+    problems: list[tuple[str | None, Path | None, str]] = []
+    records: list[ImageRecord] = []
+    seen: dict[Path, int] = {}
+    for n, row in enumerate(rows, start=1):
+        where = f"{path}: row {n}"
+        unknown = sorted(set(row) - set(MANIFEST_FIELDS))
+        if unknown:
+            problems.append((None, path, f"{where}: unknown field(s) {unknown}; the fields are "
+                                         f"{list(MANIFEST_FIELDS)}"))
+            continue
+        value = str(row.get("image") or "").strip()
+        if not value:
+            problems.append((None, path, f"{where}: 'image' is empty; give the image's path"))
+            continue
+        image = Path(value) if Path(value).is_absolute() else base / value
+        tag = str(row.get("modality") or "").strip() or modality
+        try:
+            spacing = _parse_spacing(row.get("spacing"), where=where)
+        except DataError as err:
+            problems.append((None, path, str(err)))
+            continue
+        if not tag:
+            problems.append((None, image, f"{where}: 'modality' is empty for {value}; give a modality tag or a "
+                                          "default modality"))
+        elif not image.exists():
+            problems.append((None, image, f"{where}: {image} not found; fix the path (relative paths start at "
+                                          f"{base})"))
+        elif image.is_file() and _unknown_ending(image.name):
+            problems.append((None, image, f"{where}: {image} has an unsupported ending; use one of "
+                                          f"{', '.join(READ_EXTENSIONS)} or a DICOM series folder"))
+        elif image.resolve() in seen:
+            problems.append((None, image, f"{where}: {value} is listed again (first in row {seen[image.resolve()]}); "
+                                          "list each image once"))
+        else:
+            seen[image.resolve()] = n
+            image_id = image.relative_to(base).as_posix() if image.is_relative_to(base) else image.as_posix()
+            dataset = str(row.get("dataset") or "").strip()
+            records.append(ImageRecord(image_id=image_id, path=image, modality=tag, dataset=dataset, spacing=spacing))
+    if not records and not problems:
+        problems.append((None, path, f"{path}: lists no image; add rows with an 'image' field"))
+    if problems:
+        raise DataErrors(problems, where=str(path))
+    return records
+
+
+def _manifest_rows(path: Path) -> list[Mapping[str, object]]:
+    if not path.is_file():
+        raise DataError(f"{path}: manifest not found; check the path")
+    if path.suffix.lower() == ".csv":
+        try:
+            rows = read_csv(path)
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"{path}: cannot be read ({err}); save it as UTF-8 CSV with a header line") from err
+        if rows and "image" not in rows[0]:
+            raise DataError(f"{path}: has no 'image' column (columns: {list(rows[0])}); the header names "
+                            f"{list(MANIFEST_FIELDS)}")
+        return rows
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: is not valid JSON ({err}); fix the file") from err
+    if isinstance(data, dict) and set(data) == {"images"}:
+        data = data["images"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(f"{path}: must hold a list of objects (or {{\"images\": [...]}}) with the fields "
+                        f"{list(MANIFEST_FIELDS)}")
+    return data
+
+
+def _parse_spacing(value: object, *, where: str) -> tuple[float, ...] | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        parts = [float(v) for v in (re.split(r"[,\sx]+", value.strip()) if isinstance(value, str) else value)]
+    except (TypeError, ValueError):
+        parts = []
+    if len(parts) not in (2, 3) or not all(math.isfinite(s) and s > 0 for s in parts):
+        raise DataError(f"{where}: 'spacing' {value!r} must be 2 or 3 positive numbers in mm, e.g. \"0.14,0.14\"")
+    return tuple(parts)
+
+
+# --------------------------------------------------------------------------------------------------- preparing
+
+
+def degree_of_anisotropy(spacing: Sequence[float], *, max_da: int = MAX_DA) -> int:
+    """``clip(floor(log2(s_z / min(s_x, s_y))), 0, max_da)``; ``max_da`` for a 2D spacing ``(s_x, s_y)``.
+
+    The same formula as ``medmodal.layers.sac.degree_of_anisotropy`` (which the data layer may not import).
+    ``(0.8, 0.8, 6.5) -> 3``, ``(0.6, 0.6, 1.0) -> 0``, ``(0.14, 0.14) -> 5``.
+
+    Raises:
+        ValueError: not 2 or 3 finite positive numbers.
+    """
+    values = tuple(float(s) for s in spacing)
+    if len(values) not in (2, 3) or not all(math.isfinite(s) and s > 0 for s in values):
+        raise ValueError(f"spacing must be 2 or 3 finite positive numbers in mm, got {values}")
+    if len(values) == 2:
+        return max_da
+    return min(max(math.floor(math.log2(values[2] / min(values[:2]))), 0), max_da)
+
+
+def percentile_scale(
+    array: np.ndarray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES, *, where: str = "<image>"
+) -> np.ndarray:
+    """``clip((v - lo) / (hi - lo), 0, 1)`` as float32, ``lo, hi`` the image's ``percentiles`` (0..100).
+
+    When the percentiles coincide (more than 99 % of the voxels share one value) the minimum and maximum are used.
+
+    Raises:
+        DataError: every voxel has the same value (a blank image), naming ``where``.
+    """
+    values = np.asarray(array, dtype=np.float32)
+    lo, hi = (float(v) for v in np.percentile(values, percentiles))
+    if hi <= lo:
+        lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        raise DataError(f"{where}: every voxel has the value {lo:g} (a blank image); leave it out of the collection")
+    return np.clip((values - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image ready to cache.
+
+    Attributes:
+        array: ``(X, Y, Z)`` float32 in ``[0, 1]``, the slice axis last; a 2D image is ``(X, Y, 1)``.
+        spacing: ``(s_x, s_y, s_z)`` in mm (2D: ``s_z = min(s_x, s_y) * 2**max_da``, a placeholder).
+        spatial_dims: 2 or 3.
+        da: the degree of anisotropy (2D: ``max_da``).
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    spatial_dims: int
+    da: int
+
+
+def prepare_image(
+    volume: Volume,
+    *,
+    spacing: Sequence[float] | None = None,
+    natural: bool = False,
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+    max_da: int = MAX_DA,
+) -> PreparedImage:
+    """Reorient, map the intensities and compute the spacing and DA of one image (steps in the module docstring).
+
+    Args:
+        volume: the image as read by :func:`~medmodal.data.io.read_image`.
+        spacing: replaces the voxel size of the image's own axes (one value per axis), or ``None``.
+        natural: an 8-bit natural picture: divide by 255 instead of the percentile mapping.
+        percentiles: the percentiles mapped to 0 and 1.
+        max_da: the DA of a 2D image.
+
+    Raises:
+        DataError: naming the file: an empty image, a spacing override of the wrong length, a zero or NaN spacing,
+            a blank image, ``natural`` for an image that is not 8-bit.
+    """
+    where = volume.where
+    array = np.asarray(volume.array)
+    dims = array.ndim
+    if array.size == 0:
+        raise DataError(f"{where}: is empty (shape {array.shape}); leave it out of the collection")
+    affine = np.array(volume.affine, dtype=np.float64)
+    sp = np.linalg.norm(affine[:3, :dims], axis=0)
+    if spacing is not None:
+        if len(spacing) != dims:
+            raise DataError(f"{where}: the spacing override {tuple(spacing)} has {len(spacing)} values but the image "
+                            f"is {dims}D; give {dims} values")
+        affine[:3, :dims] = affine[:3, :dims] / np.where(sp > 0, sp, 1.0) * np.asarray(spacing, dtype=np.float64)
+        sp = np.asarray(spacing, dtype=np.float64)
+    if not all(math.isfinite(s) and s > 0 for s in sp):
+        raise DataError(f"{where}: has voxel spacing {tuple(sp.round(6).tolist())} mm (zero or NaN); fix the header "
+                        "or give a spacing override in a manifest")
+    ornt = canonical_orientation(affine, dims, where=where)
+    array = apply_orientation(array, ornt)
+    canonical = np.empty(dims)
+    canonical[ornt[:, 0].astype(int)] = sp
+    if dims == 3:
+        thick = int(np.flatnonzero(canonical == canonical.max())[-1])  # ties keep Z last
+        order = [a for a in range(3) if a != thick] + [thick]
+        array, canonical = array.transpose(order), canonical[order]
+    if natural:
+        if array.dtype != np.uint8:
+            raise DataError(f"{where}: is {array.dtype}, not an 8-bit picture; the /255 mapping is for 8-bit natural "
+                            "pictures only: leave its dataset out of 'natural'")
+        scaled = array.astype(np.float32) / np.float32(255.0)
+    else:
+        scaled = percentile_scale(array, percentiles, where=where)
+    da = degree_of_anisotropy(canonical, max_da=max_da)
+    if dims == 2:
+        scaled = scaled[..., None]
+        canonical = np.append(canonical, canonical.min() * 2.0**max_da)
+    sx, sy, sz = (float(s) for s in canonical)
+    return PreparedImage(array=np.ascontiguousarray(scaled), spacing=(sx, sy, sz), spatial_dims=dims, da=da)
+
+
+def check_collection(
+    source: Path | str | Sequence[ImageRecord],
+    *,
+    modality: str | None = None,
+    natural: Collection[str] = (),
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+    max_da: int = MAX_DA,
+) -> tuple[list[ImageRecord], list[Problem]]:
+    """List and read every image of a collection and collect all problems instead of stopping at the first.
+
+    Problems (each naming the file): listing problems (:func:`list_collection`), unreadable, truncated, empty, 4D,
+    colour or NaN/inf images, zero/NaN spacing, blank images, a spacing override of the wrong length, ``natural``
+    datasets with images that are not 8-bit. Whether an image is smaller than one token depends on the crop
+    settings; :class:`~medmodal.data.collection_sampler.CollectionCrops` checks that.
+
+    Returns:
+        The records that were listed and the problems (``Problem.case_id`` is the image id).
+    """
+    if isinstance(source, (str, Path)):
+        try:
+            records = list_collection(source, modality=modality)
+        except DataErrors as err:
+            return [], [Problem(c, p, m) for c, p, m in err.problems]
+        except DataError as err:
+            return [], [Problem(None, Path(source), str(err))]
+    else:
+        records = list(source)
+    problems = []
+    for record in records:
+        try:
+            prepare_image(read_image(record.path), spacing=record.spacing, natural=record.dataset in natural,
+                          percentiles=percentiles, max_da=max_da)
+        except DataError as err:
+            problems.append(Problem(record.image_id, record.path, str(err)))
+    return records, problems
+
+
+# ------------------------------------------------------------------------------------------------------ caching
+
+
+@dataclass(frozen=True)
+class CachedImage:
+    """One prepared image in a collection cache (cheap to pickle: the array is opened on demand).
+
+    Attributes:
+        image_id, source, modality, dataset: from the :class:`ImageRecord`.
+        path: the ``.npy`` file, ``(X, Y, Z)``.
+        shape: ``(X, Y, Z)``; spacing: ``(s_x, s_y, s_z)`` mm; spatial_dims: 2 or 3; da: degree of anisotropy.
+    """
+
+    image_id: str
+    source: Path
+    modality: str
+    dataset: str
+    path: Path
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    spatial_dims: int
+    da: int
+
+    def array(self) -> np.ndarray:
+        """The ``(X, Y, Z)`` read-only memory map (float16 or float32, as cached)."""
+        try:
+            return np.load(self.path, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise DataError(f"{self.path}: cannot memory-map the cached image of {self.source} ({err}); rebuild "
+                            "the cache") from err
+
+
+@dataclass
+class CollectionIndex:
+    """The images of one collection cache. Build with :func:`build_collection_cache`, reopen with :meth:`load`."""
+
+    images: list[CachedImage]
+    root: Path
+    params: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, cache_dir: Path | str) -> CollectionIndex:
+        """Open the cache in ``cache_dir``; :class:`DataError` when it is missing, corrupt or of another version."""
+        root = Path(cache_dir)
+        doc = _read_index(root)
+        if doc is None:
+            raise DataError(f"{root / INDEX_NAME}: no collection cache here; build it with build_collection_cache()")
+        if doc.get("params", {}).get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{root / INDEX_NAME}: collection cache format is not version {FORMAT_VERSION}; rebuild "
+                            "it")
+        return _index(doc, root)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __iter__(self) -> Iterator[CachedImage]:
+        return iter(self.images)
+
+
+def build_collection_cache(
+    records: Iterable[ImageRecord],
+    cache_dir: Path | str,
+    *,
+    natural: Collection[str] = (),
+    dtype: str = "float16",
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+    max_da: int = MAX_DA,
+    skip_bad: bool = False,
+    progress: bool = False,
+) -> CollectionIndex:
+    """Prepare every image (:func:`prepare_image`) into ``cache_dir``, reusing those whose source is unchanged.
+
+    Args:
+        records: the images (:func:`list_collection`).
+        cache_dir: the cache folder (created). A cache built with other ``dtype``, ``percentiles`` or ``max_da``
+            is rebuilt in place.
+        natural: datasets of 8-bit natural pictures, mapped by ``/ 255`` instead of the percentiles.
+        dtype: ``"float16"`` (half the disk and page cache; 2^-11 relative precision in [0, 1]) or ``"float32"``.
+        percentiles: the intensity percentiles mapped to 0 and 1.
+        max_da: the DA of a 2D image and the DA clip.
+        skip_bad: leave out images that cannot be prepared (logged as warnings) instead of raising.
+        progress: show a rich progress bar.
+
+    Returns:
+        The :class:`CollectionIndex`, images in the order of ``records``.
+
+    Raises:
+        DataErrors: every image that could not be read or prepared (unless ``skip_bad``); the index of the good
+            ones is written first, so the next build reuses them.
+    """
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+    root = Path(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    params = {"format_version": FORMAT_VERSION, "dtype": dtype, "percentiles": [float(p) for p in percentiles],
+              "max_da": int(max_da)}
+    old = _read_index(root)
+    previous = {e["source"]: e for e in old["images"]} if old is not None else {}
+    reusable = previous
+    if old is not None and old.get("params") != params:
+        log.warning("collection cache %s was built with %s; rebuilding it with %s", root, old.get("params"), params)
+        reusable = {}
+    records = list(records)
+    entries: list[dict] = []
+    problems: list[tuple[str | None, Path | None, str]] = []
+    seen: set[str] = set()
+    with _progress(progress, len(records)) as advance:
+        for record in records:
+            advance()
+            source = str(record.path.resolve())
+            if source in seen:
+                problems.append((record.image_id, record.path, f"{record.path}: is listed twice; list each image "
+                                                               "once"))
+                continue
+            seen.add(source)
+            is_natural = record.dataset in natural
+            key = _source_key(record, is_natural)
+            entry = reusable.get(source)
+            if entry is not None and entry["key"] == key and (root / entry["file"]).is_file():
+                entries.append({**entry, "image_id": record.image_id, "modality": record.modality,
+                                "dataset": record.dataset})
+                continue
+            (root / INDEX_NAME).unlink(missing_ok=True)  # never leave an index describing arrays being rewritten
+            try:
+                prepared = prepare_image(read_image(record.path), spacing=record.spacing, natural=is_natural,
+                                         percentiles=percentiles, max_da=max_da)
+            except DataError as err:
+                problems.append((record.image_id, record.path, str(err)))
+                continue
+            file = hashlib.blake2b(source.encode(), digest_size=10).hexdigest() + ".npy"
+            data = prepared.array.astype(dtype)
+            atomic_write(root / file, lambda f, data=data: np.save(f, data))
+            entries.append({"image_id": record.image_id, "source": source, "key": key, "modality": record.modality,
+                            "dataset": record.dataset, "file": file, "shape": list(prepared.array.shape),
+                            "spacing": list(prepared.spacing), "spatial_dims": prepared.spatial_dims,
+                            "da": prepared.da})
+    doc = {"params": params, "images": entries}
+    atomic_write(root / INDEX_NAME, lambda f: f.write(json.dumps(doc, indent=1).encode()))
+    kept = {e["file"] for e in entries}
+    for e in previous.values():  # images that left the collection (or failed now) leave the cache
+        if e["file"] not in kept:
+            (root / e["file"]).unlink(missing_ok=True)
+    if problems and not skip_bad:
+        raise DataErrors(problems, where=f"{root}: collection cache")
+    for _, _, message in problems:
+        log.warning("left out: %s", message)
+    return _index(doc, root)
+
+
+def _source_key(record: ImageRecord, natural: bool) -> str:
+    """Path + size + mtime of the image file (or of every file of a series folder) and how it is prepared."""
+    h = hashlib.blake2b(digest_size=16)
+    files = sorted(p for p in record.path.iterdir() if p.is_file()) if record.path.is_dir() else [record.path]
+    for p in files:
+        st = p.stat()
+        h.update(repr((str(p.resolve()), st.st_size, st.st_mtime_ns)).encode())
+    h.update(repr((record.spacing, natural)).encode())
+    return h.hexdigest()
+
+
+def _read_index(root: Path) -> dict | None:
+    path = root / INDEX_NAME
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: corrupt collection index ({err}); delete the folder and rebuild") from err
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise DataError(f"{path}: is not a collection index; delete the folder and rebuild")
+    return doc
+
+
+def _index(doc: dict, root: Path) -> CollectionIndex:
+    images = [
+        CachedImage(image_id=e["image_id"], source=Path(e["source"]), modality=e["modality"], dataset=e["dataset"],
+                    path=root / e["file"], shape=tuple(int(s) for s in e["shape"]),
+                    spacing=tuple(float(s) for s in e["spacing"]), spatial_dims=int(e["spatial_dims"]),
+                    da=int(e["da"]))
+        for e in doc["images"]
+    ]
+    return CollectionIndex(images=images, root=root, params=dict(doc["params"]))
+
+
+class _progress:
+    """Context manager yielding an ``advance()`` callable; a rich progress bar when enabled."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled, self.total, self.bar = enabled, total, None
+
+    def __enter__(self):  # noqa: ANN204
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import Progress
+
+        self.bar = Progress(transient=False)
+        self.bar.start()
+        task = self.bar.add_task("preparing images", total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
