@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from medmodal.data.case import DataError, Volume
+from medmodal.data.collection_cache import CachedImage, CollectionIndex, build_collection_cache
 from medmodal.data.collection_sampler import (
     CollectionCrops,
     RankBatches,
@@ -25,9 +26,6 @@ from medmodal.data.collection_sampler import (
     token_size,
 )
 from medmodal.data.collections import (
-    CachedImage,
-    CollectionIndex,
-    build_collection_cache,
     check_collection,
     degree_of_anisotropy,
     list_collection,
@@ -237,16 +235,16 @@ def test_cache_values_shapes_and_memory_maps(collection: Path) -> None:
 
 
 def test_cache_reuse_and_invalidation(collection: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import medmodal.data.collections as collections_module
+    import medmodal.data.collection_cache as cache_module
 
     calls: list[str] = []
-    real = collections_module.read_image
+    real = cache_module.read_image
 
     def counting(path: Path, **kw: object) -> Volume:
         calls.append(Path(path).name)
         return real(path, **kw)
 
-    monkeypatch.setattr(collections_module, "read_image", counting)
+    monkeypatch.setattr(cache_module, "read_image", counting)
     records = list_folder(collection, modality="brain")
     cache = collection / "cache"
     build_collection_cache(records, cache, dtype="float32")

@@ -41,7 +41,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from medmodal.data.case import DataError
-from medmodal.data.collections import MAX_DA, CachedImage, CollectionIndex
+from medmodal.data.collection_cache import CachedImage, CollectionIndex
+from medmodal.data.collections import MAX_DA
 from medmodal.data.io import DataErrors
 
 __all__ = ["Bucket", "CollectionCrops", "RankBatches", "collate_crops", "crop_tokens", "token_size"]
