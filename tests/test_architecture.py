@@ -49,7 +49,7 @@ DISCOVERY = ("medmodal.engine.plugin", "medmodal.methods")
 
 #: files of the generic packages that must not name a method (the issue's ``git grep`` check).
 GENERIC_NAMED = ("engine", "data", "evaluation", "cli.py", "commands/common.py", "atomic.py")
-METHOD_WORDS = re.compile(r"shaspec|deepstaple|zero_fill|m2dn|multimix")
+METHOD_WORDS = re.compile(r"shaspec|deepstaple|zero_fill|m2dn|multimix|pumit|medcoss")
 
 
 def module_name(path: Path) -> str:
