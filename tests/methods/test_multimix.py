@@ -441,7 +441,7 @@ def set_weights(net: MultiMixNet, value: float) -> None:
 def selected_state(root: Path) -> tuple[dict[str, Any], float]:
     from medmodal.engine.run import load_network
 
-    doc = json.loads((root / SELECTED / "selected.json").read_text())
+    doc = json.loads((root / SELECTED / "selected.json").read_text(encoding="utf-8"))
     return doc, value(next(load_network(root / SELECTED).parameters()).flatten()[0])
 
 

@@ -84,11 +84,11 @@ def picture(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # -- evaluate ----------------------------------------------------------------------------------------------------
 def test_evaluate_scores_in_source_and_cross_source_cases(chest_run: Path) -> None:
-    split = json.loads((chest_run / "split.json").read_text())
+    split = json.loads((chest_run / "split.json").read_text(encoding="utf-8"))
     assert split["test"] and split["cross_source"]
-    selected = json.loads((chest_run / "selected" / "selected.json").read_text())
+    selected = json.loads((chest_run / "selected" / "selected.json").read_text(encoding="utf-8"))
     assert selected["rule"] == "validation" and selected["step"] in (2, 4)
-    report = (chest_run / "eval" / "report.md").read_text()
+    report = (chest_run / "eval" / "report.md").read_text(encoding="utf-8")
     assert "**Data: synthetic phantom**" in report
     assert "## Classification" in report and "## Segmentation" in report
     assert "| in-source test |" in report and "| cross-source |" in report
@@ -225,13 +225,13 @@ def test_real_chest_xray_jpegs_train_evaluate_and_predict(tmp_path: Path) -> Non
     run = tmp_path / "run"
     code, text = invoke("train", tmp_path / "recipe.yaml", "--out", run)
     assert code == 0, text
-    split = json.loads((run / "split.json").read_text())
+    split = json.loads((run / "split.json").read_text(encoding="utf-8"))
     assert len(split["test"]) == 4 and split["cross_source"] == []
-    info = json.loads((run / "run.json").read_text())
+    info = json.loads((run / "run.json").read_text(encoding="utf-8"))
     assert info["task"]["regions"] == {} and info["task"]["class_names"] == ["normal", "pneumonia"]
     code, text = invoke("evaluate", run)
     assert code == 0, text
-    report = (run / "eval" / "report.md").read_text()
+    report = (run / "eval" / "report.md").read_text(encoding="utf-8")
     assert "## Classification" in report and "f1_pneumonia" in report and "## Segmentation" not in report
     assert "synthetic phantom" not in report
     cases = read_rows(run / "eval" / "cases.csv")
