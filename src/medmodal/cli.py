@@ -205,6 +205,8 @@ def train(
     devices: int | None = typer.Option(None, help="Processes per node (DDP when > 1)."),
     num_nodes: int | None = typer.Option(None, help="Nodes (DDP)."),
     overwrite: bool = typer.Option(False, help="Replace an existing run folder (only a medmodal run)."),
+    from_: Path | None = typer.Option(None, "--from", file_okay=False,
+                                      help="Start from this run's weights (fine-tuning; recipe train.init_from)."),
 ) -> None:
     """Train a recipe (data, model, method) into a run folder; resumable.
 
@@ -219,6 +221,11 @@ def train(
         overrides["train.devices"] = devices
     if num_nodes is not None:
         overrides["train.num_nodes"] = num_nodes
+    if from_ is not None:
+        if resume is not None:
+            raise RunError("--from sets the starting weights of a new run; a resumed run continues from its own "
+                           "checkpoint: drop --from")
+        overrides["train.init_from"] = str(from_)
     if resume is not None:
         if recipe is not None:
             raise RecipeError(f"--resume takes the recipe stored in {resume}; drop the recipe argument {recipe!r}")

@@ -104,6 +104,12 @@ class MethodPlugin:
         """The system, data and description of a fresh run of ``recipe``."""
         raise NotImplementedError
 
+    def initial_weights(self, recipe: Recipe, source: LoadedRun) -> dict[str, Any]:
+        """The tensors ``train.init_from`` offers to this recipe's network, named as in its ``state_dict``:
+        by default the source run's network weights as they are; a method whose pretrained and fine-tuned networks
+        name their parts differently maps the names here."""
+        return dict(source.network().state_dict())
+
     # -- inference on a run folder ------------------------------------------------------------------------
     def evaluate(self, run: LoadedRun, *, out_dir: Path, split: str, data: Path | None, features: bool,
                  progress: bool, model_name: str | None = None) -> Path:

@@ -261,6 +261,10 @@ class TrainConfig(_Section):
     channels_last: bool = True
     progress: bool = True
     gradient_clip_norm: float | None = Field(None, gt=0)  # clip the global gradient norm (None: no clipping)
+    # start from another run's weights (fine-tuning a pretrained run; `medmodal train --from RUN`): every parameter
+    # whose name and shape match is copied before the first step; the run's method may map names
+    # (MethodPlugin.initial_weights); run.json records what was loaded and what was not
+    init_from: Path | None = None
 
 
 class EvalConfig(_Section):

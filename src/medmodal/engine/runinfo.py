@@ -72,6 +72,8 @@ class RunInfo:
     network: dict[str, Any]
     inference: dict[str, Any]
     training_data: dict[str, Any]
+    #: ``train.init_from``: the source run and the parameters copied from it / left as initialised
+    initialised_from: dict[str, Any] | None = None
     created: str = field(default_factory=lambda: date.today().isoformat())
     format: int = FORMAT_VERSION
 

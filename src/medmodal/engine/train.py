@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 
 from medmodal.atomic import atomic_write_text
 from medmodal.engine.distributed import is_rank_zero
@@ -87,6 +88,34 @@ def resume_overrides(stored: Recipe, overrides: Mapping[str, Any]) -> Recipe:
     return recipe_from_dict(data, where="--resume --set")
 
 
+def initialise_from(network: nn.Module, recipe: Recipe, plugin: Any) -> dict[str, Any]:
+    """Copy into ``network`` every tensor of the run ``recipe.train.init_from`` whose name and shape match
+    (:meth:`~medmodal.engine.plugin.MethodPlugin.initial_weights` names them); returns what ``run.json`` records:
+    the source run, the names loaded, and those left as initialised (absent from the source, or of another shape).
+    A source that matches nothing is a :class:`RecipeError` (a run of another network, most likely)."""
+    from medmodal.engine.runinfo import load_run
+
+    path = recipe.train.init_from
+    try:
+        source = load_run(path)
+    except RunError as err:
+        raise RecipeError(f"train.init_from: {err}") from None
+    offered = plugin.initial_weights(recipe, source)
+    own = network.state_dict()
+    loaded = {k: v for k, v in offered.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    if not loaded:
+        raise RecipeError(f"train.init_from: no parameter of {path} ({source.info.network.get('name')}, method "
+                          f"{source.info.method}) matches this recipe's network {recipe.model.name!r} by name and "
+                          "shape; start from a run of the same network")
+    other_shape = sorted(k for k, v in offered.items() if k in own and k not in loaded)
+    fresh = sorted(k for k in own if k not in loaded)
+    network.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in loaded.items()}})
+    log.info("initialised %d of %d tensors from %s%s", len(loaded), len(own), path,
+             f"; {len(fresh)} keep their initialisation (e.g. {fresh[0]})" if fresh else "")
+    return {"run": str(path), "method": source.info.method, "network": source.info.network.get("name"),
+            "loaded": len(loaded), "total": len(own), "not_loaded": fresh, "other_shape": other_shape}
+
+
 def train(
     recipe: Recipe | None,
     run_dir: Path,
@@ -131,6 +160,9 @@ def train(
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     plugin = get_method(recipe.method.name)
     built = plugin.build(recipe)  # validates data, network and system before anything is written or deleted
+    initialised = None
+    if not resume and recipe.train.init_from is not None:
+        initialised = initialise_from(built.system.network, recipe, plugin)
 
     created = fresh = False
     if rank0 and not resume:
@@ -146,6 +178,7 @@ def train(
             network={"name": built.network_name, "kwargs": built.network_kwargs}, inference=built.inference,
             training_data=training_data_description(recipe, dataset_name=_dataset_name(built),
                                                     synthetic=_synthetic(built)),
+            initialised_from=initialised,
         ))
 
     t = recipe.train
