@@ -51,6 +51,7 @@ bench: install
 	$(BIN)/python benchmarks/parallel_runs.py --recipe quickstart --steps 200 --runs 2 --repeats 2
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/m2dn.py --threads 2 --repeats 3
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/multimix.py --threads 2
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/pumit.py --threads 2
 
 experiment-deepstaple: install
 	$(BIN)/medmodal experiment deepstaple --out runs/deepstaple
