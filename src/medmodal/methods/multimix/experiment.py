@@ -70,6 +70,7 @@ def _train_and_evaluate(job: _Job, *, threads: int | None) -> dict[str, Any]:
     from medmodal.engine.evaluate import evaluate_run
     from medmodal.engine.train import train_or_resume
 
+    reused = (job.run_dir / "split.json").is_file() and (job.run_dir / "weights" / "model.safetensors").is_file()
     t = time.perf_counter()
     train_or_resume(job.recipe, job.run_dir)
     seconds = time.perf_counter() - t
@@ -81,7 +82,7 @@ def _train_and_evaluate(job: _Job, *, threads: int | None) -> dict[str, Any]:
                      model_name=f"{job.variant} {job.budget} seed {job.seed}")
     with summary.open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    return {"rows": rows, "seconds": seconds, "report": str(report)}
+    return {"rows": rows, "seconds": seconds, "report": str(report), "reused": reused}
 
 
 def run_multimix_experiment(out: Path, *, seeds: Sequence[int], variants: Sequence[str], fast: bool = False,
@@ -189,6 +190,9 @@ def _report(todo: Sequence[_Job], results: Sequence[dict], table: list[list], *,
         if region is None and metric.startswith("dice_"):
             region = metric.removeprefix("dice_")
     recipe = todo[0].recipe
+    new = [r for r in results if not r.get("reused")]
+    trained = len(new)
+    train_min = float(np.mean([r["seconds"] for r in new])) / 60 if new else 0.0
     ph = recipe.data.phantom
     m = recipe.method
     seeds = sorted({j.seed for j in todo})
@@ -197,8 +201,10 @@ def _report(todo: Sequence[_Job], results: Sequence[dict], table: list[list], *,
              f"lung), {ph.cases} images of {ph.size}² (source A) from {ph.sources} sources; trained on the sources "
              f"other than {m.cross_sources}, which are the cross-source test.", "",
              f"- {date.today().isoformat()}, seeds {seeds} (each: its own split, budget draw and initialisation), "
-             f"{recipe.train.max_steps} steps of 5 streams × {recipe.data.batch_size} images; {len(todo)} runs in "
-             f"{minutes:.1f} min ({jobs} at a time){' — FAST smoke version, not evidence' if fast else ''}",
+             f"{recipe.train.max_steps} steps of 5 streams × {recipe.data.batch_size} images; {len(todo)} runs: "
+             f"{trained} trained by this call in {minutes:.1f} min ({jobs} at a time, {train_min:.1f} min of training "
+             f"per run on average), {len(todo) - trained} reused from an earlier call"
+             f"{' — FAST smoke version, not evidence' if fast else ''}",
              "- budgets (masks / class labels kept among the training images; the rest is unlabelled): "
              + ", ".join(f"{b} = {BUDGETS[b][0]} / {BUDGETS[b][1]}" for b in dict.fromkeys(j.budget for j in todo)),
              "- every cell: mean ± std over seeds of the per-run value (classification over the group's images; "
