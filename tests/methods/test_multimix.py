@@ -168,7 +168,7 @@ def test_views_are_applied_to_the_indexed_image_with_the_items_generator() -> No
         step = 2 * len(ds) + j
         item = ds[j]
         for k, i in enumerate(item["cls_unlabelled_index"].tolist()):
-            x = torch.from_numpy(data.images[i])
+            x = torch.from_numpy(np.array(data.images[i]))
             torch.testing.assert_close(item["cls_weak_image"][k], weak(x, item_generator(9, step, 3, k))[0])
             torch.testing.assert_close(item["cls_strong_image"][k], strong(x, item_generator(9, step, 4, k))[0])
         assert not torch.equal(item["cls_weak_image"], item["cls_strong_image"])
@@ -261,8 +261,8 @@ def test_split_and_budget_errors_name_the_field() -> None:
 
 
 def test_image_set_cache_round_trip_gives_plain_strings(tmp_path: Path) -> None:
-    """The cached ``.npz`` gives the same arrays, and ids/sources as ``str`` (not ``np.str_``, whose repr
-    ``np.str_('A')`` leaked into the unknown-cross-source message and was eaten as console markup)."""
+    """The cache gives the same arrays, memory-mapped (DataLoader workers share them), and ids/sources as ``str``
+    (not ``np.str_``, whose repr ``np.str_('A')`` leaked into the unknown-cross-source message)."""
     from medmodal.data.formats import open_dataset
     from medmodal.data.phantom_xray import write_chest_phantom
 
@@ -271,8 +271,9 @@ def test_image_set_cache_round_trip_gives_plain_strings(tmp_path: Path) -> None:
     kw: dict[str, Any] = {"modalities": ["xray"], "regions": {"lung": (1,)}, "image_size": SIZE,
                           "percentiles": (0.5, 99.5), "cache_dir": tmp_path / "cache"}
     fresh = load_image_set(records, info, **kw)
-    assert len(list((tmp_path / "cache").glob("multimix-*.npz"))) == 1
+    assert len(list((tmp_path / "cache").glob("multimix-*/meta.json"))) == 1
     cached = load_image_set(records, info, **kw)
+    assert isinstance(cached.images, np.memmap) and not cached.images.flags.writeable
     for a in (fresh, cached):
         assert a.sources == ["A", "B", "C", "A", "B", "C"] and all(type(s) is str for s in a.sources + a.case_ids)
         assert a.images.shape == (6, 1, *SIZE) and a.images.min() >= -1 and a.images.max() <= 1

@@ -3,7 +3,8 @@
 Spec ``shared/methods/multimix.md`` §2.4. Every image is read on its own grid, mapped to the model's intensity
 space (per image and modality: percentiles → [0, 1] → [-1, 1]) and resized to ``image_size`` in its stored axis
 order (2D X-rays keep their pixel grid's aspect only through the resize; ``predict`` resizes back). Masks become
-one binary channel per region. The result is cached as one ``.npz`` per data set and settings.
+one binary channel per region. The result is cached per data set and settings as a folder of ``.npy`` arrays that
+are memory-mapped on read (DataLoader workers share them instead of receiving copies).
 
 Splits (seeded by the recipe's seed): the cases of ``cross_sources`` are the cross-source test set; the others
 are split into test (``test_fraction``), validation (``data.val_fraction``, for model selection) and training.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import math
@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from medmodal.atomic import atomic_write_bytes
 from medmodal.data.case import Case, CaseRecord, DataError, DatasetInfo
 from medmodal.engine.distributed import ValidationShard, per_rank_batch
 
@@ -157,23 +156,51 @@ def _cache_key(records: Sequence[CaseRecord], settings: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+_ARRAYS = ("images", "available", "masks", "has_mask", "targets")
+
+
+def _read_cache(folder: Path) -> ImageSet:
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
+    return ImageSet(case_ids=[str(c) for c in meta["case_ids"]], sources=[str(s) for s in meta["sources"]], **arrays)
+
+
+def _write_cache(folder: Path, data: ImageSet) -> None:
+    """Write ``data`` to ``folder`` (a private folder renamed into place: a reader never sees half of it)."""
+    import os
+    import shutil
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for name in _ARRAYS:
+            np.save(tmp / f"{name}.npy", np.ascontiguousarray(getattr(data, name)))
+        (tmp / "meta.json").write_text(json.dumps({"case_ids": data.case_ids, "sources": data.sources}),
+                                       encoding="utf-8")
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process wrote the same cache first
+            if not (folder / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_image_set(records: Sequence[CaseRecord], info: DatasetInfo, *, modalities: Sequence[str],
                    regions: dict[str, tuple[int, ...]], image_size: Sequence[int], percentiles: Sequence[float],
                    cache_dir: Path | None, progress: bool = False) -> ImageSet:
-    """Read and resize every case of ``records`` (cached in ``cache_dir`` as ``multimix-<key>.npz``)."""
+    """Read and resize every case of ``records`` (cached in ``cache_dir/multimix-<key>/``, memory-mapped)."""
     from medmodal.data.io import read_case
 
     settings = {"modalities": list(modalities), "regions": {k: list(v) for k, v in regions.items()},
                 "image_size": list(image_size), "percentiles": list(percentiles)}
-    path = None
+    folder = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"multimix-{_cache_key(records, settings)}.npz"
-        if path.is_file():
-            with np.load(path) as z:
-                return ImageSet(case_ids=[str(c) for c in z["case_ids"]], sources=[str(s) for s in z["sources"]],
-                                images=z["images"],
-                                available=z["available"], masks=z["masks"], has_mask=z["has_mask"],
-                                targets=z["targets"])
+        folder = Path(cache_dir) / f"multimix-{_cache_key(records, settings)}"
+        if (folder / "meta.json").is_file():
+            return _read_cache(folder)
     n, m, r = len(records), len(modalities), len(regions)
     images = np.zeros((n, m, *image_size), np.float32)
     available = np.zeros((n, m), bool)
@@ -197,12 +224,9 @@ def load_image_set(records: Sequence[CaseRecord], info: DatasetInfo, *, modaliti
         sources.append(record.source or "")
     out = ImageSet(case_ids=[r.case_id for r in records], sources=sources, images=images, available=available,
                    masks=masks, has_mask=has_mask, targets=targets)
-    if path is not None:
-        buf = io.BytesIO()
-        np.savez(buf, case_ids=np.array(out.case_ids), sources=np.array(out.sources), images=images,
-                 available=available, masks=masks, has_mask=has_mask, targets=targets)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, buf.getvalue())
+    if folder is not None:
+        _write_cache(folder, out)
+        return _read_cache(folder)
     return out
 
 
@@ -297,6 +321,11 @@ def stream_positions(step: int, batch: int, pool: int, *, seed: int, stream: int
     return out
 
 
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor copy of (part of) a possibly read-only memory-mapped array."""
+    return torch.from_numpy(np.array(a))
+
+
 def item_generator(seed: int, step: int, stream: int, k: int) -> torch.Generator:
     """The generator of item ``k`` of ``stream`` at ``step`` (its augmentation): the same on every rank."""
     digest = hashlib.sha1(f"{seed}/{step}/{stream}/{k}".encode()).digest()
@@ -346,34 +375,34 @@ class StreamSteps(Dataset):
             idx, ks = self._indices(step, pool, s, True)
             imgs, masks = [], []
             for i, k in zip(idx, ks, strict=True):
-                x, y = torch.from_numpy(d.images[i]), torch.from_numpy(d.masks[i]).float()
+                x, y = _tensor(d.images[i]), _tensor(d.masks[i]).float()
                 if self.seg_augment:
                     x, _, y = self.weak(x, item_generator(self.seed, step, s, k), mask=y)
                 imgs.append(x)
                 masks.append(y)
             out[f"{name}_image"] = torch.stack(imgs)
-            out[f"{name}_available"] = torch.from_numpy(d.available[idx])
+            out[f"{name}_available"] = _tensor(d.available[idx])
             if name == "seg_labelled":
                 out["seg_labelled_mask"] = torch.stack(masks)
         # stream 2: labelled classification (weak view)
         pool = self.budget.cls_labelled
         if len(pool):
             idx, ks = self._indices(step, pool, 2, self.reshuffle)
-            out["cls_labelled_image"] = torch.stack([self.weak(torch.from_numpy(d.images[i]),
+            out["cls_labelled_image"] = torch.stack([self.weak(_tensor(d.images[i]),
                                                                item_generator(self.seed, step, 2, k))[0]
                                                      for i, k in zip(idx, ks, strict=True)])
-            out["cls_labelled_target"] = torch.from_numpy(d.targets[idx])
-            out["cls_labelled_available"] = torch.from_numpy(d.available[idx])
+            out["cls_labelled_target"] = _tensor(d.targets[idx])
+            out["cls_labelled_available"] = _tensor(d.available[idx])
         # streams 3 and 4: weak and strong views of the same unlabelled images
         pool = self.budget.cls_unlabelled
         if len(pool):
             idx, ks = self._indices(step, pool, 3, self.reshuffle)
-            raw = [torch.from_numpy(d.images[i]) for i in idx]
+            raw = [_tensor(d.images[i]) for i in idx]
             out["cls_weak_image"] = torch.stack([self.weak(x, item_generator(self.seed, step, 3, k))[0]
                                                  for x, k in zip(raw, ks, strict=True)])
             out["cls_strong_image"] = torch.stack([self.strong(x, item_generator(self.seed, step, 4, k))[0]
                                                    for x, k in zip(raw, ks, strict=True)])
-            out["cls_unlabelled_available"] = torch.from_numpy(d.available[idx])
+            out["cls_unlabelled_available"] = _tensor(d.available[idx])
             out["cls_unlabelled_index"] = torch.from_numpy(idx)
         return out
 
@@ -390,8 +419,8 @@ class WholeImages(Dataset):
 
     def __getitem__(self, j: int) -> dict[str, Any]:
         i, d = int(self.indices[j]), self.data
-        return {"image": torch.from_numpy(d.images[i]), "available": torch.from_numpy(d.available[i]),
-                "mask": torch.from_numpy(d.masks[i]).float(), "has_mask": bool(d.has_mask[i]),
+        return {"image": _tensor(d.images[i]), "available": _tensor(d.available[i]),
+                "mask": _tensor(d.masks[i]).float(), "has_mask": bool(d.has_mask[i]),
                 "target": int(d.targets[i]), "index": i}
 
 
