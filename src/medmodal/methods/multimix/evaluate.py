@@ -87,15 +87,29 @@ def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None
     rows: list[dict[str, Any]] = []
     panels: list[Any] = []
     summaries: dict[str, dict[str, Any]] = {}
+    chunk = int(run.info.inference.get("batch_size", 16))
     for group, recs in groups.items():
-        cases = [read_case(r, info) for r in recs]
-        preds = predict_inputs(network, [case_input(c, run) for c in cases], inference=run.info.inference)
-        g_rows = [_case_row(group, rec, case, pred, region_values, classes, segmentation_scores)
-                  for rec, case, pred in zip(recs, cases, preds, strict=True)]
+        # a chunk of cases at a time: full-size images and their full-size outputs are never all in memory
+        g_rows: list[dict[str, Any]] = []
+        labelled: list[tuple[int, np.ndarray]] = []
+        starts: Any = range(0, len(recs), chunk)
+        if progress:
+            from rich.progress import track
+
+            starts = track(starts, description=f"evaluating {group}", transient=True)
+        for start in starts:
+            part = recs[start:start + chunk]
+            cases = [read_case(r, info) for r in part]
+            preds = predict_inputs(network, [case_input(c, run) for c in cases], inference=run.info.inference)
+            for rec, case, pred in zip(part, cases, preds, strict=True):
+                row = _case_row(group, rec, case, pred, region_values, classes, segmentation_scores)
+                g_rows.append(row)
+                if row["_true"] is not None and pred.class_prob is not None:
+                    labelled.append((row["_true"], pred.class_prob))
+                if len(panels_of(panels, group)) < max_figure_cases:
+                    panels.append(_panel(MultitaskPanel, group, rec, case, pred, classes, region_values))
         rows += g_rows
         summary: dict[str, Any] = {}
-        labelled = [(r["_true"], p.class_prob) for r, p in zip(g_rows, preds, strict=True)
-                    if r["_true"] is not None and p.class_prob is not None]
         if labelled:
             summary["classification"] = classification_scores(
                 np.array([t for t, _ in labelled]), np.stack([p for _, p in labelled]), classes)
@@ -104,8 +118,6 @@ def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None
         if seg_rows:
             summary["segmentation"] = summarise(seg_rows, keys)
         summaries[group] = summary
-        for rec, case, pred in list(zip(recs, cases, preds, strict=True))[:max_figure_cases]:
-            panels.append(_panel(MultitaskPanel, group, rec, case, pred, classes, region_values))
     if not rows:
         raise DataError("no case to evaluate")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -131,6 +143,11 @@ def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None
                    figure=figure, definitions=METRIC_DEFINITIONS)
     atomic_write_text(out_dir / "report.md", text)
     return out_dir / "report.md"
+
+
+def panels_of(panels: list[Any], group: str) -> list[Any]:
+    """The figure panels of ``group`` collected so far."""
+    return [p for p in panels if p.group == group]
 
 
 def _case_row(group: str, rec: CaseRecord, case: Any, pred: CasePrediction, regions: dict[str, tuple[int, ...]],
