@@ -73,8 +73,7 @@ def predict_inputs(network: nn.Module, inputs: Sequence[ModelInput], *, inferenc
             s_model = None
             s_case = None
             if sal is not None:
-                s_model = (sal[i].detach().float() * case.available[:, None].reshape(
-                    -1, *([1] * (sal.dim() - 2)))).sum(0)
+                s_model = sal[i].detach().float().sum(0)  # the network zeroes missing modalities' saliency
                 s_case = resize(s_model[None], case.shape)[0].clamp_min(0).numpy()
                 s_model = s_model.numpy()
             out.append(CasePrediction(
