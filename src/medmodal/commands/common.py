@@ -61,6 +61,17 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def parse_seeds(text: str, *, option: str = "--seeds") -> list[int]:
+    """``"0,1,2"`` → ``[0, 1, 2]``; a typer ``BadParameter`` (exit 2, one line) for anything else or no seed."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{option} must be integers separated by commas, got {text!r}") from None
+    if not seeds:
+        raise typer.BadParameter(f"{option}: give at least one seed")
+    return seeds
+
+
 def experiment_group(app: typer.Typer) -> typer.Typer:
     """The ``experiment`` sub-command group of ``app``, created on first use (each method adds its own to it)."""
     for group in app.registered_groups:

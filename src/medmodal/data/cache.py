@@ -172,7 +172,7 @@ def build_cache(
     items = list(cases) if isinstance(cases, Sequence) else cases
     total = len(items) if isinstance(items, Sequence) else None
     entries: list[dict] = []
-    with _progress(progress, total) as advance:
+    with ProgressCounter(progress, total) as advance:
         for entry in _run(items, info, root, params, reusable, num_workers):
             entries.append(entry)
             advance()
@@ -362,11 +362,12 @@ def _index_from_doc(doc: dict, root: Path) -> CacheIndex:
     return CacheIndex(info=info, cases=cases, target_spacing=None if ts is None else tuple(ts), root=root)
 
 
-class _progress:
-    """Context manager yielding an ``advance()`` callable; a rich progress bar when enabled."""
+class ProgressCounter:
+    """Context manager yielding an ``advance()`` callable; a rich progress bar titled ``description`` when
+    enabled (the caches of the data layer use it)."""
 
-    def __init__(self, enabled: bool, total: int | None) -> None:
-        self.enabled, self.total, self.bar = enabled, total, None
+    def __init__(self, enabled: bool, total: int | None, *, description: str = "preprocessing") -> None:
+        self.enabled, self.total, self.bar, self.description = enabled, total, None, description
 
     def __enter__(self) -> Callable[[], None]:
         if not self.enabled:
@@ -375,7 +376,7 @@ class _progress:
 
         self.bar = Progress(transient=False)
         self.bar.start()
-        task = self.bar.add_task("preprocessing", total=self.total)
+        task = self.bar.add_task(self.description, total=self.total)
         return lambda: self.bar.advance(task)
 
     def __exit__(self, *exc: object) -> None:

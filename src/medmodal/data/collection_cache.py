@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from medmodal.atomic import atomic_write
+from medmodal.data.cache import ProgressCounter
 from medmodal.data.case import DataError
 from medmodal.data.collections import (
     DEFAULT_PERCENTILES,
@@ -142,7 +143,7 @@ def build_collection_cache(
     entries: list[dict] = []
     problems: list[tuple[str | None, Path | None, str]] = []
     seen: set[str] = set()
-    with _progress(progress, len(records)) as advance:
+    with ProgressCounter(progress, len(records), description="preparing images") as advance:
         for record in records:
             advance()
             source = str(record.path.resolve())
@@ -218,24 +219,3 @@ def _index(doc: dict, root: Path) -> CollectionIndex:
         for e in doc["images"]
     ]
     return CollectionIndex(images=images, root=root, params=dict(doc["params"]))
-
-
-class _progress:
-    """Context manager yielding an ``advance()`` callable; a rich progress bar when enabled."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled, self.total, self.bar = enabled, total, None
-
-    def __enter__(self):  # noqa: ANN204
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import Progress
-
-        self.bar = Progress(transient=False)
-        self.bar.start()
-        task = self.bar.add_task("preparing images", total=self.total)
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()

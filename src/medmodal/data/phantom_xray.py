@@ -40,6 +40,7 @@ from scipy import ndimage
 
 from medmodal.atomic import atomic_write_text
 from medmodal.data.case import Case, CaseRecord, DataError, DatasetInfo, Volume
+from medmodal.data.phantom import _README_KEY, read_phantom_parameters  # one README convention
 
 __all__ = [
     "CHEST_CLASSES",
@@ -67,7 +68,6 @@ CHEST_FOV_MM = 400.0
 #: Largest value of the 16-bit images.
 _WHITE = 65535
 _MIN_PIXELS = 16
-_README_KEY = "parameters: "
 
 
 @dataclass(frozen=True)
@@ -387,17 +387,9 @@ def _readme(parameters: dict[str, object], names: Sequence[str], size: int) -> s
 
 
 def read_chest_phantom_parameters(out: Path | str) -> dict[str, object] | None:
-    """The generation parameters recorded in ``out/README.txt`` by :func:`write_chest_phantom`, or ``None``."""
-    readme = Path(out) / "README.txt"
-    if not readme.is_file():
-        return None
-    for line in readme.read_text(encoding="utf-8").splitlines():
-        if line.startswith(_README_KEY):
-            try:
-                return json.loads(line[len(_README_KEY):])
-            except json.JSONDecodeError:
-                return None
-    return None
+    """The generation parameters recorded in ``out/README.txt`` by :func:`write_chest_phantom`, or ``None`` (the
+    brain phantom's README convention, read by :func:`medmodal.data.phantom.read_phantom_parameters`)."""
+    return read_phantom_parameters(Path(out))
 
 
 def write_chest_phantom(

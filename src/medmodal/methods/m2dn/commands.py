@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from medmodal.commands.common import console, experiment_group, user_errors
+from medmodal.commands.common import console, experiment_group, parse_seeds, user_errors
 
 
 def add_commands(app: typer.Typer) -> None:
@@ -30,12 +30,7 @@ def add_commands(app: typer.Typer) -> None:
         from medmodal.engine.recipe import parse_overrides
         from medmodal.methods.m2dn.experiment import run_m2dn_experiment
 
-        try:
-            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-        except ValueError:
-            raise typer.BadParameter(f"--seeds must be integers separated by commas, got {seeds!r}") from None
-        if not seed_list:
-            raise typer.BadParameter("--seeds: give at least one seed")
+        seed_list = parse_seeds(seeds)
         report = run_m2dn_experiment(out, seeds=seed_list, fast=fast, overwrite=overwrite,
                                      overrides=parse_overrides(set_) if set_ else None)
         console.print(f"[bold green]done[/]: report at {report}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from medmodal.commands.common import console, experiment_group, user_errors
+from medmodal.commands.common import console, experiment_group, parse_seeds, user_errors
 
 
 def add_commands(app: typer.Typer) -> None:
@@ -33,12 +33,7 @@ def add_commands(app: typer.Typer) -> None:
         from medmodal.methods.multimix.config import VARIANTS
         from medmodal.methods.multimix.experiment import run_multimix_experiment
 
-        try:
-            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-        except ValueError:
-            raise typer.BadParameter(f"--seeds must be integers separated by commas, got {seeds!r}") from None
-        if not seed_list:
-            raise typer.BadParameter("--seeds: give at least one seed")
+        seed_list = parse_seeds(seeds)
         names = [v.strip() for v in variants.split(",") if v.strip()]
         unknown = [v for v in names if v not in VARIANTS]
         if unknown or not names:

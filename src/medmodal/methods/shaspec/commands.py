@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from medmodal.commands.common import console, user_errors
+from medmodal.commands.common import console, parse_seeds, user_errors
 
 
 def add_commands(app: typer.Typer) -> None:
@@ -34,10 +34,7 @@ def add_commands(app: typer.Typer) -> None:
         from medmodal.engine.recipe import parse_overrides
         from medmodal.methods.shaspec.quickstart import run_quickstart
 
-        try:
-            seed_list = None if seeds is None else [int(s) for s in seeds.split(",") if s.strip()]
-        except ValueError:
-            raise typer.BadParameter(f"--seeds must be integers separated by commas, got {seeds!r}") from None
+        seed_list = None if seeds is None else parse_seeds(seeds)
         report = run_quickstart(out, fast=fast, overwrite=overwrite, jobs=jobs, seeds=seed_list,
                                 overrides=parse_overrides(set_) if set_ else None, references=references)
         console.print(f"[bold green]done[/]: report at {report}")
