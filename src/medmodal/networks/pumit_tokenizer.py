@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medmodal.layers.sac import SACConv, SACConvTranspose, SACState
+from medmodal.networks.registry import register_network
 
 __all__ = ["PUMITDiscriminator", "PUMITQuantizer", "PUMITTokenizer", "QuantOut", "pumit_tokenizer_tiny"]
 
@@ -153,6 +154,7 @@ class PUMITQuantizer(nn.Module):
         return QuantOut(self.embed(probs), probs, logits, zero)
 
 
+@register_network("pumit_tokenizer")
 class PUMITTokenizer(nn.Module):
     """The PUMIT visual tokenizer (see the module docstring).
 

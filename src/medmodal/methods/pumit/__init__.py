@@ -1,0 +1,98 @@
+"""PUMIT as a method plug-in (work in progress): a spatially adaptive tokenizer pretrained on unlabelled 2D and 3D
+images of any spacing together.
+
+Paper: L. Luo, X. Chen, B. Tang, et al., *Pre-trained Universal Medical Image Transformer*, arXiv 2312.07630; spec
+``shared/methods/pumit.md``. Parts:
+
+* ``layers/sac.py``: spatially adaptive convolutions; ``networks/pumit_tokenizer.py`` and ``networks/pumit_vit.py``;
+  ``losses/pumit_prior.py``, ``losses/pumit_tokenizer.py``, ``losses/pumit.py``;
+* ``data/collections.py`` (+ cache and sampler): image collections cropped to whole tokens;
+* :mod:`.data`: the recipe's data set as a collection; :mod:`.system`: the tokenizer stage; :mod:`.evaluate`.
+
+Trained so far: the tokenizer stage (``method.stage: tokenizer``). The masked-image-modelling stage, ``medmodal
+pretrain`` and fine-tuning with ``--from`` follow (issue 14).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from medmodal.engine.plugin import MethodPlugin, Training, register_method
+from medmodal.engine.recipe import Recipe
+from medmodal.engine.runinfo import LoadedRun
+from medmodal.methods.pumit.config import PUMITMethod
+
+#: the network a PUMIT tokenizer recipe names.
+TOKENIZER = "pumit_tokenizer"
+
+
+class PUMITPlugin(MethodPlugin):
+    name = "pumit"
+    config = PUMITMethod
+    summary = "PUMIT spatially adaptive tokenizer pretraining on 2D/3D images of any spacing (tokenizer stage)"
+    evaluation_metrics = {"l1": (0.0, 2.0), "code_usage": (0.0, 1.0)}
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        if recipe.model.name != TOKENIZER:
+            raise ValueError(f"model.name: the PUMIT tokenizer stage trains {TOKENIZER!r}, not {recipe.model.name!r}")
+
+    def build(self, recipe: Recipe) -> Training:
+        from medmodal.engine.cases import build_network
+        from medmodal.engine.datamodule import resolve_source
+        from medmodal.engine.distributed import per_rank_batch
+        from medmodal.engine.recipe import RecipeError
+        from medmodal.engine.runinfo import TaskInfo
+        from medmodal.methods.pumit.data import CollectionData
+        from medmodal.methods.pumit.system import PUMITTokenizerSystem
+
+        m: PUMITMethod = recipe.method  # type: ignore[assignment]
+        try:
+            per_rank_batch(recipe.data.batch_size, recipe.world_size)
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
+        kw = dict(recipe.model.kwargs)
+        if "in_channels" in kw:
+            raise RecipeError("model.kwargs.in_channels: every image of a collection is one grey channel; remove it")
+        kwargs = {"in_channels": 1, **kw}
+        network = build_network(TOKENIZER, kwargs)
+        source = resolve_source(recipe.data)
+        d, t = recipe.data, recipe.train
+        data = CollectionData(
+            records_fn=source.records, modalities=source.modalities, cache_dir=source.cache_dir,
+            batch_size=d.batch_size, steps_per_epoch=min(t.val_every_steps, t.max_steps), token_grid=m.token_grid,
+            patch_size=network.stride, val_fraction=d.val_fraction, val_batches=m.val_batches,
+            percentiles=m.percentiles, seed=recipe.seed, num_workers=d.num_workers, progress=t.progress)
+        system = PUMITTokenizerSystem(
+            network=network, weight_quant=m.weight_quant, weight_ent=m.weight_ent, optimizer=t.optimizer, lr=t.lr,
+            weight_decay=t.weight_decay, momentum=t.momentum, schedule=t.schedule, max_steps=t.max_steps,
+            warmup_steps=t.warmup_steps, seed=recipe.seed)
+        preprocessing = {"collection": "each modality of each case is one image: RAS, the coarsest axis last, "
+                                      f"percentiles {m.percentiles[0]:g}-{m.percentiles[1]:g} -> [0, 1]; crops of "
+                                      "whole tokens, no resampling; the tokenizer sees 2x - 1",
+                         "target_spacing": None}
+        return Training(system=system, data=data, network_name=TOKENIZER, network_kwargs=kwargs,
+                        task=TaskInfo(kind="synthesis"), modalities=tuple(source.modalities),
+                        preprocessing=preprocessing, inference={"percentiles": list(m.percentiles),
+                                                                "stage": m.stage})
+
+    def evaluate(self, run: LoadedRun, *, out_dir: Path, split: str, data: Path | None, features: bool,
+                 progress: bool, model_name: str | None = None) -> Path:
+        from medmodal.methods.pumit.evaluate import evaluate_run
+
+        if features:
+            raise self.not_offered("evaluate --features")
+        return evaluate_run(run, out_dir=out_dir, split=split, data=data, progress=progress, model_name=model_name)
+
+    def contract_recipe(self, spatial_dims: int) -> dict[str, Any]:
+        from medmodal.engine.cases import tiny_case_recipe
+
+        recipe = tiny_case_recipe(
+            spatial_dims, method={"name": self.name, "token_grid": [2, 2, 2], "val_batches": 1},
+            model={"name": TOKENIZER, "kwargs": {"widths": [8, 16], "stem_stride": 4, "num_codes": 16,
+                                                 "code_dim": 8}})
+        recipe["train"]["lr"] = 1e-3
+        return recipe
+
+
+register_method(PUMITPlugin())

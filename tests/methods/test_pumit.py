@@ -1,0 +1,104 @@
+"""The PUMIT plug-in's tokenizer stage: a collection of 2D and 3D images of different anisotropy trains in one run
+(each batch one degree of anisotropy), the loss terms, and the evaluation per modality and DA."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from medmodal.cli import app
+from medmodal.data.case import CaseRecord
+from medmodal.losses.pumit_prior import entropy_loss, quant_prior_loss
+from medmodal.methods.pumit.data import case_of, collection_records
+from medmodal.methods.pumit.system import PUMITTokenizerSystem, masked_l1
+from medmodal.networks.registry import create_network
+
+runner = CliRunner()
+TINY = {"widths": [8, 16], "stem_stride": 4, "num_codes": 16, "code_dim": 8}
+
+
+def invoke(*args: str | Path) -> tuple[int, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def test_collection_records_take_each_modality_of_each_case() -> None:
+    recs = [CaseRecord("a", {"t1": Path("a_t1.nii.gz"), "t2": Path("a_t2.nii.gz")}),
+            CaseRecord("b/c", {"t2": Path("b_t2.nii.gz")})]
+    images = collection_records(recs, ("t1", "t2", "flair"))
+    assert [(i.image_id, i.modality) for i in images] == [("a/t1", "t1"), ("a/t2", "t2"), ("b/c/t2", "t2")]
+    assert [case_of(i.image_id) for i in images] == ["a", "a", "b/c"]
+
+
+def test_the_loss_is_l1_on_valid_voxels_plus_the_weighted_priors() -> None:
+    torch.manual_seed(0)
+    net = create_network("pumit_tokenizer", **TINY)
+    system = PUMITTokenizerSystem(network=net, weight_quant=0.03, weight_ent=1.0, optimizer="adamw", lr=1e-3,
+                                  weight_decay=0.0, momentum=0.9, schedule="constant", max_steps=10, warmup_steps=0)
+    image = torch.rand(2, 1, 16, 16, 8)
+    valid = torch.ones_like(image, dtype=torch.bool)
+    valid[..., 6:] = False  # the last slices are padding
+    batch = {"image": image, "valid": valid, "da": 1}
+    terms = system.losses(batch)
+    x = image * 2 - 1
+    x_hat, quant = net(x, 1)
+    assert torch.allclose(terms["l1"], ((x - x_hat).abs()[..., :6]).mean(), atol=1e-6)
+    expected = terms["l1"] + 0.03 * quant_prior_loss(quant.probs) + entropy_loss(quant.probs)
+    assert torch.allclose(terms["loss"], expected, atol=1e-6)
+    # padding never counts: garbage there leaves the reconstruction error of the valid voxels unchanged
+    a = masked_l1(x, x_hat, valid)
+    b = masked_l1(torch.where(valid, x, torch.full_like(x, 9.0)), x_hat, valid)
+    assert torch.equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def mixed_collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A manifest of 3 thick-slice MR volumes (1 x 1 x 4 mm: DA 2) and 3 grey PNG X-rays (2D: DA 5)."""
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(3):
+        vol = rng.normal(100, 20, size=(32, 32, 8)).astype(np.float32)
+        nib.save(nib.Nifti1Image(vol, np.diag([1.0, 1.0, 4.0, 1.0])), root / f"mr{i}.nii.gz")
+        rows.append([f"mr{i}", f"mr{i}.nii.gz", ""])
+        Image.fromarray(rng.integers(0, 255, size=(40, 36), dtype=np.uint8)).save(root / f"cxr{i}.png")
+        rows.append([f"cxr{i}", "", f"cxr{i}.png"])
+    with (root / "manifest.csv").open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["case_id", "mr", "xray"], *rows])
+    (root / "medmodal.json").write_text(json.dumps({"modalities": ["mr", "xray"]}), encoding="utf-8")
+    return root
+
+
+def test_2d_and_3d_images_of_any_anisotropy_train_together(mixed_collection: Path, tmp_path: Path) -> None:
+    recipe = {"name": "mixed", "seed": 0,
+              "data": {"path": str(mixed_collection / "manifest.csv"), "patch_size": [16, 16, 16], "batch_size": 2,
+                       "val_fraction": 0.34, "num_workers": 0, "cache_dir": str(tmp_path / "cache")},
+              "model": {"name": "pumit_tokenizer", "kwargs": TINY},
+              "method": {"name": "pumit", "token_grid": [2, 2, 2], "val_batches": 2},
+              "train": {"max_steps": 6, "val_every_steps": 3, "checkpoint_every_steps": 3, "progress": False,
+                        "accelerator": "cpu", "threads": 1}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    code, text = invoke("train", tmp_path / "r.yaml", "--out", tmp_path / "run")
+    assert code == 0, text
+    split = json.loads((tmp_path / "run" / "split.json").read_text(encoding="utf-8"))
+    assert sorted(split["train"] + split["val"]) == sorted([f"mr{i}" for i in range(3)] + [f"cxr{i}" for i in range(3)])
+    code, text = invoke("evaluate", tmp_path / "run", "--split", "all")
+    assert code == 0, text
+    with (tmp_path / "run" / "eval" / "summary.csv").open(newline="", encoding="utf-8") as f:
+        rows = {(r["modality"], int(r["da"])): r for r in csv.DictReader(f)}
+    assert set(rows) == {("mr", 2), ("xray", 5)}  # one run, both kinds of image, each at its own anisotropy
+    assert all(int(r["images"]) == 3 and 0 < float(r["l1"]) < 2 for r in rows.values())
+    with (tmp_path / "run" / "eval" / "images.csv").open(newline="", encoding="utf-8") as f:
+        crops = {r["image_id"]: r["crop"] for r in csv.DictReader(f)}
+    assert crops["mr0/mr"] == "32x32x8" and crops["cxr0/xray"] == "32x40x1"  # whole tokens (8, 8, 2) / (8, 8, 1)
