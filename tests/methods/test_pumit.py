@@ -102,3 +102,12 @@ def test_2d_and_3d_images_of_any_anisotropy_train_together(mixed_collection: Pat
     with (tmp_path / "run" / "eval" / "images.csv").open(newline="", encoding="utf-8") as f:
         crops = {r["image_id"]: r["crop"] for r in csv.DictReader(f)}
     assert crops["mr0/mr"] == "32x32x8" and crops["cxr0/xray"] == "32x40x1"  # whole tokens (8, 8, 2) / (8, 8, 1)
+
+
+def test_the_cpu_recipe_builds_its_tokenizer() -> None:
+    from medmodal.engine.recipe import builtin_recipe_path, load_recipe
+
+    recipe = load_recipe(builtin_recipe_path("pumit_tokenizer_tiny"))
+    net = create_network(recipe.model.name, in_channels=1, **recipe.model.kwargs)
+    assert net.stride == 8 and net.token_size(2) == (8, 8, 2)
+    assert (recipe.method.weight_quant, recipe.method.weight_ent) == (1.0, 0.2)  # the measured choice (docs)
