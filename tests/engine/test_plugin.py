@@ -47,7 +47,8 @@ def test_recipe_errors_name_the_method_field() -> None:
                        match="method: unknown method 'shaspc'; registered: deepstaple, m2dn, multimix, pumit, "
                              "shaspec"):
         recipe_from_dict({"method": {"name": "shaspc"}})
-    with pytest.raises(RecipeError, match="method: method needs a name: one of deepstaple, m2dn, multimix, pumit, shaspec"):
+    with pytest.raises(RecipeError,
+                       match="method: method needs a name: one of deepstaple, m2dn, multimix, pumit, shaspec"):
         recipe_from_dict({"method": {"alpha": 1}})
     with pytest.raises(RecipeError, match="method.phases.0.samplr: unknown field"):
         recipe_from_dict({"method": {"name": "shaspec", "phases": [{"steps": 2, "samplr": "full"}]}})
