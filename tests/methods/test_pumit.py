@@ -111,3 +111,61 @@ def test_the_cpu_recipe_builds_its_tokenizer() -> None:
     net = create_network(recipe.model.name, in_channels=1, **recipe.model.kwargs)
     assert net.stride == 8 and net.token_size(2) == (8, 8, 2)
     assert (recipe.method.weight_quant, recipe.method.weight_ent) == (1.0, 0.2)  # the measured choice (docs)
+
+
+def _recipe(tmp_path: Path, **method: object) -> dict:
+    from medmodal.engine.plugin import get_method
+
+    recipe = get_method("pumit").contract_recipe(3)
+    recipe["data"]["cache_dir"] = str(tmp_path / "cache")
+    recipe["method"].update(method)
+    return recipe
+
+
+def test_mim_stage_pretrains_the_vit_against_a_frozen_tokenizer_run(tmp_path: Path) -> None:
+    (tmp_path / "tok.yaml").write_text(yaml.safe_dump(_recipe(tmp_path)), encoding="utf-8")
+    code, text = invoke("train", tmp_path / "tok.yaml", "--out", tmp_path / "tok", "--set", "train.max_steps=2")
+    assert code == 0, text
+    mim = _recipe(tmp_path, stage="mim", tokenizer_run=str(tmp_path / "tok"))
+    mim["model"] = {"name": "pumit_vit", "kwargs": {"width": 16, "num_layers": 2, "num_heads": 2}}
+    (tmp_path / "mim.yaml").write_text(yaml.safe_dump(mim), encoding="utf-8")
+    code, text = invoke("train", tmp_path / "mim.yaml", "--out", tmp_path / "mim")
+    assert code == 0, text
+    info = json.loads((tmp_path / "mim" / "run.json").read_text(encoding="utf-8"))
+    kw = info["network"]["kwargs"]
+    assert info["network"]["name"] == "pumit_vit" and kw["codebook_size"] == 16 and kw["patch_size"] == 8
+    code, text = invoke("train", "--resume", tmp_path / "mim", "--set", "train.max_steps=4")
+    assert code == 0, text
+    code, text = invoke("evaluate", tmp_path / "mim")
+    assert code == 0, text
+    with (tmp_path / "mim" / "eval" / "images.csv").open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(0 <= float(r["token_accuracy"]) <= 1 and float(r["mim_kl"]) >= -1e-6 for r in rows)
+    # a mim recipe without a tokenizer run, or naming a folder that is not one, is one line
+    bad = _recipe(tmp_path, stage="mim")
+    bad["model"] = mim["model"]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad), encoding="utf-8")
+    code, text = invoke("train", tmp_path / "bad.yaml", "--out", tmp_path / "bad")
+    assert code == 2 and "tokenizer_run" in text, text
+    code, text = invoke("train", tmp_path / "mim.yaml", "--out", tmp_path / "bad2", "--set",
+                        f"method.tokenizer_run={tmp_path / 'nowhere'}")
+    assert code == 2 and "method.tokenizer_run" in text and "nowhere" in text, text
+
+
+def test_a_mim_step_trains_the_vit_and_leaves_the_tokenizer_alone() -> None:
+    from medmodal.methods.pumit.system import PUMITMIMSystem
+
+    torch.manual_seed(0)
+    tok = create_network("pumit_tokenizer", in_channels=1, **TINY)
+    vit = create_network("pumit_vit", in_channels=1, codebook_size=16, patch_size=8, width=16, num_layers=2,
+                         num_heads=2)
+    system = PUMITMIMSystem(network=vit, tokenizer=tok, mask_ratio=0.55, mask_layer_ids=[0, 1], optimizer="adamw",
+                            lr=1e-3, weight_decay=0.0, momentum=0.9, schedule="constant", max_steps=5, warmup_steps=0)
+    batch = {"image": torch.rand(2, 1, 16, 16, 8), "da": 1, "tokens": (2, 2, 2)}
+    before = {k: v.clone() for k, v in tok.state_dict().items()}
+    system.training_step(batch, 0).backward()
+    assert not tok.training  # the frozen tokenizer runs in eval mode
+    assert all(p.grad is None for p in tok.parameters())
+    assert all(torch.equal(before[k], v) for k, v in tok.state_dict().items())
+    assert all(p.grad is not None for n, p in vit.named_parameters() if p.requires_grad), \
+        [n for n, p in vit.named_parameters() if p.grad is None]

@@ -244,6 +244,7 @@ class _DecoderStage(nn.Module):
         return F.gelu(self.norm(x)), state
 
 
+@register_network("pumit_vit")
 class PUMITViT(nn.Module):
     """PUMIT's spacing-adaptive ViT with optional MIM, classification and segmentation heads (module doc).
 

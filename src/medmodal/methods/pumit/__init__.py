@@ -23,8 +23,9 @@ from medmodal.engine.recipe import Recipe
 from medmodal.engine.runinfo import LoadedRun
 from medmodal.methods.pumit.config import PUMITMethod
 
-#: the network a PUMIT tokenizer recipe names.
+#: the networks of the two stages (``model.name``).
 TOKENIZER = "pumit_tokenizer"
+VIT = "pumit_vit"
 
 
 class PUMITPlugin(MethodPlugin):
@@ -34,8 +35,10 @@ class PUMITPlugin(MethodPlugin):
     evaluation_metrics = {"l1": (0.0, 2.0), "code_usage": (0.0, 1.0)}
 
     def check_recipe(self, recipe: Recipe) -> None:
-        if recipe.model.name != TOKENIZER:
-            raise ValueError(f"model.name: the PUMIT tokenizer stage trains {TOKENIZER!r}, not {recipe.model.name!r}")
+        m: PUMITMethod = recipe.method  # type: ignore[assignment]
+        want = TOKENIZER if m.stage == "tokenizer" else VIT
+        if recipe.model.name != want:
+            raise ValueError(f"model.name: the PUMIT {m.stage} stage trains {want!r}, not {recipe.model.name!r}")
 
     def build(self, recipe: Recipe) -> Training:
         from medmodal.engine.cases import build_network
@@ -44,7 +47,7 @@ class PUMITPlugin(MethodPlugin):
         from medmodal.engine.recipe import RecipeError
         from medmodal.engine.runinfo import TaskInfo
         from medmodal.methods.pumit.data import CollectionData
-        from medmodal.methods.pumit.system import PUMITTokenizerSystem
+        from medmodal.methods.pumit.system import PUMITMIMSystem, PUMITTokenizerSystem
 
         m: PUMITMethod = recipe.method  # type: ignore[assignment]
         try:
@@ -52,29 +55,66 @@ class PUMITPlugin(MethodPlugin):
         except ValueError as err:
             raise RecipeError(str(err)) from None
         kw = dict(recipe.model.kwargs)
-        if "in_channels" in kw:
-            raise RecipeError("model.kwargs.in_channels: every image of a collection is one grey channel; remove it")
-        kwargs = {"in_channels": 1, **kw}
-        network = build_network(TOKENIZER, kwargs)
-        source = resolve_source(recipe.data)
+        fixed = {"in_channels"} if m.stage == "tokenizer" else {"in_channels", "codebook_size", "patch_size"}
+        clash = sorted(fixed & set(kw))
+        if clash:
+            raise RecipeError(f"model.kwargs: {clash} are set by the method (one grey channel; for mim the tokenizer "
+                              "run's codebook size and stride); remove them")
         d, t = recipe.data, recipe.train
+        optim = {"optimizer": t.optimizer, "lr": t.lr, "weight_decay": t.weight_decay, "momentum": t.momentum,
+                 "schedule": t.schedule, "max_steps": t.max_steps, "warmup_steps": t.warmup_steps,
+                 "seed": recipe.seed}
+        if m.stage == "tokenizer":
+            kwargs = {"in_channels": 1, **kw}
+            network = build_network(TOKENIZER, kwargs)
+            stride = network.stride
+            system: Any = PUMITTokenizerSystem(network=network, weight_quant=m.weight_quant,
+                                               weight_ent=m.weight_ent, **optim)
+        else:
+            tokenizer = self._tokenizer(m)
+            stride = tokenizer.stride
+            kwargs = {"in_channels": 1, "codebook_size": tokenizer.quantizer.num_codes, "patch_size": stride, **kw}
+            network = build_network(VIT, kwargs)
+            layers = len(network.blocks) if hasattr(network, "blocks") else int(kwargs.get("num_layers", 12))
+            ids = list(range(layers)) if m.mask_layers == "all" else list(range(max(layers - m.mask_layers, 0),
+                                                                                  layers))
+            system = PUMITMIMSystem(network=network, tokenizer=tokenizer, mask_ratio=m.mask_ratio,
+                                    mask_layer_ids=ids, **optim)
+        source = resolve_source(recipe.data)
         data = CollectionData(
             records_fn=source.records, modalities=source.modalities, cache_dir=source.cache_dir,
             batch_size=d.batch_size, steps_per_epoch=min(t.val_every_steps, t.max_steps), token_grid=m.token_grid,
-            patch_size=network.stride, val_fraction=d.val_fraction, val_batches=m.val_batches,
+            patch_size=stride, val_fraction=d.val_fraction, val_batches=m.val_batches,
             percentiles=m.percentiles, seed=recipe.seed, num_workers=d.num_workers, progress=t.progress)
-        system = PUMITTokenizerSystem(
-            network=network, weight_quant=m.weight_quant, weight_ent=m.weight_ent, optimizer=t.optimizer, lr=t.lr,
-            weight_decay=t.weight_decay, momentum=t.momentum, schedule=t.schedule, max_steps=t.max_steps,
-            warmup_steps=t.warmup_steps, seed=recipe.seed)
         preprocessing = {"collection": "each modality of each case is one image: RAS, the coarsest axis last, "
                                       f"percentiles {m.percentiles[0]:g}-{m.percentiles[1]:g} -> [0, 1]; crops of "
                                       "whole tokens, no resampling; the tokenizer sees 2x - 1",
                          "target_spacing": None}
-        return Training(system=system, data=data, network_name=TOKENIZER, network_kwargs=kwargs,
-                        task=TaskInfo(kind="synthesis"), modalities=tuple(source.modalities),
-                        preprocessing=preprocessing, inference={"percentiles": list(m.percentiles),
-                                                                "stage": m.stage})
+        inference = {"percentiles": list(m.percentiles), "stage": m.stage, "mask_ratio": m.mask_ratio,
+                     "tokenizer_run": None if m.tokenizer_run is None else str(m.tokenizer_run)}
+        return Training(system=system, data=data, network_name=TOKENIZER if m.stage == "tokenizer" else VIT,
+                        network_kwargs=kwargs, task=TaskInfo(kind="synthesis"), modalities=tuple(source.modalities),
+                        preprocessing=preprocessing, inference=inference)
+
+    @staticmethod
+    def _tokenizer(m: PUMITMethod) -> Any:
+        """The frozen tokenizer of ``method.tokenizer_run`` (a finished PUMIT tokenizer run with the same intensity
+        mapping)."""
+        from medmodal.engine.recipe import RecipeError
+        from medmodal.engine.run import RunError
+        from medmodal.engine.runinfo import load_run
+
+        try:
+            run = load_run(m.tokenizer_run)  # type: ignore[arg-type]
+        except RunError as err:
+            raise RecipeError(f"method.tokenizer_run: {err}") from None
+        if run.info.method != "pumit" or run.info.inference.get("stage") != "tokenizer":
+            raise RecipeError(f"method.tokenizer_run: {m.tokenizer_run} is a {run.info.method} run, not a PUMIT "
+                              "tokenizer run (method.stage: tokenizer)")
+        if list(run.info.inference.get("percentiles", [])) != list(m.percentiles):
+            raise RecipeError(f"method.percentiles {list(m.percentiles)}: the tokenizer run mapped intensities with "
+                              f"{run.info.inference.get('percentiles')}; use the same")
+        return run.network()
 
     def evaluate(self, run: LoadedRun, *, out_dir: Path, split: str, data: Path | None, features: bool,
                  progress: bool, model_name: str | None = None) -> Path:

@@ -1,8 +1,9 @@
-"""The ``method:`` section of a PUMIT recipe (``shared/methods/pumit.md`` §2.3, §2.6). Only the tokenizer stage is
-trained so far; the masked-image-modelling stage and fine-tuning follow (issue 14)."""
+"""The ``method:`` section of a PUMIT recipe (``shared/methods/pumit.md`` §2.3, §2.4, §2.6): the tokenizer stage and
+the masked-image-modelling (MIM) stage of the ViT against a frozen tokenizer run."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -20,7 +21,13 @@ class PUMITMethod(MethodSection):
     """
 
     name: Literal["pumit"] = "pumit"
-    stage: Literal["tokenizer"] = "tokenizer"
+    # tokenizer: train the tokenizer (model pumit_tokenizer); mim: pretrain the ViT (model pumit_vit) to predict the
+    # frozen tokenizer run's soft tokens at masked positions
+    stage: Literal["tokenizer", "mim"] = "tokenizer"
+    tokenizer_run: Path | None = None  # mim: the tokenizer run folder
+    mask_ratio: float = Field(0.55, gt=0.0, lt=1.0)  # mim: share of tokens masked (spec: 0.55)
+    # mim: the layers that see the mask tokens: all (BEiT, the spec's ViT-B) or the last N (MAE-like, ViT-L: 6)
+    mask_layers: Literal["all"] | int = "all"
     quantizer: Literal["soft", "nearest", "gumbel"] = "soft"
     # prior regularisers (spec §2.6 `prior_weights`): the README command's (0.03, 1.0); the YAML's were (1.0, 0.2)
     weight_quant: float = Field(0.03, ge=0.0)
@@ -35,6 +42,11 @@ class PUMITMethod(MethodSection):
     def _checks(self) -> PUMITMethod:
         if len(self.token_grid) != 3 or min(self.token_grid) < 1:
             raise ValueError(f"token_grid must be 3 positive token counts (x, y, z), got {self.token_grid}")
+        if self.stage == "mim" and self.tokenizer_run is None:
+            raise ValueError("tokenizer_run: the mim stage needs the folder of a trained tokenizer run "
+                             "(method.stage: tokenizer)")
+        if isinstance(self.mask_layers, int) and self.mask_layers < 1:
+            raise ValueError(f"mask_layers must be 'all' or a positive number of layers, got {self.mask_layers}")
         lo, hi = self.percentiles
         if not 0.0 <= lo < hi <= 100.0:
             raise ValueError(f"percentiles must be [low, high], 0 <= low < high <= 100, got {list(self.percentiles)}")

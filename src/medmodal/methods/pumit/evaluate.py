@@ -1,10 +1,11 @@
-"""``medmodal evaluate`` on a PUMIT tokenizer run: reconstruction error and codebook usage per modality and degree
-of anisotropy.
+"""``medmodal evaluate`` on a PUMIT run, per modality and degree of anisotropy: a tokenizer run's reconstruction
+error and codebook usage; a MIM run's masked-token cross-entropy, KL and accuracy against its tokenizer's soft tokens.
 
 Each held-out image (the run's validation cases; ``--split all``: every case; ``--data DIR``: every case of another
 data set) is prepared like the training images, cropped at its centre to the largest whole number of tokens (at most
 ``eval_tokens`` per axis, so that big volumes stay affordable) and reconstructed in one pass. Per image: L1 and PSNR
-on the [0, 1] scale, and the codebook usage (share of codes that are some token's most likely one) and perplexity.
+on the [0, 1] scale, and the codebook usage (share of codes that are some token's most likely one) and perplexity;
+for a MIM run, the masked-token metrics with a mask drawn from the image's identity (the same in every evaluation).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None
     """Score ``run`` (see the module docstring); writes ``images.csv``, ``summary.csv`` and ``report.md``."""
     from medmodal.data.collection_cache import build_collection_cache
     from medmodal.engine.cases import run_source
-    from medmodal.losses.pumit_prior import codebook_usage
     from medmodal.methods.pumit.data import case_of, collection_records
 
     source = run_source(run, data)
@@ -53,22 +53,23 @@ def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None
                                    source.cache_dir / "collection", percentiles=tuple(inf["percentiles"]),
                                    progress=progress)
     network = run.network()
+    mim = inf.get("stage") == "mim"
+    tokenizer = None
+    if mim:
+        from medmodal.engine.runinfo import load_run
+
+        tokenizer = load_run(inf["tokenizer_run"]).network()
     rows: list[dict[str, Any]] = []
     for image in index.images:
-        token = network.token_size(image.da)
+        token = (tokenizer or network).token_size(image.da)
         crop = _centre_crop(image.array(), token)
         if crop is None:
             continue
         x = torch.from_numpy(crop)[None, None] * 2.0 - 1.0
-        with torch.no_grad():
-            x_hat, quant = network(x, image.da)
-        err = ((x_hat.clamp(-1, 1) - x) / 2.0)  # on the [0, 1] scale
-        mse = float(err.square().mean())
-        stats = codebook_usage(quant.probs)
-        rows.append({"image_id": image.image_id, "case_id": case_of(image.image_id), "modality": image.modality,
-                     "spatial_dims": image.spatial_dims, "da": image.da, "crop": "x".join(map(str, crop.shape)),
-                     "l1": float(err.abs().mean()), "psnr": float(10 * np.log10(1.0 / max(mse, 1e-12))),
-                     "code_usage": float(stats.usage), "perplexity": float(stats.perplexity)})
+        row = {"image_id": image.image_id, "case_id": case_of(image.image_id), "modality": image.modality,
+               "spatial_dims": image.spatial_dims, "da": image.da, "crop": "x".join(map(str, crop.shape))}
+        row.update(_mim_scores(network, tokenizer, x, image, inf) if mim else _tokenizer_scores(network, x, image))
+        rows.append(row)
     if not rows:
         raise DataError(f"no image of {where} spans one token {network.token_size(0)}; nothing to evaluate")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -77,20 +78,56 @@ def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["modality"], r["da"])].append(r)
+    keys = ("mim_ce", "mim_kl", "token_accuracy") if mim else ("l1", "psnr", "code_usage", "perplexity")
     summary = []
     for (mod, da), rs in sorted(groups.items()):
-        summary.append([mod, da, len(rs), *(f"{np.mean([r[k] for r in rs]):.4f}"
-                                             for k in ("l1", "psnr", "code_usage", "perplexity"))])
-    write_csv(out_dir / "summary.csv", ["modality", "da", "images", "l1", "psnr", "code_usage", "perplexity"], summary)
-    lines = [f"# PUMIT tokenizer evaluation: {model_name or run.dir.name}", ""]
+        summary.append([mod, da, len(rs), *(f"{np.mean([r[k] for r in rs]):.4f}" for k in keys)])
+    write_csv(out_dir / "summary.csv", ["modality", "da", "images", *keys], summary)
+    lines = [f"# PUMIT {'MIM' if mim else 'tokenizer'} evaluation: {model_name or run.dir.name}", ""]
     if source.info.synthetic:
         lines += ["**Data: synthetic phantom** (procedurally generated images, not patients).", ""]
+    titles = ("masked CE", "masked KL", "token accuracy") if mim else ("L1", "PSNR (dB)", "code usage", "perplexity")
     lines += [f"- run: `{run.dir}`; images: {len(rows)} of {where}; centre crops of at most {EVAL_TOKENS} tokens per "
-              "axis", "", "| modality | DA | images | L1 | PSNR (dB) | code usage | perplexity |",
-              "|---|---|---|---|---|---|---|"]
+              "axis" + (f"; tokenizer: `{inf['tokenizer_run']}`" if mim else ""), "",
+              "| modality | DA | images | " + " | ".join(titles) + " |", "|---|---|---|" + "---|" * len(titles)]
     lines += [f"| {m} | {d} | {n} | " + " | ".join(f"{float(v):.3f}" for v in vals) + " |"
               for m, d, n, *vals in summary]
-    lines += ["", "L1 and PSNR of the reconstruction on the [0, 1] intensity scale; code usage = share of the codebook "
-              "that is some token's most likely code; perplexity = exp(H(p̄)), the effective number of codes.", ""]
+    if mim:
+        lines += ["", f"A share {inf['mask_ratio']:g} of each crop's tokens is masked (the mask is drawn from the "
+                  "image's id); masked CE = cross-entropy of the ViT's prediction against the tokenizer's soft token "
+                  "at the masked positions, KL = CE minus the target's entropy, token accuracy = how often the "
+                  "predicted and the tokenizer's most likely codes agree.", ""]
+    else:
+        lines += ["", "L1 and PSNR of the reconstruction on the [0, 1] intensity scale; code usage = share of the "
+                  "codebook that is some token's most likely code; perplexity = exp(H(p̄)), the effective number of "
+                  "codes.", ""]
     atomic_write_text(out_dir / "report.md", "\n".join(lines))
     return out_dir / "report.md"
+
+
+def _tokenizer_scores(network: Any, x: torch.Tensor, image: Any) -> dict[str, float]:
+    from medmodal.losses.pumit_prior import codebook_usage
+
+    with torch.no_grad():
+        x_hat, quant = network(x, image.da)
+    err = (x_hat.clamp(-1, 1) - x) / 2.0  # on the [0, 1] scale
+    mse = float(err.square().mean())
+    stats = codebook_usage(quant.probs)
+    return {"l1": float(err.abs().mean()), "psnr": float(10 * np.log10(1.0 / max(mse, 1e-12))),
+            "code_usage": float(stats.usage), "perplexity": float(stats.perplexity)}
+
+
+def _mim_scores(network: Any, tokenizer: Any, x: torch.Tensor, image: Any, inference: dict) -> dict[str, float]:
+    from medmodal.losses.pumit import masked_positions, random_visible, soft_target_cross_entropy, soft_target_kl
+    from medmodal.methods.pumit.system import crop_generator, mim_targets
+
+    target = mim_targets(tokenizer, x, image.da)
+    n = target.shape[1]
+    visible = random_visible(n, mask_ratio=float(inference["mask_ratio"]),
+                             generator=crop_generator(0, image.image_id, (0, 0, 0)))
+    masked = masked_positions(visible, n)
+    with torch.no_grad():
+        logits = network.forward_mim(x, image.da, visible, range(len(network.blocks)))
+    hit = (logits[0].argmax(-1) == target[0].argmax(-1))[masked[0]].float().mean()
+    return {"mim_ce": float(soft_target_cross_entropy(logits, target, masked)),
+            "mim_kl": float(soft_target_kl(logits, target, masked)), "token_accuracy": float(hit)}

@@ -91,3 +91,95 @@ class PUMITTokenizerSystem(MethodSystem):
         stats = [codebook_usage(p[None]) for p in quant.probs.detach()]
         self.add_val_metric("code_usage", torch.tensor([s.usage for s in stats]))
         self.add_val_metric("perplexity", torch.tensor([s.perplexity for s in stats]))
+
+
+def mim_targets(tokenizer: nn.Module, x: torch.Tensor, da: int) -> torch.Tensor:
+    """The frozen tokenizer's soft tokens of ``x (B, 1, X, Y, Z)`` in [-1, 1]: ``(B, L, K)``, tokens row-major with
+    Z fastest (the ViT's order)."""
+    with torch.no_grad():
+        logits = tokenizer.tokenize(x, da)  # (B, K, gx, gy, gz)
+    return logits.movedim(1, -1).flatten(1, -2).softmax(-1)
+
+
+def crop_generator(seed: int, image_id: str, corner: Sequence[int]) -> torch.Generator:
+    """A generator fixed by the crop's identity (validation masks: the same on any number of processes)."""
+    import hashlib
+
+    digest = hashlib.sha1(f"{seed}/{image_id}/{tuple(corner)}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+class PUMITMIMSystem(MethodSystem):
+    """Pretrain a :class:`~medmodal.networks.pumit_vit.PUMITViT` by masked image modelling (spec §2.4): predict the
+    frozen tokenizer's soft tokens at the masked positions (cross-entropy with soft targets).
+
+    Args:
+        network: the ViT (``codebook_size`` = the tokenizer's ``K``, ``patch_size`` = its stride).
+        tokenizer: the frozen tokenizer (eval mode, no gradient; fed ``2x - 1`` like the ViT).
+        mask_ratio: share of the grid tokens masked (0.55); ``⌊L·(1 − ratio)⌋`` stay visible.
+        mask_layer_ids: the blocks that see the mask tokens (all: BEiT-style).
+        optimizer, lr, weight_decay, momentum, schedule, max_steps, warmup_steps: optimisation (spec: AdamW 2e-5).
+        seed: the per-rank generator's seed (masks) and the validation masks'.
+    """
+
+    progress_metrics = ("mim_ce",)
+
+    def __init__(self, *, network: nn.Module, tokenizer: nn.Module, mask_ratio: float, mask_layer_ids: Sequence[int],
+                 optimizer: str, lr: float, weight_decay: float, momentum: float, schedule: str, max_steps: int,
+                 warmup_steps: int, seed: int = 0) -> None:
+        super().__init__(seed=seed)
+        self.network = network
+        # frozen; put in eval mode before every use (_mim), since Lightning sets every submodule's mode at fit start
+        self.tokenizer = tokenizer.train().requires_grad_(False)
+        self.mask_ratio, self.mask_layer_ids = mask_ratio, list(mask_layer_ids)
+        self.optim = {"name": optimizer, "lr": lr, "weight_decay": weight_decay, "momentum": momentum}
+        self.schedule, self.max_steps, self.warmup_steps = schedule, max_steps, warmup_steps
+
+    def configure_optimizers(self) -> Any:
+        opt = make_optimizer(self.network.parameters(), **self.optim)
+        return stepped_schedule(opt, lambda s: lr_factor(s, schedule=self.schedule, total=self.max_steps),
+                                warmup_steps=self.warmup_steps)
+
+    def _mim(self, batch: dict[str, Any], visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from medmodal.losses.pumit import masked_positions
+
+        self.tokenizer.eval()  # Lightning puts every submodule in train mode; the tokenizer stays frozen
+        x = batch["image"] * 2.0 - 1.0
+        da = int(batch["da"])
+        target = mim_targets(self.tokenizer, x, da)
+        logits = self.network.forward_mim(x, da, visible, self.mask_layer_ids)
+        return logits, target, masked_positions(visible, target.shape[1])
+
+    def num_tokens(self, batch: dict[str, Any]) -> int:
+        g = batch["tokens"]
+        return int(g[0] * g[1] * g[2])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        from medmodal.losses.pumit import random_visible, soft_target_cross_entropy, soft_target_kl
+
+        b = batch["image"].shape[0]
+        visible = random_visible(self.num_tokens(batch), batch_size=b, mask_ratio=self.mask_ratio,
+                                 generator=self.generator)
+        logits, target, masked = self._mim(batch, visible)
+        loss = soft_target_cross_entropy(logits, target, masked)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=b)
+        self.log("train/kl", soft_target_kl(logits.detach(), target, masked), batch_size=b)
+        return loss
+
+    def val_metric_names(self) -> Sequence[str]:
+        return ["mim_ce", "mim_kl", "token_accuracy"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        from medmodal.losses.pumit import random_visible, soft_target_cross_entropy, soft_target_kl
+
+        n = self.num_tokens(batch)
+        visible = torch.cat([random_visible(n, mask_ratio=self.mask_ratio,
+                                            generator=crop_generator(self.seed, i, c))
+                             for i, c in zip(batch["image_id"], batch["corner"], strict=True)])
+        logits, target, masked = self._mim(batch, visible)
+        for k in range(logits.shape[0]):  # per crop: any number of processes gives the same means
+            m = masked[k:k + 1]
+            self.add_val_metric("mim_ce", soft_target_cross_entropy(logits[k:k + 1], target[k:k + 1], m).detach())
+            self.add_val_metric("mim_kl", soft_target_kl(logits[k:k + 1], target[k:k + 1], m).detach())
+            hit = (logits[k].argmax(-1) == target[k].argmax(-1))[m[0]].float().mean()
+            self.add_val_metric("token_accuracy", hit.detach())
