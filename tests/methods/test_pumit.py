@@ -161,7 +161,8 @@ def test_a_mim_step_trains_the_vit_and_leaves_the_tokenizer_alone() -> None:
                          num_heads=2)
     system = PUMITMIMSystem(network=vit, tokenizer=tok, mask_ratio=0.55, mask_layer_ids=[0, 1], optimizer="adamw",
                             lr=1e-3, weight_decay=0.0, momentum=0.9, schedule="constant", max_steps=5, warmup_steps=0)
-    batch = {"image": torch.rand(2, 1, 16, 16, 8), "da": 1, "tokens": (2, 2, 2)}
+    batch = {"image": torch.rand(2, 1, 16, 16, 8), "da": 1, "tokens": (2, 2, 2), "image_id": ["a/t1", "b/t1"],
+             "corner": [(0, 0, 0), (1, 0, 2)]}
     before = {k: v.clone() for k, v in tok.state_dict().items()}
     system.training_step(batch, 0).backward()
     assert not tok.training  # the frozen tokenizer runs in eval mode
@@ -169,3 +170,31 @@ def test_a_mim_step_trains_the_vit_and_leaves_the_tokenizer_alone() -> None:
     assert all(torch.equal(before[k], v) for k, v in tok.state_dict().items())
     assert all(p.grad is not None for n, p in vit.named_parameters() if p.requires_grad), \
         [n for n, p in vit.named_parameters() if p.grad is None]
+
+
+def test_mim_on_two_processes_trains_as_on_one(tmp_path: Path) -> None:
+    """The masks are drawn per crop from (seed, step, image, corner), so 2 gloo processes reach the validation
+    values of 1 process (the generic DDP test runs the tokenizer stage, the plug-in's contract recipe)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "tok.yaml").write_text(yaml.safe_dump(_recipe(tmp_path)), encoding="utf-8")
+    code, text = invoke("train", tmp_path / "tok.yaml", "--out", tmp_path / "tok", "--set", "train.max_steps=1")
+    assert code == 0, text
+    mim = _recipe(tmp_path, stage="mim", tokenizer_run=str(tmp_path / "tok"))
+    mim["model"] = {"name": "pumit_vit", "kwargs": {"width": 16, "num_layers": 2, "num_heads": 2}}
+    (tmp_path / "mim.yaml").write_text(yaml.safe_dump(mim), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    env.pop("MASTER_PORT", None)
+    for devices in (1, 2):
+        out = subprocess.run([sys.executable, "-m", "medmodal.cli", "train", str(tmp_path / "mim.yaml"), "--out",
+                              str(tmp_path / f"mim{devices}"), "--devices", str(devices)], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    with (tmp_path / "mim1" / "metrics.csv").open(newline="", encoding="utf-8") as f:
+        one = {r["name"]: float(r["value"]) for r in csv.DictReader(f) if r["name"].startswith("val/")}
+    ranks = json.loads((tmp_path / "mim2" / "distributed.json").read_text(encoding="utf-8"))["ranks"]
+    assert ranks[0]["parameter_checksum"] == ranks[1]["parameter_checksum"]
+    for name, value in ranks[0]["val"].items():
+        assert value == pytest.approx(one[name], abs=1e-5), name

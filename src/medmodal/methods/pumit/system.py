@@ -116,10 +116,11 @@ class PUMITMIMSystem(MethodSystem):
     Args:
         network: the ViT (``codebook_size`` = the tokenizer's ``K``, ``patch_size`` = its stride).
         tokenizer: the frozen tokenizer (eval mode, no gradient; fed ``2x - 1`` like the ViT).
-        mask_ratio: share of the grid tokens masked (0.55); ``⌊L·(1 − ratio)⌋`` stay visible.
+        mask_ratio: share of the grid tokens masked (0.55); ``⌊L·(1 − ratio)⌋`` stay visible, drawn per crop from
+            (seed, step, the crop's image and corner): 2 processes train exactly as 1, a resume continues exactly.
         mask_layer_ids: the blocks that see the mask tokens (all: BEiT-style).
         optimizer, lr, weight_decay, momentum, schedule, max_steps, warmup_steps: optimisation (spec: AdamW 2e-5).
-        seed: the per-rank generator's seed (masks) and the validation masks'.
+        seed: the masks' seed.
     """
 
     progress_metrics = ("mim_ce",)
@@ -150,16 +151,25 @@ class PUMITMIMSystem(MethodSystem):
         logits = self.network.forward_mim(x, da, visible, self.mask_layer_ids)
         return logits, target, masked_positions(visible, target.shape[1])
 
+    def masks(self, batch: dict[str, Any], *, step: int) -> torch.Tensor:
+        """``(B, ⌊L·(1 − ratio)⌋)`` visible token indices, each crop's drawn from (seed, step, its image and corner):
+        the same on any number of processes and after a resume (``step`` 0: the fixed validation masks)."""
+        from medmodal.losses.pumit import random_visible
+
+        n = self.num_tokens(batch)
+        return torch.cat([random_visible(n, mask_ratio=self.mask_ratio,
+                                         generator=crop_generator(self.seed * 1_000_003 + step, i, c))
+                          for i, c in zip(batch["image_id"], batch["corner"], strict=True)])
+
     def num_tokens(self, batch: dict[str, Any]) -> int:
         g = batch["tokens"]
         return int(g[0] * g[1] * g[2])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        from medmodal.losses.pumit import random_visible, soft_target_cross_entropy, soft_target_kl
+        from medmodal.losses.pumit import soft_target_cross_entropy, soft_target_kl
 
         b = batch["image"].shape[0]
-        visible = random_visible(self.num_tokens(batch), batch_size=b, mask_ratio=self.mask_ratio,
-                                 generator=self.generator)
+        visible = self.masks(batch, step=int(self.global_step) + 1)
         logits, target, masked = self._mim(batch, visible)
         loss = soft_target_cross_entropy(logits, target, masked)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=b)
@@ -170,12 +180,9 @@ class PUMITMIMSystem(MethodSystem):
         return ["mim_ce", "mim_kl", "token_accuracy"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        from medmodal.losses.pumit import random_visible, soft_target_cross_entropy, soft_target_kl
+        from medmodal.losses.pumit import soft_target_cross_entropy, soft_target_kl
 
-        n = self.num_tokens(batch)
-        visible = torch.cat([random_visible(n, mask_ratio=self.mask_ratio,
-                                            generator=crop_generator(self.seed, i, c))
-                             for i, c in zip(batch["image_id"], batch["corner"], strict=True)])
+        visible = self.masks(batch, step=0)
         logits, target, masked = self._mim(batch, visible)
         for k in range(logits.shape[0]):  # per crop: any number of processes gives the same means
             m = masked[k:k + 1]
