@@ -198,3 +198,35 @@ def test_mim_on_two_processes_trains_as_on_one(tmp_path: Path) -> None:
     assert ranks[0]["parameter_checksum"] == ranks[1]["parameter_checksum"]
     for name, value in ranks[0]["val"].items():
         assert value == pytest.approx(one[name], abs=1e-5), name
+
+
+def test_a_segmenter_fine_tunes_from_the_pretrained_vit(tmp_path: Path) -> None:
+    """`medmodal train --from MIM_RUN` loads the pretrained ViT into a segmentation network that wraps it
+    (`pumit_vit_seg`: the backbone is its `vit.` submodule); the MIM head stays behind, the decoder starts fresh."""
+    from medmodal.engine.plugin import get_method
+
+    (tmp_path / "tok.yaml").write_text(yaml.safe_dump(_recipe(tmp_path)), encoding="utf-8")
+    code, text = invoke("train", tmp_path / "tok.yaml", "--out", tmp_path / "tok", "--set", "train.max_steps=1")
+    assert code == 0, text
+    vit = {"width": 16, "num_layers": 2, "num_heads": 2, "patch_size": 8}
+    mim = _recipe(tmp_path, stage="mim", tokenizer_run=str(tmp_path / "tok"))
+    mim["model"] = {"name": "pumit_vit", "kwargs": {k: v for k, v in vit.items() if k != "patch_size"}}
+    (tmp_path / "mim.yaml").write_text(yaml.safe_dump(mim), encoding="utf-8")
+    code, text = invoke("train", tmp_path / "mim.yaml", "--out", tmp_path / "mim", "--set", "train.max_steps=2")
+    assert code == 0, text
+    seg = get_method("zero_fill").contract_recipe(3)
+    seg["data"].update(modalities=["t1"], cache_dir=str(tmp_path / "cache_seg"))
+    seg["model"] = {"name": "pumit_vit_seg", "kwargs": {**vit, "da": 0}}
+    seg["train"].update(max_steps=1, val_every_steps=1, lr=1e-12)
+    (tmp_path / "seg.yaml").write_text(yaml.safe_dump(seg), encoding="utf-8")
+    code, text = invoke("train", tmp_path / "seg.yaml", "--out", tmp_path / "seg", "--from", tmp_path / "mim")
+    assert code == 0, text
+    info = json.loads((tmp_path / "seg" / "run.json").read_text(encoding="utf-8"))["initialised_from"]
+    from safetensors.torch import load_file
+
+    pre = load_file(str(tmp_path / "mim" / "weights" / "model.safetensors"))
+    fine = load_file(str(tmp_path / "seg" / "weights" / "model.safetensors"))
+    backbone = [k for k in pre if not k.startswith(("mim_head", "mask_token"))]
+    assert info["loaded"] == len(backbone) and all(f"vit.{k}" in fine for k in backbone)
+    assert all(torch.allclose(pre[k], fine[f"vit.{k}"], atol=1e-6) for k in backbone)
+    assert info["not_loaded"] and all(k.startswith(("vit.decoder", "vit.seg_head")) for k in info["not_loaded"])

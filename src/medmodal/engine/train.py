@@ -88,9 +88,31 @@ def resume_overrides(stored: Recipe, overrides: Mapping[str, Any]) -> Recipe:
     return recipe_from_dict(data, where="--resume --set")
 
 
+def align_names(offered: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
+    """``offered`` renamed to ``own``'s names when one network is a submodule of the other: the prefix (one
+    leading name component added to, or removed from, every offered name) that makes the most names and shapes
+    match wins; unchanged when the names match as they are (or nothing does better). A pretrained backbone thereby
+    loads into a fine-tuning wrapper (``vit.*``) and back."""
+
+    def hits(names: Mapping[str, Any]) -> int:
+        return sum(1 for k, v in names.items() if k in own and tuple(v.shape) == tuple(own[k].shape))
+
+    best, best_hits = dict(offered), hits(offered)
+    prefixes = {k.split(".", 1)[0] + "." for k in own if "." in k}
+    candidates = [{p + k: v for k, v in offered.items()} for p in sorted(prefixes)]
+    prefixes_off = {k.split(".", 1)[0] + "." for k in offered if "." in k}
+    candidates += [{k[len(p):]: v for k, v in offered.items() if k.startswith(p)} for p in sorted(prefixes_off)]
+    for names in candidates:
+        n = hits(names)
+        if n > best_hits:
+            best, best_hits = names, n
+    return best
+
+
 def initialise_from(network: nn.Module, recipe: Recipe, plugin: Any) -> dict[str, Any]:
     """Copy into ``network`` every tensor of the run ``recipe.train.init_from`` whose name and shape match
-    (:meth:`~medmodal.engine.plugin.MethodPlugin.initial_weights` names them); returns what ``run.json`` records:
+    (:meth:`~medmodal.engine.plugin.MethodPlugin.initial_weights` names them, :func:`align_names` adds or removes a
+    submodule prefix); returns what ``run.json`` records:
     the source run, the names loaded, and those left as initialised (absent from the source, or of another shape).
     A source that matches nothing is a :class:`RecipeError` (a run of another network, most likely)."""
     from medmodal.engine.runinfo import load_run
@@ -100,7 +122,7 @@ def initialise_from(network: nn.Module, recipe: Recipe, plugin: Any) -> dict[str
         source = load_run(path)
     except RunError as err:
         raise RecipeError(f"train.init_from: {err}") from None
-    offered = plugin.initial_weights(recipe, source)
+    offered = align_names(plugin.initial_weights(recipe, source), network.state_dict())
     own = network.state_dict()
     loaded = {k: v for k, v in offered.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     if not loaded:
