@@ -89,6 +89,7 @@ def _baselines(d: Path, phantom: Path, run: Path, recipe: Path, m2dn_run: Path) 
         ("experiment", "deepstaple"): ["--fast", "--out", str(d / "new_deepstaple")],
         ("experiment", "m2dn"): ["--fast", "--out", str(d / "new_m2dn")],
         ("experiment", "multimix"): ["--fast", "--out", str(d / "new_multimix")],
+        ("pretrain",): ["--fast", "--out", str(d / "new_pretrain")],
     }
 
 

@@ -230,3 +230,16 @@ def test_a_segmenter_fine_tunes_from_the_pretrained_vit(tmp_path: Path) -> None:
     assert info["loaded"] == len(backbone) and all(f"vit.{k}" in fine for k in backbone)
     assert all(torch.allclose(pre[k], fine[f"vit.{k}"], atol=1e-6) for k in backbone)
     assert info["not_loaded"] and all(k.startswith(("vit.decoder", "vit.seg_head")) for k in info["not_loaded"])
+
+
+def test_pretrain_runs_both_stages_and_reports_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, text = invoke("pretrain", "--fast", "--out", tmp_path / "pt", "--set", "train.progress=false")
+    assert code == 0, text
+    report = (tmp_path / "pt" / "report.md").read_text(encoding="utf-8")
+    assert "## tokenizer stage" in report and "## mim stage" in report and "FAST" in report
+    stored = yaml.safe_load((tmp_path / "pt" / "mim" / "recipe.yaml").read_text(encoding="utf-8"))
+    assert stored["method"]["stage"] == "mim"
+    assert stored["method"]["tokenizer_run"] == str((tmp_path / "pt" / "tokenizer").resolve())
+    code, text = invoke("pretrain", "--fast", "--out", tmp_path / "pt")
+    assert code == 2 and "--overwrite" in text, text

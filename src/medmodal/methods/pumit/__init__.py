@@ -124,6 +124,11 @@ class PUMITPlugin(MethodPlugin):
             raise self.not_offered("evaluate --features")
         return evaluate_run(run, out_dir=out_dir, split=split, data=data, progress=progress, model_name=model_name)
 
+    def add_commands(self, app: Any) -> None:
+        from medmodal.methods.pumit.commands import add_commands
+
+        add_commands(app)
+
     def contract_recipe(self, spatial_dims: int) -> dict[str, Any]:
         from medmodal.engine.cases import tiny_case_recipe
 
