@@ -32,17 +32,20 @@ log = logging.getLogger("medmodal")
 RASTER = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
-def _outputs(rec: CaseRecord, out_dir: Path, *, segment: bool, classify: bool) -> list[Path]:
+def _outputs(rec: CaseRecord, out_dir: Path, *, segment: bool, classify: bool) -> dict[str, Path]:
+    """The files written for ``rec``, by kind: ``seg`` and ``saliency`` (NIfTI), ``seg_png`` and ``saliency_png``
+    for picture inputs."""
     raster = any(p.suffix.lower() in RASTER for p in rec.images.values())
-    files = []
+    stem = out_dir / rec.case_id
+    files = {}
     if segment:
-        files.append(out_dir / f"{rec.case_id}_seg.nii.gz")
+        files["seg"] = Path(f"{stem}_seg.nii.gz")
         if raster:
-            files.append(out_dir / f"{rec.case_id}_seg.png")
+            files["seg_png"] = Path(f"{stem}_seg.png")
     if classify:
-        files.append(out_dir / f"{rec.case_id}_saliency.nii.gz")
+        files["saliency"] = Path(f"{stem}_saliency.nii.gz")
         if raster:
-            files.append(out_dir / f"{rec.case_id}_saliency.png")
+            files["saliency_png"] = Path(f"{stem}_saliency.png")
     return files
 
 
@@ -60,13 +63,12 @@ def predict_records(run: LoadedRun, records: Sequence[CaseRecord], out_dir: Path
     task, inf = run.info.task, run.info.inference
     modalities = tuple(run.info.modalities)
     network, chosen = selected_network(run.dir, inf.get("model_selection", "last"))
-    segment = bool(getattr(network, "segment", True))
-    classify = bool(getattr(network, "classify", True))
+    segment, classify = bool(network.has_decoder), bool(network.has_classifier)
     for rec in records:
         check_case_id(rec.case_id)
     planned = {rec.case_id: _outputs(rec, out_dir, segment=segment, classify=classify) for rec in records}
     table = out_dir / "predictions.csv"
-    clash = [str(p) for files in planned.values() for p in files if p.exists()]
+    clash = [str(p) for files in planned.values() for p in files.values() if p.exists()]
     clash += [str(table)] if classify and table.exists() else []
     if clash and not overwrite:
         raise DataError(f"{len(clash)} output(s) exist, e.g. {clash[0]}; pass --overwrite or choose another --out")
@@ -91,23 +93,22 @@ def predict_records(run: LoadedRun, records: Sequence[CaseRecord], out_dir: Path
             failed.append(str(err))
             continue
         (pred,) = predict_inputs(network, [x], inference=inf)
-        ref = case.reference
-        raster = any(p.suffix.lower() in RASTER for p in rec.images.values())
-        stem = out_dir / rec.case_id
+        ref, files = case.reference, planned[rec.case_id]
         if pred.seg_prob is not None:
             import torch
 
             label = regions_to_labels(torch.from_numpy(pred.seg_prob > 0.5)[None], regions)[0, 0].numpy()
             label = label.astype(np.uint8 if label.max(initial=0) < 256 else np.int32)
-            for suffix in ("_seg.nii.gz", "_seg.png") if raster else ("_seg.nii.gz",):
-                written.append(write_image(Volume(label, affine=ref.affine), f"{stem}{suffix}"))
+            for kind in ("seg", "seg_png"):
+                if kind in files:
+                    written.append(write_image(Volume(label, affine=ref.affine), files[kind]))
         if pred.saliency is not None:
             written.append(write_image(Volume(pred.saliency.astype(np.float32), affine=ref.affine),
-                                       f"{stem}_saliency.nii.gz"))
-            if raster:
+                                       files["saliency"]))
+            if "saliency_png" in files:
                 mask = None if pred.seg_prob is None else pred.seg_prob[0] > 0.5
                 written.append(_saliency_picture(np.asarray(ref.array, dtype=np.float32), pred.saliency, mask,
-                                                 Path(f"{stem}_saliency.png")))
+                                                 files["saliency_png"]))
         if pred.class_prob is not None:
             k = int(np.argmax(pred.class_prob))
             rows.append([rec.case_id, task.class_names[k], f"{float(pred.class_prob[k]):.6f}",
