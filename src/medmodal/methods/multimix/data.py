@@ -312,12 +312,12 @@ def stream_positions(step: int, batch: int, pool: int, *, seed: int, stream: int
     """Pool indices of global batch ``step`` of one stream: items ``step·B … step·B + B − 1`` of the stream's
     endless walk through its pool, one seeded permutation per pass (the same one every pass without
     ``reshuffle``)."""
+    epochs, index = np.divmod(step * batch + np.arange(batch), pool)
     out = np.empty(batch, dtype=np.int64)
-    for k in range(batch):
-        position = step * batch + k
-        epoch, i = divmod(position, pool)
-        perm = np.random.default_rng([seed, 3, stream, epoch if reshuffle else 0]).permutation(pool)
-        out[k] = perm[i]
+    for epoch in np.unique(epochs):  # one permutation per pass the batch touches (one or two, not one per item)
+        perm = np.random.default_rng([seed, 3, stream, int(epoch) if reshuffle else 0]).permutation(pool)
+        at = epochs == epoch
+        out[at] = perm[index[at]]
     return out
 
 
