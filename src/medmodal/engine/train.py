@@ -122,8 +122,8 @@ def initialise_from(network: nn.Module, recipe: Recipe, plugin: Any) -> dict[str
         source = load_run(path)
     except RunError as err:
         raise RecipeError(f"train.init_from: {err}") from None
-    offered = align_names(plugin.initial_weights(recipe, source), network.state_dict())
     own = network.state_dict()
+    offered = align_names(plugin.initial_weights(recipe, source), own)
     loaded = {k: v for k, v in offered.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     if not loaded:
         raise RecipeError(f"train.init_from: no parameter of {path} ({source.info.network.get('name')}, method "
@@ -325,13 +325,18 @@ def _synthetic(built: Training) -> bool:
     return bool(getattr(getattr(source, "info", None), "synthetic", False))
 
 
+def is_finished_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that finished training (its split and final weights are written)."""
+    run_dir = Path(run_dir)
+    return (run_dir / "split.json").is_file() and (run_dir / "weights" / "model.safetensors").is_file()
+
+
 def train_or_resume(recipe: Recipe, run_dir: Path, *, overwrite: bool = False) -> Path:
     """The run of ``recipe`` in ``run_dir`` for a command that trains several runs (an experiment): a finished run
     is reused, an interrupted one resumed from its ``last.ckpt``, anything else (or everything, with
     ``overwrite``) trained afresh. Returns ``run_dir``."""
     run_dir = Path(run_dir)
-    finished = (run_dir / "split.json").is_file() and (run_dir / "weights" / "model.safetensors").is_file()
-    if finished and not overwrite:
+    if is_finished_run(run_dir) and not overwrite:
         log.info("%s is trained; reusing it", run_dir)
     elif (run_dir / "checkpoints" / "last.ckpt").is_file() and not overwrite:
         log.info("resuming the interrupted run in %s", run_dir)

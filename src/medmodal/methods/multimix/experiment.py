@@ -68,9 +68,9 @@ def _train_and_evaluate(job: _Job, *, threads: int | None) -> dict[str, Any]:
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
         torch.set_num_threads(threads)
     from medmodal.engine.evaluate import evaluate_run
-    from medmodal.engine.train import train_or_resume
+    from medmodal.engine.train import is_finished_run, train_or_resume
 
-    reused = (job.run_dir / "split.json").is_file() and (job.run_dir / "weights" / "model.safetensors").is_file()
+    reused = is_finished_run(job.run_dir)
     t = time.perf_counter()
     train_or_resume(job.recipe, job.run_dir)
     seconds = time.perf_counter() - t
