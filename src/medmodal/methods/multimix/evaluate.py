@@ -92,6 +92,7 @@ def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None
         # a chunk of cases at a time: full-size images and their full-size outputs are never all in memory
         g_rows: list[dict[str, Any]] = []
         labelled: list[tuple[int, np.ndarray]] = []
+        shown = 0  # figure panels of this group
         starts: Any = range(0, len(recs), chunk)
         if progress:
             from rich.progress import track
@@ -106,8 +107,9 @@ def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None
                 g_rows.append(row)
                 if row["_true"] is not None and pred.class_prob is not None:
                     labelled.append((row["_true"], pred.class_prob))
-                if len(panels_of(panels, group)) < max_figure_cases:
+                if shown < max_figure_cases:
                     panels.append(_panel(MultitaskPanel, group, rec, case, pred, classes, region_values))
+                    shown += 1
         rows += g_rows
         summary: dict[str, Any] = {}
         if labelled:
@@ -143,11 +145,6 @@ def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None
                    figure=figure, definitions=METRIC_DEFINITIONS)
     atomic_write_text(out_dir / "report.md", text)
     return out_dir / "report.md"
-
-
-def panels_of(panels: list[Any], group: str) -> list[Any]:
-    """The figure panels of ``group`` collected so far."""
-    return [p for p in panels if p.group == group]
 
 
 def _case_row(group: str, rec: CaseRecord, case: Any, pred: CasePrediction, regions: dict[str, tuple[int, ...]],
