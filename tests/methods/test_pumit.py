@@ -141,6 +141,10 @@ def test_mim_stage_pretrains_the_vit_against_a_frozen_tokenizer_run(tmp_path: Pa
     with (tmp_path / "mim" / "eval" / "images.csv").open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert rows and all(0 <= float(r["token_accuracy"]) <= 1 and float(r["mim_kl"]) >= -1e-6 for r in rows)
+    from medmodal.data.collection_cache import CollectionIndex
+
+    # evaluating the validation cases leaves the training cache whole (6 phantom cases x 4 contrasts)
+    assert len(CollectionIndex.load(tmp_path / "cache" / "collection")) == 24
     # a mim recipe without a tokenizer run, or naming a folder that is not one, is one line
     bad = _recipe(tmp_path, stage="mim")
     bad["model"] = mim["model"]

@@ -47,7 +47,7 @@ class PUMITPlugin(MethodPlugin):
         from medmodal.engine.recipe import RecipeError
         from medmodal.engine.runinfo import TaskInfo
         from medmodal.methods.pumit.data import CollectionData
-        from medmodal.methods.pumit.system import PUMITMIMSystem, PUMITTokenizerSystem
+        from medmodal.methods.pumit.system import PUMITMIMSystem, PUMITTokenizerSystem, mask_layer_ids
 
         m: PUMITMethod = recipe.method  # type: ignore[assignment]
         try:
@@ -75,11 +75,8 @@ class PUMITPlugin(MethodPlugin):
             stride = tokenizer.stride
             kwargs = {"in_channels": 1, "codebook_size": tokenizer.quantizer.num_codes, "patch_size": stride, **kw}
             network = build_network(VIT, kwargs)
-            layers = len(network.blocks) if hasattr(network, "blocks") else int(kwargs.get("num_layers", 12))
-            ids = list(range(layers)) if m.mask_layers == "all" else list(range(max(layers - m.mask_layers, 0),
-                                                                                  layers))
             system = PUMITMIMSystem(network=network, tokenizer=tokenizer, mask_ratio=m.mask_ratio,
-                                    mask_layer_ids=ids, **optim)
+                                    mask_layer_ids=mask_layer_ids(len(network.blocks), m.mask_layers), **optim)
         source = resolve_source(recipe.data)
         data = CollectionData(
             records_fn=source.records, modalities=source.modalities, cache_dir=source.cache_dir,

@@ -42,36 +42,42 @@ def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None
 
     source = run_source(run, data)
     _, records = source.records()
-    if data is None and split != "all":
-        keep = set(run.split("val"))
-        records = [r for r in records if r.case_id in keep]
-        where = "the run's validation cases"
-    else:
-        where = f"every case of {data}" if data is not None else "every case of the training data"
     inf = run.info.inference
+    # the whole data set's cache, as training built it (a cache of a subset would drop the other images from it)
     index = build_collection_cache(collection_records(records, run.info.modalities),
                                    source.cache_dir / "collection", percentiles=tuple(inf["percentiles"]),
                                    progress=progress)
+    images = list(index.images)
+    if data is None and split != "all":
+        keep = set(run.split("val"))
+        images = [im for im in images if case_of(im.image_id) in keep]
+        where = "the run's validation cases"
+    else:
+        where = f"every case of {data}" if data is not None else "every case of the training data"
     network = run.network()
     mim = inf.get("stage") == "mim"
-    tokenizer = None
+    tokenizer, layers = None, []
     if mim:
         from medmodal.engine.runinfo import load_run
+        from medmodal.methods.pumit.system import mask_layer_ids
 
         tokenizer = load_run(inf["tokenizer_run"]).network()
+        layers = mask_layer_ids(len(network.blocks), run.recipe.method.mask_layers)  # as in training
     rows: list[dict[str, Any]] = []
-    for image in index.images:
-        token = (tokenizer or network).token_size(image.da)
+    token_net = tokenizer or network
+    for image in images:
+        token = token_net.token_size(image.da)
         crop = _centre_crop(image.array(), token)
         if crop is None:
             continue
         x = torch.from_numpy(crop)[None, None] * 2.0 - 1.0
         row = {"image_id": image.image_id, "case_id": case_of(image.image_id), "modality": image.modality,
                "spatial_dims": image.spatial_dims, "da": image.da, "crop": "x".join(map(str, crop.shape))}
-        row.update(_mim_scores(network, tokenizer, x, image, inf) if mim else _tokenizer_scores(network, x, image))
+        row.update(_mim_scores(network, tokenizer, x, image, inf, layers) if mim
+                   else _tokenizer_scores(network, x, image))
         rows.append(row)
     if not rows:
-        raise DataError(f"no image of {where} spans one token {network.token_size(0)}; nothing to evaluate")
+        raise DataError(f"no image of {where} spans one token {token_net.token_size(0)}; nothing to evaluate")
     out_dir.mkdir(parents=True, exist_ok=True)
     header = list(rows[0])
     write_csv(out_dir / "images.csv", header, [[r[k] for k in header] for r in rows])
@@ -117,7 +123,8 @@ def _tokenizer_scores(network: Any, x: torch.Tensor, image: Any) -> dict[str, fl
             "code_usage": float(stats.usage), "perplexity": float(stats.perplexity)}
 
 
-def _mim_scores(network: Any, tokenizer: Any, x: torch.Tensor, image: Any, inference: dict) -> dict[str, float]:
+def _mim_scores(network: Any, tokenizer: Any, x: torch.Tensor, image: Any, inference: dict,
+                layers: list[int]) -> dict[str, float]:
     from medmodal.losses.pumit import masked_positions, random_visible, soft_target_cross_entropy, soft_target_kl
     from medmodal.methods.pumit.system import crop_generator, mim_targets
 
@@ -127,7 +134,7 @@ def _mim_scores(network: Any, tokenizer: Any, x: torch.Tensor, image: Any, infer
                              generator=crop_generator(0, image.image_id, (0, 0, 0)))
     masked = masked_positions(visible, n)
     with torch.no_grad():
-        logits = network.forward_mim(x, image.da, visible, range(len(network.blocks)))
+        logits = network.forward_mim(x, image.da, visible, layers)
     hit = (logits[0].argmax(-1) == target[0].argmax(-1))[masked[0]].float().mean()
     return {"mim_ce": float(soft_target_cross_entropy(logits, target, masked)),
             "mim_kl": float(soft_target_kl(logits, target, masked)), "token_accuracy": float(hit)}

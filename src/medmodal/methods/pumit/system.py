@@ -101,6 +101,12 @@ def mim_targets(tokenizer: nn.Module, x: torch.Tensor, da: int) -> torch.Tensor:
     return logits.movedim(1, -1).flatten(1, -2).softmax(-1)
 
 
+def mask_layer_ids(num_layers: int, mask_layers: str | int) -> list[int]:
+    """The ViT blocks that see the mask tokens: every one (``"all"``, BEiT) or the last ``mask_layers``."""
+    return list(range(num_layers)) if mask_layers == "all" else list(range(max(num_layers - int(mask_layers), 0),
+                                                                            num_layers))
+
+
 def crop_generator(seed: int, image_id: str, corner: Sequence[int]) -> torch.Generator:
     """A generator fixed by the crop's identity (validation masks: the same on any number of processes)."""
     import hashlib
