@@ -373,16 +373,19 @@ class StreamSteps(Dataset):
             if not len(pool):
                 continue
             idx, ks = self._indices(step, pool, s, True)
+            labelled = name == "seg_labelled"  # only its masks are read (an unlabelled image's mask is hidden)
             imgs, masks = [], []
             for i, k in zip(idx, ks, strict=True):
-                x, y = _tensor(d.images[i]), _tensor(d.masks[i]).float()
-                if self.seg_augment:
-                    x, _, y = self.weak(x, item_generator(self.seed, step, s, k), mask=y)
+                x = _tensor(d.images[i])
+                y = _tensor(d.masks[i]).float() if labelled else None
+                if self.seg_augment:  # the mask, when given, follows the image's geometric ops
+                    x, _, *rest = self.weak(x, item_generator(self.seed, step, s, k), mask=y)
+                    y = rest[0] if rest else None
                 imgs.append(x)
                 masks.append(y)
             out[f"{name}_image"] = torch.stack(imgs)
             out[f"{name}_available"] = _tensor(d.available[idx])
-            if name == "seg_labelled":
+            if labelled:
                 out["seg_labelled_mask"] = torch.stack(masks)
         # stream 2: labelled classification (weak view)
         pool = self.budget.cls_labelled
