@@ -161,11 +161,9 @@ def test_degree_of_anisotropy_values_and_agreement_with_the_layer() -> None:
     assert degree_of_anisotropy((0.5, 0.5, 2.0)) == 2  # exact power of two
     with pytest.raises(ValueError, match="finite positive"):
         degree_of_anisotropy((0.0, 1.0, 1.0))
-    sac = pytest.importorskip("medmodal.layers.sac")
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        spacing = tuple(np.exp(rng.uniform(-2.5, 3.5, size=int(rng.integers(2, 4)))))
-        assert degree_of_anisotropy(spacing) == sac.degree_of_anisotropy(spacing), spacing
+    from medmodal.layers import sac
+
+    assert sac.degree_of_anisotropy is degree_of_anisotropy  # the convolutions and the data use one definition
 
 
 def test_percentile_mapping_values() -> None:

@@ -305,15 +305,17 @@ def _parse_spacing(value: object, *, where: str) -> tuple[float, ...] | None:
 
 
 def degree_of_anisotropy(spacing: Sequence[float], *, max_da: int = MAX_DA) -> int:
-    """``clip(floor(log2(s_z / min(s_x, s_y))), 0, max_da)``; ``max_da`` for a 2D spacing ``(s_x, s_y)``.
-
-    The same formula as ``medmodal.layers.sac.degree_of_anisotropy`` (which the data layer may not import).
+    """The degree of anisotropy ``clip(floor(log2(s_z / min(s_x, s_y))), 0, max_da)`` (PUMIT spec §2.1, validation
+    code); ``max_da`` for a 2D spacing ``(s_x, s_y)`` ("at least 32x anisotropic is 2D"). The one implementation:
+    ``medmodal.layers.sac`` uses it for the spatially adaptive convolutions.
     ``(0.8, 0.8, 6.5) -> 3``, ``(0.6, 0.6, 1.0) -> 0``, ``(0.14, 0.14) -> 5``.
 
     Raises:
-        ValueError: not 2 or 3 finite positive numbers.
+        ValueError: not 2 or 3 finite positive numbers, or a negative ``max_da``.
     """
     values = tuple(float(s) for s in spacing)
+    if max_da < 0:
+        raise ValueError(f"max_da must be >= 0, got {max_da}")
     if len(values) not in (2, 3) or not all(math.isfinite(s) and s > 0 for s in values):
         raise ValueError(f"spacing must be 2 or 3 finite positive numbers in mm, got {values}")
     if len(values) == 2:

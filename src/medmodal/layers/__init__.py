@@ -1,5 +1,5 @@
 """Component layers: pure ``nn.Module``s and functions shared by networks (layer 2 "components"; imports torch,
-monai and :mod:`medmodal.layers` only).
+monai, :mod:`medmodal.layers` and the data layer below it).
 
 * :mod:`medmodal.layers.sac`: PUMIT's spatially adaptive convolutions and their explicit anisotropy state.
 """

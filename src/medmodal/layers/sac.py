@@ -19,8 +19,6 @@ state)``. There is no tensor subclass (the official one breaks gradient checkpoi
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -28,7 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# one definition of the degree of anisotropy and of a 2D image's DA, in the data layer (collections use them)
+from medmodal.data.collections import MAX_DA, degree_of_anisotropy
+
 __all__ = [
+    "MAX_DA",
     "SACConv",
     "SACConvTranspose",
     "SACState",
@@ -37,37 +39,8 @@ __all__ = [
     "sac_interpolate",
 ]
 
-#: The DA of a 2D image (a one-slice volume): at least 32x anisotropic, never downsampled in depth (spec §2.1).
-MAX_DA = 5
-
 InterpolationMode = Literal["area", "trilinear", "nearest-exact"]
 InflationMode = Literal["average", "center"]
-
-
-def degree_of_anisotropy(spacing: Sequence[float], *, max_da: int = MAX_DA) -> int:
-    """The degree of anisotropy ``clip(floor(log2(s_z / min(s_x, s_y))), 0, max_da)`` (spec §2.1, validation code).
-
-    Args:
-        spacing: ``(s_x, s_y, s_z)`` in mm with the slice axis last, or ``(s_x, s_y)`` for a 2D image.
-        max_da: the DA of a 2D image, also the upper clip (5: "at least 32x anisotropic is 2D").
-
-    Returns:
-        ``max_da`` for a 2D spacing; otherwise the clipped DA, e.g. ``(0.8, 0.8, 6.5) -> 3``, ``(0.6, 0.6, 1) -> 0``.
-
-    Raises:
-        ValueError: a spacing that is not 2 or 3 finite positive numbers, or a negative ``max_da``.
-    """
-    values = tuple(float(s) for s in spacing)
-    if max_da < 0:
-        raise ValueError(f"max_da must be >= 0, got {max_da}")
-    if len(values) not in (2, 3):
-        raise ValueError(f"spacing must be (sx, sy) or (sx, sy, sz), got {len(values)} values: {values}")
-    if not all(math.isfinite(s) and s > 0 for s in values):
-        raise ValueError(f"spacing must be finite and positive, got {values}")
-    if len(values) == 2:
-        return max_da
-    sx, sy, sz = values
-    return min(max(math.floor(math.log2(sz / min(sx, sy))), 0), max_da)
 
 
 @dataclass(frozen=True)
