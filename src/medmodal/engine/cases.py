@@ -40,13 +40,26 @@ def network_kwargs(recipe: Recipe, modalities: Sequence[str], *, out_channels: i
     kw = recipe.model.kwargs
     if classification and int(kw.get("num_classes", 0)) < 2:
         raise RecipeError("model.kwargs.num_classes: a classification task needs num_classes >= 2")
-    if classification and kw.get("norm", "instance") == "instance" and kw.get("cls_pool", "avg") == "avg":
+    if classification and _norm(recipe.model.name, kw) == "instance" and kw.get("cls_pool", "avg") == "avg":
         log.warning(
             "model.kwargs: classification with instance norm and an average-pooled head sees only the shape of "
             "each feature's distribution (instance norm removes every sample's mean); on the phantom it learns a "
             "constant class. Set model.kwargs.norm=batch or model.kwargs.cls_pool=avgmax."
         )
     return {**shared, **kw}
+
+
+def _norm(name: str, kwargs: dict[str, Any]) -> Any:
+    """The normalisation a network of ``name`` gets (``kwargs["norm"]`` or its factory's default; ``None`` when it
+    has no such argument)."""
+    from medmodal.networks.registry import network_argument_default
+
+    if "norm" in kwargs:
+        return kwargs["norm"]
+    try:
+        return network_argument_default(name, "norm")
+    except KeyError:
+        return None
 
 
 def build_network(name: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -84,7 +97,8 @@ def cache_data(recipe: Recipe, source: DataSource, *, item_transform: Any = None
     return CacheDataModule(
         source=source, patch_size=tuple(d.patch_size), batch_size=d.batch_size,
         steps_per_epoch=min(t.val_every_steps, t.max_steps), foreground_fraction=d.foreground_fraction,
-        num_workers=d.num_workers, val_fraction=d.val_fraction, seed=recipe.seed, progress=t.progress,
+        num_workers=d.num_workers, val_fraction=d.val_fraction, label_fraction=d.label_fraction, seed=recipe.seed,
+        progress=t.progress,
         augmentation=d.augmentation, item_transform=item_transform,
     )
 
@@ -125,6 +139,8 @@ def tiny_case_recipe(spatial_dims: int, *, method: dict[str, Any], model: dict[s
 
 class CasesPlugin(MethodPlugin):
     """Base plug-in for methods trained on the cached cases of ``data`` (see the module docstring)."""
+
+    honours_label_fraction = True
 
     def is_classification(self, recipe: Recipe) -> bool:
         """True when the recipe trains a classifier (whole-image class targets) instead of a segmenter."""

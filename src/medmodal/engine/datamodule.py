@@ -227,6 +227,19 @@ def split_cases(case_ids: list[str], *, val_fraction: float, seed: int) -> tuple
     return train, val
 
 
+def label_subset(case_ids: list[str], *, fraction: float, seed: int) -> list[str]:
+    """The training cases kept at ``fraction`` of the labels: the first ``max(1, round(fraction * n))`` of a seeded
+    permutation of the sorted ids, so the subsets of one seed are nested (10 % within 25 % within 50 %)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label_fraction must lie in (0, 1], got {fraction}")
+    ids = sorted(case_ids)
+    if fraction == 1.0:
+        return ids
+    order = np.random.default_rng([seed, 1]).permutation(len(ids))  # independent of split_cases' draw
+    keep = max(1, round(fraction * len(ids)))
+    return sorted(ids[i] for i in order[:keep])
+
+
 class CacheDataModule(L.LightningDataModule):
     """Patches from the cached training cases; whole validation cases.
 
@@ -243,6 +256,7 @@ class CacheDataModule(L.LightningDataModule):
         foreground_fraction: share of patches centred on foreground (nnU-Net: 1/3).
         num_workers: DataLoader workers.
         val_fraction: share of labelled cases held out for validation.
+        label_fraction: share of the training cases that train (:func:`label_subset`; 1 = all).
         seed: split, sampling and augmentation seed.
         augmentation: the recipe's ``data.augmentation`` (``None`` or not ``enabled``: none).
         item_transform: a picklable ``(index, item) -> item`` applied to every training and validation item
@@ -260,6 +274,7 @@ class CacheDataModule(L.LightningDataModule):
         foreground_fraction: float = 1 / 3,
         num_workers: int = 1,
         val_fraction: float = 0.2,
+        label_fraction: float = 1.0,
         seed: int = 0,
         progress: bool = False,
         augmentation: AugmentationConfig | None = None,
@@ -272,6 +287,7 @@ class CacheDataModule(L.LightningDataModule):
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
         self.foreground_fraction, self.num_workers = foreground_fraction, num_workers
         self.val_fraction, self.seed, self.progress = val_fraction, seed, progress
+        self.label_fraction = label_fraction
         self.augmentation = augmentation
         self.index: Any = None
         self.train_ids: list[str] = []
@@ -289,6 +305,11 @@ class CacheDataModule(L.LightningDataModule):
             log.info("%d unlabelled case(s) are not used for supervised training",
                      len(self.index.cases) - len(labelled))
         self.train_ids, self.val_ids = split_cases(labelled, val_fraction=self.val_fraction, seed=self.seed)
+        if self.label_fraction < 1.0:
+            n = len(self.train_ids)
+            self.train_ids = label_subset(self.train_ids, fraction=self.label_fraction, seed=self.seed)
+            log.info("data.label_fraction %.2f: %d of %d training cases train", self.label_fraction,
+                     len(self.train_ids), n)
         if stage in (None, "fit"):
             augment = self._augment()
             cfg = self.augmentation

@@ -90,6 +90,9 @@ class MethodPlugin:
     #: whether :meth:`evaluate` takes ``against`` (another loaded run of the method, scored on the same cases;
     #: ``medmodal evaluate RUN --against OTHER``).
     evaluates_against: ClassVar[bool] = False
+    #: whether the method's data module honours ``data.label_fraction`` (a recipe asking for fewer labels from a
+    #: method that does not is refused rather than silently trained on all of them).
+    honours_label_fraction: ClassVar[bool] = False
 
     # -- recipes -----------------------------------------------------------------------------------------
     def check_recipe(self, recipe: Recipe) -> None:

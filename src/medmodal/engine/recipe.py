@@ -209,6 +209,9 @@ class DataConfig(_Section):
     target_spacing: list[float] | None = None
     cache_dir: Path | None = None
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    # share of the training split's labelled cases that train (label-efficiency studies): a seeded draw, nested
+    # across fractions (the 10 % cases are among the 25 %); validation keeps all its cases
+    label_fraction: float = Field(1.0, gt=0.0, le=1.0)
     patch_size: list[int] = [48, 48, 48]
     batch_size: int = Field(2, ge=1)
     foreground_fraction: float = Field(1 / 3, ge=0.0, le=1.0)
@@ -328,7 +331,11 @@ class Recipe(_Section):
             raise ValueError(f"data.patch_size has {len(self.data.patch_size)} sizes but the data is {dims}D")
         if self.eval.roi_size is not None and len(self.eval.roi_size) != dims:
             raise ValueError(f"eval.roi_size has {len(self.eval.roi_size)} sizes but the data is {dims}D")
-        get_method(self.method.name).check_recipe(self)
+        plugin = get_method(self.method.name)
+        if self.data.label_fraction < 1.0 and not plugin.honours_label_fraction:
+            raise ValueError(f"data.label_fraction: method {self.method.name!r} does not subsample its training "
+                             "labels this way (see its method section for its own label budget); remove the field")
+        plugin.check_recipe(self)
         return self
 
     @property

@@ -562,3 +562,67 @@ def pumit_vit_seg_tiny(**kwargs: object) -> PUMITViTSegmenter:
     """The tiny segmenter for tests: width 32, 2 blocks, 2 heads, patch 8 (overridable)."""
     defaults: dict[str, object] = {"width": 32, "num_layers": 2, "num_heads": 2, "patch_size": 8}
     return PUMITViTSegmenter(**{**defaults, **kwargs})  # type: ignore[arg-type]
+
+
+@register_network("pumit_vit_cls")
+class PUMITViTClassifier(nn.Module):
+    """:meth:`PUMITViT.classify` under the registry's contract (``forward(image, available)``): fine-tuning a
+    pretrained ViT for whole-image classification.
+
+    The spec's fine-tuning head (and MedCoSS's, ``shared/methods/medcoss.md`` §2.8): the grid tokens are
+    mean-pooled (``pool="mean"``; ``"cls"`` takes the cls token) into a Linear layer. Missing modalities (channels)
+    are zero-filled as in :class:`PUMITViTSegmenter`, and the DA is fixed per network the same way.
+
+    Args:
+        spatial_dims: 2 or 3.
+        modalities: modality names, in the batch's channel order.
+        num_classes: classes (>= 2).
+        out_channels: ignored (the data sets it for segmenters; a classifier has ``num_classes`` outputs).
+        da: the degree of anisotropy of every 3D input (``None``: 0).
+        pool: ``"mean"`` (default) or ``"cls"``.
+        **vit: :class:`PUMITViT` keyword arguments (not ``in_channels``, ``codebook_size`` or ``out_channels``).
+
+    Shapes: ``image (B, M, *S)``, ``available (B, M) bool`` -> logits ``(B, num_classes)``; the wrapped ViT is
+    ``self.vit`` (pretrained backbone weights load into it).
+    """
+
+    def __init__(
+        self,
+        *,
+        spatial_dims: int,
+        modalities: Sequence[str],
+        num_classes: int,
+        out_channels: int = 0,
+        da: int | None = None,
+        pool: Literal["cls", "mean"] = "mean",
+        **vit: object,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        for key in ("in_channels", "codebook_size", "decoder_channels"):
+            if key in vit:
+                raise TypeError(f"unexpected keyword argument {key!r} (set by the classifier)")
+        self.spatial_dims, self.modalities = spatial_dims, tuple(modalities)
+        self.vit = PUMITViT(in_channels=len(self.modalities), num_classes=num_classes, pool=pool,
+                            **vit)  # type: ignore[arg-type]
+        self.da = self.vit.max_da if spatial_dims == 2 else (0 if da is None else da)
+        if not 0 <= self.da <= self.vit.max_da:
+            raise ValueError(f"da must lie in [0, {self.vit.max_da}], got {da}")
+
+    def forward(self, image: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+        if image.ndim != self.spatial_dims + 2 or image.shape[1] != len(self.modalities):
+            raise ValueError(
+                f"expected image (B, {len(self.modalities)}, *S) with {self.spatial_dims} spatial axes, "
+                f"got {tuple(image.shape)}"
+            )
+        return self.vit.classify(mask_missing(image, available), self.da)
+
+
+@register_network("pumit_vit_cls_tiny")
+def pumit_vit_cls_tiny(**kwargs: object) -> PUMITViTClassifier:
+    """The tiny classifier for tests: width 32, 2 blocks, 2 heads, patch 8 (overridable)."""
+    defaults: dict[str, object] = {"width": 32, "num_layers": 2, "num_heads": 2, "patch_size": 8}
+    return PUMITViTClassifier(**{**defaults, **kwargs})  # type: ignore[arg-type]

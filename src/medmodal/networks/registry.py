@@ -36,6 +36,20 @@ def list_networks() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def network_argument_default(name: str, argument: str) -> Any:
+    """The default of ``argument`` in the factory of network ``name``: ``inspect.Parameter.empty`` when it has no
+    default, :class:`KeyError` when the factory (or the network) does not take it."""
+    import inspect
+
+    _import_builtin()
+    if name not in _REGISTRY:
+        raise KeyError(name)
+    params = inspect.signature(_REGISTRY[name]).parameters
+    if argument not in params:
+        raise KeyError(argument)
+    return params[argument].default
+
+
 def create_network(name: str, **kwargs: Any) -> nn.Module:
     """Build the network registered as ``name`` with keyword arguments ``kwargs``.
 

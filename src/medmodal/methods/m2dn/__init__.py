@@ -75,6 +75,7 @@ class M2DNPlugin(MethodPlugin):
     summary = "modality-masked diffusion synthesis of missing modalities"
     evaluation_metrics = {"psnr": (0.0, float("inf")), "ssim": (-1.0, 1.0), "mae": (0.0, 1.0)}
     evaluates_against = True
+    honours_label_fraction = True  # its training cases come from the shared cache data module
 
     def check_recipe(self, recipe: Recipe) -> None:
         if recipe.model.name not in NETWORKS:

@@ -34,3 +34,6 @@ class ZeroFillMethod(RegionLossFields, MethodSection):
 
     name: Literal["zero_fill"] = "zero_fill"
     modality_dropout: float = Field(0.5, ge=0.0, le=1.0)
+    # segmentation (the region loss) or classification (cross-entropy on each case's `target`; the network returns
+    # (B, num_classes) logits, e.g. `pumit_vit_cls` fine-tuned from a pretrained ViT)
+    task: Literal["segmentation", "classification"] = "segmentation"

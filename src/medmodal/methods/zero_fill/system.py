@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from monai.metrics import compute_dice
 from torch import nn
 
@@ -23,10 +24,13 @@ from medmodal.transforms import drop_modalities, labels_to_regions, sample_modal
 
 
 class SegmentationSystem(MethodSystem):
-    """Train a multi-modal segmentation network on random modality subsets.
+    """Train a multi-modal segmentation (or classification) network on random modality subsets.
 
     Args:
-        network: ``forward(image (B, M, *S), available (B, M)) -> logits (B, R, *S)``.
+        network: ``forward(image (B, M, *S), available (B, M)) -> logits (B, R, *S)``; for ``task
+            "classification"`` ``-> logits (B, num_classes)``.
+        task: ``"segmentation"`` (the region loss on the label map, validation Dice) or ``"classification"``
+            (cross-entropy on each case's integer ``target``, validation accuracy on the whole case).
         regions: region name → label values (BraTS ``{"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}``); one
             sigmoid output channel per region.
         modality_dropout: probability that a training sample sees a random non-empty subset of its modalities.
@@ -49,6 +53,7 @@ class SegmentationSystem(MethodSystem):
         network: nn.Module,
         regions: Mapping[str, Sequence[int]],
         modality_dropout: float = 0.5,
+        task: Literal["segmentation", "classification"] = "segmentation",
         roi_size: Sequence[int],
         optimizer: Literal["adamw", "sgd"] = "adamw",
         lr: float = 3e-3,
@@ -72,6 +77,9 @@ class SegmentationSystem(MethodSystem):
         super().__init__(seed=seed)
         self.channels_last = channels_last
         self.network = network
+        if task not in ("segmentation", "classification"):
+            raise ValueError(f"task must be segmentation or classification, got {task!r}")
+        self.task = task
         self.regions = {k: tuple(int(x) for x in v) for k, v in regions.items()}
         self.modality_dropout = modality_dropout
         self.roi_size = tuple(int(s) for s in roi_size)
@@ -86,9 +94,13 @@ class SegmentationSystem(MethodSystem):
                                          dice_smooth_dr=dice_smooth_dr)
         self.overlap, self.sw_batch_size, self.blend = overlap, sw_batch_size, blend
 
-    progress_metrics = ("dice_mean",)
+    @property
+    def progress_metrics(self) -> tuple[str, ...]:
+        return ("accuracy",) if self.task == "classification" else ("dice_mean",)
 
     def val_metric_names(self) -> Sequence[str]:
+        if self.task == "classification":
+            return ["accuracy"]
         return [*(f"dice_{r}" for r in self.regions), "dice_mean"]
 
     def setup(self, stage: str) -> None:
@@ -109,21 +121,37 @@ class SegmentationSystem(MethodSystem):
         return self.network(image, available)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        if batch.label is None:
-            raise ValueError(f"training needs labelled cases; unlabelled: {batch.case_id}")
         keep = sample_modality_subsets(batch.available, p=self.modality_dropout, generator=self.generator)
         batch = drop_modalities(batch, keep)
-        logits = self.network(batch.image, batch.available)
-        loss = self.loss_fn(logits, labels_to_regions(batch.label, self.regions))
+        if self.task == "classification":
+            if batch.target is None:
+                raise ValueError(f"classification training needs a target per case; missing in {batch.case_id}")
+            logits = self.network(batch.image, batch.available)
+            if logits.ndim != 2:
+                raise ValueError(f"classification needs a network returning (B, num_classes) logits, got "
+                                 f"{tuple(logits.shape)} (model.name: a classifier such as pumit_vit_cls)")
+            loss = F.cross_entropy(logits, batch.target.long())
+        else:
+            if batch.label is None:
+                raise ValueError(f"training needs labelled cases; unlabelled: {batch.case_id}")
+            logits = self.network(batch.image, batch.available)
+            loss = self.loss_fn(logits, labels_to_regions(batch.label, self.regions))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=True)
         self.log("train/n_modalities", batch.available.sum(1).float().mean(), batch_size=len(batch))
         self.log_lr()
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        weight = batch.weight if batch.weight is not None else torch.ones(len(batch))
+        if self.task == "classification":
+            if batch.target is None:
+                return
+            logits = self.network(batch.image, batch.available)  # whole cases (one grid per batch)
+            correct = (logits.argmax(1) == batch.target.long()).double()
+            self.add_val_metric("accuracy", correct, weight)
+            return
         if batch.label is None:
             return
-        weight = batch.weight if batch.weight is not None else torch.ones(len(batch))
         for i in range(len(batch)):
             if float(weight[i]) == 0:
                 continue  # padding that keeps the ranks in step
