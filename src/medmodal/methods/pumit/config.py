@@ -35,6 +35,11 @@ class PUMITMethod(MethodSection):
     # the largest crop in tokens (x, y, z); fewer where an image is smaller (spec: 8x8x4 for the tokenizer)
     token_grid: list[int] = [8, 8, 4]
     percentiles: tuple[float, float] = (0.5, 99.5)
+    # the images: None = every modality of every case of `data`; a folder of images (any mix of 2D/3D, formats and
+    # spacings; a sub-folder name is the modality tag) or a collection manifest (CSV/JSON: path, modality, spacing)
+    collection: Path | None = None
+    # image channels the networks see: 1 (colour -> grey by ITU-R BT.601) or 3 (the spec: RGB, grey replicated)
+    channels: Literal[1, 3] = 1
     # validation: this many global batches of crops of the validation images (a fixed draw)
     val_batches: int = Field(4, ge=1)
 
