@@ -90,3 +90,32 @@ def test_processes_generating_the_same_phantom_at_once_all_read_a_complete_one(t
     assert all(r[1] == [f"phantom_{i:03d}" for i in range(8)] and r[2] for r in results), results
     leftovers = [p.name for p in (tmp_path / "cache" / "phantom").iterdir() if p.name.endswith(".tmp")]
     assert not leftovers
+
+
+def test_label_subsets_are_seeded_nested_and_never_empty() -> None:
+    from medmodal.engine.datamodule import label_subset
+
+    ids = [f"c{i:03d}" for i in range(40)]
+    subsets = {f: label_subset(ids, fraction=f, seed=3) for f in (0.1, 0.25, 0.5, 1.0)}
+    assert [len(s) for s in subsets.values()] == [4, 10, 20, 40]
+    assert set(subsets[0.1]) < set(subsets[0.25]) < set(subsets[0.5]) < set(subsets[1.0])  # nested
+    assert label_subset(list(reversed(ids)), fraction=0.25, seed=3) == subsets[0.25]  # input order is irrelevant
+    assert label_subset(ids, fraction=0.25, seed=4) != subsets[0.25]  # the seed draws another subset
+    assert label_subset(ids[:3], fraction=0.01, seed=0) and len(label_subset(ids[:3], fraction=0.01, seed=0)) == 1
+    with pytest.raises(ValueError, match="label_fraction"):
+        label_subset(ids, fraction=0.0, seed=0)
+
+
+def test_a_method_that_does_not_subsample_labels_refuses_label_fraction() -> None:
+    from pydantic import ValidationError
+
+    from medmodal.engine.plugin import get_method
+    from medmodal.engine.recipe import Recipe
+
+    ok = get_method("zero_fill").contract_recipe(2)
+    ok["data"]["label_fraction"] = 0.5
+    assert Recipe.model_validate(ok).data.label_fraction == 0.5
+    other = get_method("pumit").contract_recipe(3)
+    other["data"]["label_fraction"] = 0.5
+    with pytest.raises(ValidationError, match="data.label_fraction: method 'pumit'"):
+        Recipe.model_validate(other)

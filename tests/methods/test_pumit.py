@@ -247,3 +247,42 @@ def test_pretrain_runs_both_stages_and_reports_them(tmp_path: Path, monkeypatch:
     assert stored["method"]["tokenizer_run"] == str((tmp_path / "pt" / "tokenizer").resolve())
     code, text = invoke("pretrain", "--fast", "--out", tmp_path / "pt")
     assert code == 2 and "--overwrite" in text, text
+
+
+def test_a_classifier_fine_tunes_from_the_pretrained_vit_on_a_label_budget(tmp_path: Path) -> None:
+    """`pumit_vit_cls` under the zero-fill method's classification task: the backbone comes from the MIM run, the
+    head starts fresh, `data.label_fraction` trains on a nested share of the training cases, and the validation
+    accuracy the system logs equals the accuracy `medmodal evaluate` computes on the same cases."""
+    from medmodal.engine.plugin import get_method
+
+    (tmp_path / "tok.yaml").write_text(yaml.safe_dump(_recipe(tmp_path)), encoding="utf-8")
+    code, text = invoke("train", tmp_path / "tok.yaml", "--out", tmp_path / "tok", "--set", "train.max_steps=1")
+    assert code == 0, text
+    vit = {"width": 16, "num_layers": 2, "num_heads": 2, "patch_size": 8}
+    mim = _recipe(tmp_path, stage="mim", tokenizer_run=str(tmp_path / "tok"))
+    mim["model"] = {"name": "pumit_vit", "kwargs": {k: v for k, v in vit.items() if k != "patch_size"}}
+    (tmp_path / "mim.yaml").write_text(yaml.safe_dump(mim), encoding="utf-8")
+    code, text = invoke("train", tmp_path / "mim.yaml", "--out", tmp_path / "mim", "--set", "train.max_steps=1")
+    assert code == 0, text
+    cls = get_method("zero_fill").contract_recipe(2)
+    cls["data"].update(modalities=["t1c"], cache_dir=str(tmp_path / "cache_cls"), label_fraction=0.5)
+    cls["data"]["phantom"].update(cases=12)
+    cls["model"] = {"name": "pumit_vit_cls", "kwargs": {**vit, "num_classes": 2}}
+    cls["method"] = {"name": "zero_fill", "task": "classification"}
+    cls["train"].update(max_steps=2, val_every_steps=2)
+    (tmp_path / "cls.yaml").write_text(yaml.safe_dump(cls), encoding="utf-8")
+    code, text = invoke("train", tmp_path / "cls.yaml", "--out", tmp_path / "cls", "--from", tmp_path / "mim")
+    assert code == 0, text
+    info = json.loads((tmp_path / "cls" / "run.json").read_text(encoding="utf-8"))
+    assert info["task"]["kind"] == "classification"
+    loaded = info["initialised_from"]
+    assert loaded["loaded"] > 0 and all(k.startswith("vit.cls_head") for k in loaded["not_loaded"]), loaded
+    split = json.loads((tmp_path / "cls" / "split.json").read_text(encoding="utf-8"))
+    assert len(split["train"]) == 4 and len(split["val"]) == 4  # 12 cases: 4 validation, half of the other 8 train
+    code, text = invoke("evaluate", tmp_path / "cls")
+    assert code == 0, text
+    with (tmp_path / "cls" / "metrics.csv").open(newline="", encoding="utf-8") as f:
+        logged = [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "val/accuracy"]
+    with (tmp_path / "cls" / "eval" / "summary.csv").open(newline="", encoding="utf-8") as f:
+        evaluated = [float(r["accuracy"]) for r in csv.DictReader(f)]
+    assert logged and evaluated == [pytest.approx(logged[-1])]
