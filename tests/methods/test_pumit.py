@@ -286,3 +286,42 @@ def test_a_classifier_fine_tunes_from_the_pretrained_vit_on_a_label_budget(tmp_p
     with (tmp_path / "cls" / "eval" / "summary.csv").open(newline="", encoding="utf-8") as f:
         evaluated = [float(r["accuracy"]) for r in csv.DictReader(f)]
     assert logged and evaluated == [pytest.approx(logged[-1])]
+
+
+def test_a_folder_collection_of_mixed_2d_and_3d_images_trains_and_evaluates(tmp_path: Path) -> None:
+    """`method.collection`: a plain folder whose sub-folders are modality tags, holding 2D pictures and volumes of
+    several spacings, trains the tokenizer without a data set of cases; each image is a unit of the split and the
+    evaluation reports each (modality, DA) group of the folder."""
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    for sub in ("ct", "mr", "xray"):
+        (folder / sub).mkdir(parents=True)
+    for i in range(3):
+        nib.save(nib.Nifti1Image(rng.normal(size=(24, 25, 24)).astype(np.float32), np.diag([0.8, 0.8, 0.8, 1.0])),
+                 folder / "ct" / f"thin{i}.nii.gz")  # isotropic: DA 0
+        nib.save(nib.Nifti1Image(rng.normal(size=(26, 24, 7)).astype(np.float32), np.diag([1.0, 1.0, 4.5, 1.0])),
+                 folder / "mr" / f"thick{i}.nii.gz")  # 4.5 mm slices: DA 2
+        Image.fromarray(rng.integers(0, 255, size=(33, 41), dtype=np.uint8)).save(folder / "xray" / f"cxr{i}.png")
+    recipe = _recipe(tmp_path, collection=str(folder))
+    (tmp_path / "tok.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    code, text = invoke("train", tmp_path / "tok.yaml", "--out", tmp_path / "tok", "--set", "train.max_steps=2")
+    assert code == 0, text
+    info = json.loads((tmp_path / "tok" / "run.json").read_text(encoding="utf-8"))
+    assert info["modalities"] == ["ct", "mr", "xray"]
+    split = json.loads((tmp_path / "tok" / "split.json").read_text(encoding="utf-8"))
+    assert sorted(split["train"] + split["val"]) == sorted(f"{s}/{n}{i}.{e}" for s, n, e in
+                                                           (("ct", "thin", "nii.gz"), ("mr", "thick", "nii.gz"),
+                                                            ("xray", "cxr", "png")) for i in range(3))
+    code, text = invoke("evaluate", tmp_path / "tok", "--split", "all")
+    assert code == 0, text
+    with (tmp_path / "tok" / "eval" / "summary.csv").open(newline="", encoding="utf-8") as f:
+        groups = {(r["modality"], int(r["da"])): int(r["images"]) for r in csv.DictReader(f)}
+    assert groups == {("ct", 0): 3, ("mr", 2): 3, ("xray", 5): 3}
+    missing = _recipe(tmp_path, collection=str(tmp_path / "nowhere"))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(missing), encoding="utf-8")
+    code, text = invoke("train", tmp_path / "bad.yaml", "--out", tmp_path / "bad")
+    assert code == 2 and "method.collection" in text and "nowhere" in text, text

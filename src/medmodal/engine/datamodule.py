@@ -35,7 +35,8 @@ def cache_root() -> Path:
     return Path(os.environ.get("MEDMODAL_CACHE", Path.home() / ".cache" / "medmodal")).expanduser()
 
 
-def _key(obj: Any) -> str:
+def cache_key(obj: Any) -> str:
+    """A short stable hash of ``obj`` (JSON) naming a cache folder."""
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -56,7 +57,7 @@ def phantom_key(cfg: PhantomConfig) -> dict[str, Any]:
 def phantom_dir(cfg: PhantomConfig) -> Path:
     """The cached location of the phantom data set described by ``cfg``."""
     prefix = "xray" if cfg.kind == "chest_xray" else ""
-    return cache_root() / "phantom" / f"{prefix}{cfg.spatial_dims}d-{cfg.cases}c-{_key(phantom_key(cfg))}"
+    return cache_root() / "phantom" / f"{prefix}{cfg.spatial_dims}d-{cfg.cases}c-{cache_key(phantom_key(cfg))}"
 
 
 def ensure_phantom(cfg: PhantomConfig, *, progress: bool = False) -> Path:
@@ -169,7 +170,7 @@ def resolve_source(cfg: DataConfig) -> DataSource:
     key: dict[str, Any] = {"source": source_key, "modalities": modalities, "spacing": spacing}
     if clip is not None:  # absent when off: the caches built before the option keep their folder
         key["histogram_clip"] = clip.to_dict()
-    cache_dir = cfg.cache_dir or cache_root() / "preprocessed" / _key(key)
+    cache_dir = cfg.cache_dir or cache_root() / "preprocessed" / cache_key(key)
     return DataSource(
         info=info,
         modalities=modalities,

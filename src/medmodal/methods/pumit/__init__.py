@@ -41,13 +41,13 @@ class PUMITPlugin(MethodPlugin):
             raise ValueError(f"model.name: the PUMIT {m.stage} stage trains {want!r}, not {recipe.model.name!r}")
 
     def build(self, recipe: Recipe) -> Training:
+        from medmodal.data.case import DataError
         from medmodal.engine.cases import build_network
-        from medmodal.engine.datamodule import resolve_source
         from medmodal.engine.distributed import per_rank_batch
         from medmodal.engine.recipe import RecipeError
         from medmodal.engine.runinfo import TaskInfo
-        from medmodal.methods.pumit.data import CollectionData
-        from medmodal.methods.pumit.system import PUMITMIMSystem, PUMITTokenizerSystem, mask_layer_ids
+        from medmodal.methods.pumit.data import CollectionData, image_source
+        from medmodal.methods.pumit.system import PUMITMIMSystem, PUMITTokenizerSystem, gan_kwargs, mask_layer_ids
 
         m: PUMITMethod = recipe.method  # type: ignore[assignment]
         try:
@@ -68,8 +68,12 @@ class PUMITPlugin(MethodPlugin):
             kwargs = {"in_channels": 1, **kw}
             network = build_network(TOKENIZER, kwargs)
             stride = network.stride
+            try:  # the optional discriminator (method.gan); {} when off
+                gan = gan_kwargs(m, network)
+            except ValueError as err:
+                raise RecipeError(str(err)) from None
             system: Any = PUMITTokenizerSystem(network=network, weight_quant=m.weight_quant,
-                                               weight_ent=m.weight_ent, **optim)
+                                               weight_ent=m.weight_ent, **optim, **gan)
         else:
             tokenizer = self._tokenizer(m)
             stride = tokenizer.stride
@@ -77,20 +81,25 @@ class PUMITPlugin(MethodPlugin):
             network = build_network(VIT, kwargs)
             system = PUMITMIMSystem(network=network, tokenizer=tokenizer, mask_ratio=m.mask_ratio,
                                     mask_layer_ids=mask_layer_ids(len(network.blocks), m.mask_layers), **optim)
-        source = resolve_source(recipe.data)
+        try:
+            source = image_source(recipe.data, m.collection)
+        except DataError as err:
+            raise RecipeError(f"method.collection: {err}") from None
         data = CollectionData(
-            records_fn=source.records, modalities=source.modalities, cache_dir=source.cache_dir,
-            batch_size=d.batch_size, steps_per_epoch=min(t.val_every_steps, t.max_steps), token_grid=m.token_grid,
-            patch_size=stride, val_fraction=d.val_fraction, val_batches=m.val_batches,
+            source=source, batch_size=d.batch_size, steps_per_epoch=min(t.val_every_steps, t.max_steps),
+            token_grid=m.token_grid, patch_size=stride, val_fraction=d.val_fraction, val_batches=m.val_batches,
             percentiles=m.percentiles, seed=recipe.seed, num_workers=d.num_workers, progress=t.progress)
-        preprocessing = {"collection": "each modality of each case is one image: RAS, the coarsest axis last, "
+        unit = "each image is one unit of the split" if m.collection is not None else \
+            "each modality of each case is one image, cases are split"
+        preprocessing = {"collection": f"{source.description}: {unit}; RAS, the coarsest axis last, "
                                       f"percentiles {m.percentiles[0]:g}-{m.percentiles[1]:g} -> [0, 1]; crops of "
                                       "whole tokens, no resampling; the tokenizer sees 2x - 1",
                          "target_spacing": None}
         inference = {"percentiles": list(m.percentiles), "stage": m.stage, "mask_ratio": m.mask_ratio,
-                     "tokenizer_run": None if m.tokenizer_run is None else str(m.tokenizer_run)}
+                     "tokenizer_run": None if m.tokenizer_run is None else str(m.tokenizer_run),
+                     "collection": None if m.collection is None else str(Path(m.collection).resolve())}
         return Training(system=system, data=data, network_name=TOKENIZER if m.stage == "tokenizer" else VIT,
-                        network_kwargs=kwargs, task=TaskInfo(kind="synthesis"), modalities=tuple(source.modalities),
+                        network_kwargs=kwargs, task=TaskInfo(kind="synthesis"), modalities=source.modalities,
                         preprocessing=preprocessing, inference=inference)
 
     @staticmethod

@@ -1,26 +1,33 @@
-"""PUMIT's data: the images of the recipe's data set as an image collection, cropped to whole tokens.
+"""PUMIT's data: an image collection, cropped to whole tokens.
 
-Every modality of every case is one image of the collection (``medmodal.data.collections``): prepared once into a
-memory-mapped cache (RAS, the coarsest axis last, percentiles → [0, 1]), then cut into crops of whole tokens and
-batched by degree of anisotropy and token grid (``medmodal.data.collection_sampler``), so 2D and 3D images of any
-spacing train together without resampling. Cases, not images, are split into training and validation, so the
-modalities of one case never straddle the split.
+The images come from one of two places (:func:`image_source`):
+
+* ``method.collection`` (a folder of images or a collection manifest, ``medmodal.data.collections``): any mix of 2D
+  and 3D images, formats and spacings, each image its own unit of the train/validation split;
+* otherwise the recipe's data set: every modality of every case is one image, and cases, not images, are split,
+  so the modalities of one case never straddle the split.
+
+Each image is prepared once into a memory-mapped cache (RAS, the coarsest axis last, percentiles → [0, 1]), then
+cut into crops of whole tokens and batched by degree of anisotropy and token grid
+(``medmodal.data.collection_sampler``), so 2D and 3D images of any spacing train together without resampling.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader
 
-from medmodal.data.case import CaseRecord, DatasetInfo
+from medmodal.data.case import CaseRecord
 from medmodal.data.collection_cache import CollectionIndex, build_collection_cache
 from medmodal.data.collection_sampler import CollectionCrops, RankBatches, collate_crops
 from medmodal.data.collections import ImageRecord
+from medmodal.engine.recipe import DataConfig
 
 
 def collection_records(records: Sequence[CaseRecord], modalities: Sequence[str]) -> list[ImageRecord]:
@@ -34,13 +41,62 @@ def case_of(image_id: str) -> str:
     return image_id.rsplit("/", 1)[0]
 
 
+def _own_group(image_id: str) -> str:
+    return image_id
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where a PUMIT run's images come from.
+
+    Attributes:
+        images: ``() -> [ImageRecord]`` (lists the images; reads none).
+        group: the unit of the train/validation split of an image id (its case, or the image itself).
+        cache_dir: the collection cache is ``<cache_dir>/collection``.
+        modalities: the modality tags (recorded in ``run.json``).
+        synthetic: whether the images are medmodal's phantom.
+        description: one line for reports (``"the cases of ..."`` / ``"the collection ..."``).
+    """
+
+    images: Callable[[], list[ImageRecord]]
+    group: Callable[[str], str]
+    cache_dir: Path
+    modalities: tuple[str, ...]
+    synthetic: bool
+    description: str
+
+
+def image_source(data_cfg: DataConfig, collection: Path | None) -> ImageSource:
+    """The :class:`ImageSource` of a recipe's ``data`` section and its ``method.collection``.
+
+    Raises:
+        DataError / DataErrors: a collection that does not exist or lists no usable image (every problem named).
+    """
+    from medmodal.data.collections import list_collection
+    from medmodal.engine.datamodule import cache_key, cache_root, resolve_source
+
+    if collection is None:
+        source = resolve_source(data_cfg)
+
+        def case_images() -> list[ImageRecord]:
+            return collection_records(source.records()[1], source.modalities)
+
+        return ImageSource(images=case_images, group=case_of, cache_dir=source.cache_dir,
+                           modalities=tuple(source.modalities), synthetic=bool(source.info.synthetic),
+                           description=f"every modality of every case of {data_cfg.path or 'the phantom'}")
+    path = Path(collection).expanduser().resolve()
+    records = list_collection(path)
+    cache_dir = data_cfg.cache_dir or cache_root() / "collections" / cache_key(str(path))
+    return ImageSource(images=lambda: records, group=_own_group, cache_dir=Path(cache_dir),
+                       modalities=tuple(sorted({r.modality for r in records})), synthetic=False,
+                       description=f"the collection {path} ({len(records)} images)")
+
+
 class CollectionData(L.LightningDataModule):
     """Crops of whole tokens from the training cases' images; a fixed draw of crops from the validation cases'.
 
     Args:
-        records_fn: ``() -> (DatasetInfo, [CaseRecord])`` (the recipe's data source).
-        modalities: the modalities taken from each case.
-        cache_dir: where the collection cache lives (``<cache_dir>/collection``).
+        source: the images (:func:`image_source`); the collection cache lives in ``<source.cache_dir>/collection``.
         batch_size: crops per optimiser step over all processes (a multiple of their number).
         steps_per_epoch: global batches per (virtual) epoch; validation runs after each.
         token_grid: the largest crop in tokens; patch_size: voxels per token in-plane (the tokenizer's stride).
@@ -48,13 +104,12 @@ class CollectionData(L.LightningDataModule):
         percentiles: the intensity mapping; seed: split and crop seed.
     """
 
-    def __init__(self, *, records_fn: Callable[[], tuple[DatasetInfo, list[CaseRecord]]], modalities: Sequence[str],
-                 cache_dir: Path, batch_size: int, steps_per_epoch: int, token_grid: Sequence[int], patch_size: int,
-                 val_fraction: float, val_batches: int, percentiles: Sequence[float], seed: int, num_workers: int,
-                 progress: bool = False) -> None:
+    def __init__(self, *, source: ImageSource, batch_size: int, steps_per_epoch: int, token_grid: Sequence[int],
+                 patch_size: int, val_fraction: float, val_batches: int, percentiles: Sequence[float], seed: int,
+                 num_workers: int, progress: bool = False) -> None:
         super().__init__()
-        self.records_fn, self.modalities = records_fn, tuple(modalities)
-        self.cache_dir, self.batch_size, self.steps_per_epoch = Path(cache_dir), batch_size, steps_per_epoch
+        self.source = source
+        self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
         self.token_grid, self.patch_size = tuple(token_grid), patch_size
         self.val_fraction, self.val_batches = val_fraction, val_batches
         self.percentiles, self.seed = tuple(percentiles), seed
@@ -64,8 +119,7 @@ class CollectionData(L.LightningDataModule):
         self.val_ids: list[str] = []
 
     def _build(self) -> CollectionIndex:
-        _, records = self.records_fn()
-        return build_collection_cache(collection_records(records, self.modalities), self.cache_dir / "collection",
+        return build_collection_cache(self.source.images(), self.source.cache_dir / "collection",
                                       percentiles=self.percentiles, progress=self.progress)
 
     def prepare_data(self) -> None:
@@ -77,14 +131,14 @@ class CollectionData(L.LightningDataModule):
         if self.index is not None:
             return
         self.index = self._build()
-        cases = sorted({case_of(im.image_id) for im in self.index.images})
-        self.train_ids, self.val_ids = split_cases(cases, val_fraction=self.val_fraction, seed=self.seed)
+        groups = sorted({self.source.group(im.image_id) for im in self.index.images})
+        self.train_ids, self.val_ids = split_cases(groups, val_fraction=self.val_fraction, seed=self.seed)
 
-    def subset(self, case_ids: Sequence[str]) -> CollectionIndex:
-        """The collection's images of ``case_ids``."""
+    def subset(self, group_ids: Sequence[str]) -> CollectionIndex:
+        """The collection's images of ``group_ids`` (cases, or images of a collection)."""
         assert self.index is not None
-        keep = set(case_ids)
-        return dataclasses.replace(self.index, images=[im for im in self.index.images if case_of(im.image_id) in keep])
+        keep, group = set(group_ids), self.source.group
+        return dataclasses.replace(self.index, images=[im for im in self.index.images if group(im.image_id) in keep])
 
     def _ranks(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -37,23 +37,30 @@ def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None
                  model_name: str | None = None) -> Path:
     """Score ``run`` (see the module docstring); writes ``images.csv``, ``summary.csv`` and ``report.md``."""
     from medmodal.data.collection_cache import build_collection_cache
-    from medmodal.engine.cases import run_source
-    from medmodal.methods.pumit.data import case_of, collection_records
+    from medmodal.methods.pumit.data import image_source
 
-    source = run_source(run, data)
-    _, records = source.records()
+    cfg, collection = run.recipe.data, run.recipe.method.collection
+    if data is not None:  # another data set (a folder of cases) or, for a collection run, another collection
+        if collection is not None:
+            collection, cfg = Path(data), cfg.model_copy(update={"cache_dir": None})
+        else:
+            cfg = cfg.model_copy(update={"path": Path(data), "format": "auto", "cache_dir": None,
+                                         "modalities": list(run.info.modalities)})
+    elif collection is None and cfg.path is not None and not cfg.path.exists():
+        raise DataError(f"data.path: {cfg.path}, the data set {run.dir} was trained on, no longer exists; "
+                        "evaluate on another data set with --data DIR")
+    source = image_source(cfg, collection)
     inf = run.info.inference
     # the whole data set's cache, as training built it (a cache of a subset would drop the other images from it)
-    index = build_collection_cache(collection_records(records, run.info.modalities),
-                                   source.cache_dir / "collection", percentiles=tuple(inf["percentiles"]),
-                                   progress=progress)
+    index = build_collection_cache(source.images(), source.cache_dir / "collection",
+                                   percentiles=tuple(inf["percentiles"]), progress=progress)
     images = list(index.images)
     if data is None and split != "all":
         keep = set(run.split("val"))
-        images = [im for im in images if case_of(im.image_id) in keep]
-        where = "the run's validation cases"
+        images = [im for im in images if source.group(im.image_id) in keep]
+        where = "the run's validation images"
     else:
-        where = f"every case of {data}" if data is not None else "every case of the training data"
+        where = f"every image of {data}" if data is not None else f"every image of {source.description}"
     network = run.network()
     mim = inf.get("stage") == "mim"
     tokenizer, layers = None, []
@@ -71,7 +78,7 @@ def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None
         if crop is None:
             continue
         x = torch.from_numpy(crop)[None, None] * 2.0 - 1.0
-        row = {"image_id": image.image_id, "case_id": case_of(image.image_id), "modality": image.modality,
+        row = {"image_id": image.image_id, "group": source.group(image.image_id), "modality": image.modality,
                "spatial_dims": image.spatial_dims, "da": image.da, "crop": "x".join(map(str, crop.shape))}
         row.update(_mim_scores(network, tokenizer, x, image, inf, layers) if mim
                    else _tokenizer_scores(network, x, image))
@@ -90,7 +97,7 @@ def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None
         summary.append([mod, da, len(rs), *(f"{np.mean([r[k] for r in rs]):.4f}" for k in keys)])
     write_csv(out_dir / "summary.csv", ["modality", "da", "images", *keys], summary)
     lines = [f"# PUMIT {'MIM' if mim else 'tokenizer'} evaluation: {model_name or run.dir.name}", ""]
-    if source.info.synthetic:
+    if source.synthetic:
         lines += ["**Data: synthetic phantom** (procedurally generated images, not patients).", ""]
     titles = ("masked CE", "masked KL", "token accuracy") if mim else ("L1", "PSNR (dB)", "code usage", "perplexity")
     lines += [f"- run: `{run.dir}`; images: {len(rows)} of {where}; centre crops of at most {EVAL_TOKENS} tokens per "
