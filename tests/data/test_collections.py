@@ -186,19 +186,20 @@ def test_prepare_reorients_and_moves_the_thick_axis_last() -> None:
     flipped = Volume(array, np.diag([-0.8, 0.8, 6.5, 1.0]))  # x runs right-to-left
     prepared = prepare_image(flipped)
     assert prepared.spacing == pytest.approx((0.8, 0.8, 6.5)) and prepared.da == 3
-    np.testing.assert_allclose(prepared.array, percentile_scale(array[::-1]), atol=1e-7)
+    assert prepared.array.shape == (1, 5, 6, 7) and prepared.channels == 1 and prepared.shape == (5, 6, 7)
+    np.testing.assert_allclose(prepared.array[0], percentile_scale(array[::-1]), atol=1e-7)
     sagittal = Volume(array, np.diag([6.5, 0.8, 0.8, 1.0]))  # thick slices along x
     prepared = prepare_image(sagittal)
-    assert prepared.array.shape == (6, 7, 5)
+    assert prepared.array.shape == (1, 6, 7, 5)
     assert prepared.spacing == pytest.approx((0.8, 0.8, 6.5)) and prepared.da == 3
-    np.testing.assert_allclose(prepared.array, percentile_scale(array).transpose(1, 2, 0), atol=1e-7)
+    np.testing.assert_allclose(prepared.array[0], percentile_scale(array).transpose(1, 2, 0), atol=1e-7)
 
 
 def test_prepare_natural_pictures_and_errors_name_the_file() -> None:
     picture = np.array([[0, 51], [102, 255]], dtype=np.uint8)
     prepared = prepare_image(Volume(picture, path=Path("p.png")), natural=True)
-    assert prepared.array.shape == (2, 2, 1) and prepared.spatial_dims == 2 and prepared.da == 5
-    assert prepared.array[..., 0].ravel().tolist() == pytest.approx([0.0, 0.2, 0.4, 1.0])
+    assert prepared.array.shape == (1, 2, 2, 1) and prepared.spatial_dims == 2 and prepared.da == 5
+    assert prepared.array[0, ..., 0].ravel().tolist() == pytest.approx([0.0, 0.2, 0.4, 1.0])
     assert prepared.spacing == (1.0, 1.0, 32.0)
     with pytest.raises(DataError, match=r"q\.png: is uint16, not an 8-bit picture"):
         prepare_image(Volume(picture.astype(np.uint16), path=Path("q.png")), natural=True)
@@ -236,13 +237,13 @@ def test_cache_reuse_and_invalidation(collection: Path, monkeypatch: pytest.Monk
     import medmodal.data.collection_cache as cache_module
 
     calls: list[str] = []
-    real = cache_module.read_image
+    real = cache_module.read_collection_image
 
     def counting(path: Path, **kw: object) -> Volume:
         calls.append(Path(path).name)
         return real(path, **kw)
 
-    monkeypatch.setattr(cache_module, "read_image", counting)
+    monkeypatch.setattr(cache_module, "read_collection_image", counting)
     records = list_folder(collection, modality="brain")
     cache = collection / "cache"
     build_collection_cache(records, cache, dtype="float32")

@@ -3,12 +3,17 @@
 Layout of ``cache_dir``::
 
     collection.json   index: parameters and one entry per image (written last, atomically)
-    <hash>.npy        (X, Y, Z) array of one image (float16 or float32, in [0, 1]), memory-mapped on read
+    <hash>.npy        (C, X, Y, Z) array of one image (float16 or float32, in [0, 1]; C = 1 grey, 3 RGB),
+                      memory-mapped on read
 
 Every file is written through :func:`medmodal.atomic.atomic_write`. An image is prepared again
 (:func:`~medmodal.data.collections.prepare_image`) only when its source changed (path + size + modification time of
 the file, or of every file of a DICOM series folder) or its spacing override or intensity mapping changed; a cache
 built with other parameters is rebuilt; images that left the collection leave the cache.
+
+Format versions: 1 stored ``(X, Y, Z)`` grey arrays (colour pictures were refused); 2 stores ``(C, X, Y, Z)`` and
+keeps colour. A version-1 cache is rebuilt by :func:`build_collection_cache` and refused by
+:meth:`CollectionIndex.load`.
 """
 
 from __future__ import annotations
@@ -31,12 +36,15 @@ from medmodal.data.collections import (
     MAX_DA,
     ImageRecord,
     prepare_image,
+    read_collection_image,
+    to_channels,
 )
-from medmodal.data.io import DataErrors, read_image
+from medmodal.data.io import DataErrors
 
 __all__ = ["CachedImage", "CollectionIndex", "build_collection_cache"]
 
-FORMAT_VERSION = 1
+#: 2: ``(C, X, Y, Z)`` arrays, colour kept (1: ``(X, Y, Z)`` grey only).
+FORMAT_VERSION = 2
 log = logging.getLogger(__name__)
 
 
@@ -46,8 +54,10 @@ class CachedImage:
 
     Attributes:
         image_id, source, modality, dataset: from the :class:`ImageRecord`.
-        path: the ``.npy`` file, ``(X, Y, Z)``.
-        shape: ``(X, Y, Z)``; spacing: ``(s_x, s_y, s_z)`` mm; spatial_dims: 2 or 3; da: degree of anisotropy.
+        path: the ``.npy`` file, ``(C, X, Y, Z)``.
+        shape: the spatial shape ``(X, Y, Z)``; spacing: ``(s_x, s_y, s_z)`` mm; spatial_dims: 2 or 3; da: degree
+            of anisotropy.
+        channels: 1 (grey) or 3 (RGB: a colour picture).
     """
 
     image_id: str
@@ -59,14 +69,22 @@ class CachedImage:
     spacing: tuple[float, float, float]
     spatial_dims: int
     da: int
+    channels: int = 1
 
-    def array(self) -> np.ndarray:
-        """The ``(X, Y, Z)`` read-only memory map (float16 or float32, as cached)."""
+    def data(self) -> np.ndarray:
+        """The ``(C, X, Y, Z)`` read-only memory map (float16 or float32, as cached)."""
         try:
             return np.load(self.path, mmap_mode="r")
         except (OSError, ValueError) as err:
             raise DataError(f"{self.path}: cannot memory-map the cached image of {self.source} ({err}); rebuild "
                             "the cache") from err
+
+    def array(self) -> np.ndarray:
+        """The grey ``(X, Y, Z)`` image: the memory map of a grey image's one channel (no copy); a colour image's
+        BT.601 luma (:func:`~medmodal.data.collections.to_channels`), computed as float32. :meth:`data` holds
+        every channel."""
+        data = self.data()
+        return data[0] if self.channels == 1 else to_channels(data, 1)[0]
 
 
 @dataclass
@@ -161,7 +179,7 @@ def build_collection_cache(
                 continue
             (root / INDEX_NAME).unlink(missing_ok=True)  # never leave an index describing arrays being rewritten
             try:
-                prepared = prepare_image(read_image(record.path), spacing=record.spacing, natural=is_natural,
+                prepared = prepare_image(read_collection_image(record.path), spacing=record.spacing, natural=is_natural,
                                          percentiles=percentiles, max_da=max_da)
             except DataError as err:
                 problems.append((record.image_id, record.path, str(err)))
@@ -170,9 +188,9 @@ def build_collection_cache(
             data = prepared.array.astype(dtype)
             atomic_write(root / file, lambda f, data=data: np.save(f, data))
             entries.append({"image_id": record.image_id, "source": source, "key": key, "modality": record.modality,
-                            "dataset": record.dataset, "file": file, "shape": list(prepared.array.shape),
-                            "spacing": list(prepared.spacing), "spatial_dims": prepared.spatial_dims,
-                            "da": prepared.da})
+                            "dataset": record.dataset, "file": file, "shape": list(prepared.shape),
+                            "channels": prepared.channels, "spacing": list(prepared.spacing),
+                            "spatial_dims": prepared.spatial_dims, "da": prepared.da})
     doc = {"params": params, "images": entries}
     atomic_write(root / INDEX_NAME, lambda f: f.write(json.dumps(doc, indent=1).encode()))
     kept = {e["file"] for e in entries}
@@ -215,7 +233,7 @@ def _index(doc: dict, root: Path) -> CollectionIndex:
         CachedImage(image_id=e["image_id"], source=Path(e["source"]), modality=e["modality"], dataset=e["dataset"],
                     path=root / e["file"], shape=tuple(int(s) for s in e["shape"]),
                     spacing=tuple(float(s) for s in e["spacing"]), spatial_dims=int(e["spatial_dims"]),
-                    da=int(e["da"]))
+                    da=int(e["da"]), channels=int(e["channels"]))
         for e in doc["images"]
     ]
     return CollectionIndex(images=images, root=root, params=dict(doc["params"]))

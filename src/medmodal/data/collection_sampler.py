@@ -24,6 +24,10 @@ The **bucket** of an image is ``(DA, (n_x, n_y, n_z))``. Batch ``j`` of epoch ``
 bucket with probabilities ``pi`` restricted to it. Every position of a batch is then distributed as ``pi`` (so the
 DA histogram of batches follows the weights: spec invariant 9), and every batch holds one bucket.
 
+**Channels.** Grey and colour images of one bucket share batches: every crop is converted to the ``channels`` the
+network takes (:func:`~medmodal.data.collections.to_channels`: RGB -> grey by the BT.601 weights, grey -> RGB by
+replication), so a batch is ``(B, channels, X, Y, Z)`` whatever its images hold.
+
 Item ``i`` of the data set is position ``i mod B`` of global batch ``i // B``; a DataLoader with
 :class:`RankBatches` gives rank ``r`` of ``W`` positions ``[r B/W, (r+1) B/W)`` of each global batch, so ``W`` ranks
 together see exactly one process's batches. The crop corner of item ``i`` is drawn from ``(seed, e, i)``.
@@ -42,7 +46,7 @@ from torch.utils.data import Dataset, Sampler
 
 from medmodal.data.case import DataError
 from medmodal.data.collection_cache import CachedImage, CollectionIndex
-from medmodal.data.collections import MAX_DA
+from medmodal.data.collections import CHANNELS, MAX_DA, to_channels
 from medmodal.data.io import DataErrors
 
 __all__ = ["Bucket", "CollectionCrops", "RankBatches", "collate_crops", "crop_tokens", "token_size"]
@@ -88,7 +92,7 @@ class _Maps:
         if k in self._open:
             self._open.move_to_end(k)
         else:
-            self._open[k] = self.images[k].array()
+            self._open[k] = self.images[k].data()
             if len(self._open) > MAX_OPEN_IMAGES:
                 self._open.popitem(last=False)
         return self._open[k]
@@ -102,9 +106,10 @@ class CollectionCrops(Dataset):
 
     Items are dicts::
 
-        {"image": (1, X, Y, Z) float32 in [0, 1], "valid": (1, X, Y, Z) bool (False on padding),
+        {"image": (channels, X, Y, Z) float32 in [0, 1], "valid": (1, X, Y, Z) bool (False on padding),
          "da": int, "tokens": (n_x, n_y, n_z), "corner": (x0, y0, z0) in the image,
-         "spacing": (3,) float32 mm, "image_id": str, "modality": str, "dataset": str}
+         "spacing": (3,) float32 mm, "image_id": str, "modality": str, "dataset": str,
+         "source_channels": int (the image's own: 1 grey, 3 RGB)}
 
     with ``(X, Y, Z) = tokens * token_size(da)``; :func:`collate_crops` stacks them.
 
@@ -121,6 +126,8 @@ class CollectionCrops(Dataset):
         weight_by: ``"dataset"`` or ``"modality"``: what ``weights`` names.
         seed: base seed.
         max_da: the DA of a 2D image.
+        channels: the channels of every crop, 1 (a colour image becomes its BT.601 grey) or 3 (a grey image is
+            replicated; PUMIT spec §2.2).
 
     Call :meth:`set_epoch` before each epoch's iterator so that epochs draw different batches.
     """
@@ -137,7 +144,10 @@ class CollectionCrops(Dataset):
         weight_by: Literal["dataset", "modality"] = "dataset",
         seed: int = 0,
         max_da: int = MAX_DA,
+        channels: int = 1,
     ) -> None:
+        if channels not in CHANNELS:
+            raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
         if batch_size < 1 or batches_per_epoch < 1:
             raise ValueError(f"batch_size ({batch_size}) and batches_per_epoch ({batches_per_epoch}) must be >= 1")
         grid = tuple(int(g) for g in token_grid)
@@ -152,7 +162,7 @@ class CollectionCrops(Dataset):
         self.index, self.images = index, list(index.images)
         self.batch_size, self.batches_per_epoch = int(batch_size), int(batches_per_epoch)
         self.token_grid, self.patch_size, self.max_da = grid, int(patch_size), int(max_da)
-        self.seed, self.epoch = int(seed), 0
+        self.seed, self.epoch, self.channels = int(seed), 0, int(channels)
         problems, self.tokens = [], []
         for image in self.images:
             try:
@@ -226,14 +236,14 @@ class CollectionCrops(Dataset):
         rng = np.random.default_rng(seq)
         corner = [int(rng.integers(0, max(s - c, 0) + 1)) for s, c in zip(image.shape, size, strict=True)]
         window = tuple(slice(c0, min(c0 + c, s)) for c0, c, s in zip(corner, size, image.shape, strict=True))
-        data = np.asarray(self._maps[k][window], dtype=np.float32)
-        out = np.zeros(size, dtype=np.float32)
-        valid = np.zeros(size, dtype=bool)
-        filled = tuple(slice(0, d) for d in data.shape)
+        data = to_channels(np.asarray(self._maps[k][(slice(None), *window)], dtype=np.float32), self.channels)
+        out = np.zeros((self.channels, *size), dtype=np.float32)
+        valid = np.zeros((1, *size), dtype=bool)
+        filled = (slice(None), *(slice(0, d) for d in data.shape[1:]))
         out[filled], valid[filled] = data, True
         return {
-            "image": torch.from_numpy(out)[None],
-            "valid": torch.from_numpy(valid)[None],
+            "image": torch.from_numpy(out),
+            "valid": torch.from_numpy(valid),
             "da": image.da,
             "tokens": tokens,
             "corner": tuple(corner),
@@ -241,6 +251,7 @@ class CollectionCrops(Dataset):
             "image_id": image.image_id,
             "modality": image.modality,
             "dataset": image.dataset,
+            "source_channels": image.channels,
         }
 
 
@@ -277,15 +288,20 @@ class RankBatches(Sampler[list[int]]):
 
 
 def collate_crops(samples: Sequence[dict]) -> dict:
-    """Stack crops of one bucket: ``image``/``valid`` ``(B, 1, X, Y, Z)``, ``spacing (B, 3)``, ``da`` and
-    ``tokens`` (one value each), ``corner``/``image_id``/``modality``/``dataset`` lists.
+    """Stack crops of one bucket: ``image`` ``(B, channels, X, Y, Z)``, ``valid`` ``(B, 1, X, Y, Z)``,
+    ``spacing (B, 3)``, ``da`` and ``tokens`` (one value each), ``corner``/``image_id``/``modality``/``dataset``/
+    ``source_channels`` lists.
 
     Raises:
-        ValueError: the samples mix DAs or token grids (a sampler bug: batches are formed per bucket).
+        ValueError: the samples mix DAs, token grids or channel counts (a sampler bug: batches are formed per
+            bucket and every crop is converted to the data set's ``channels``).
     """
     buckets = {(s["da"], tuple(s["tokens"])) for s in samples}
     if len(buckets) != 1:
         raise ValueError(f"a batch must hold one (DA, token grid) bucket, got {sorted(buckets)}")
+    counts = {int(s["image"].shape[0]) for s in samples}
+    if len(counts) != 1:
+        raise ValueError(f"a batch must hold crops of one channel count, got {sorted(counts)}")
     (da, tokens), = buckets
     return {
         "image": torch.stack([s["image"] for s in samples]),
@@ -297,4 +313,5 @@ def collate_crops(samples: Sequence[dict]) -> dict:
         "image_id": [s["image_id"] for s in samples],
         "modality": [s["modality"] for s in samples],
         "dataset": [s["dataset"] for s in samples],
+        "source_channels": [s.get("source_channels", 1) for s in samples],
     }

@@ -14,14 +14,28 @@ A collection is listed from a **folder** or a **manifest**:
   ``dataset`` (the sampling group, default: the modality) and ``spacing`` (``"0.14,0.14"``: the pixel / voxel
   size in mm of the image's own axes, for pictures that carry none, e.g. an X-ray JPEG).
 
-Every image is prepared by :func:`prepare_image` (spec §2.5 of the pretraining method, "Data"):
+Every image is read by :func:`read_collection_image` and prepared by :func:`prepare_image` (spec §2.5 of the
+pretraining method, "Data"):
 
+0. **Colour** is kept: a PNG/JPEG/TIFF/BMP picture whose channels differ (H&E pathology, fundus photographs) is a
+   3-channel RGB image; one whose channels are equal (within the JPEG tolerance of
+   :data:`~medmodal.data.xray.JPEG_GREY_TOLERANCE`) is grey, as are volumes and DICOM files. An alpha channel must be
+   opaque and is dropped; a transparent pixel (or a 2-channel picture, which Pillow reads as grey + alpha) is an
+   error naming the file.
 1. 3D images are reoriented to the closest RAS axis order (:func:`~medmodal.data.preprocess.canonical_orientation`,
    a permutation and flips, no interpolation); then the axis with the coarsest spacing is moved last, so that the
    slice (depth) axis of a thick-slice scan is ``Z`` whatever plane it was acquired in. 2D images keep their axes.
 2. Intensities are mapped to ``[0, 1]``: ``clip((v - p_0.5) / (p_99.5 - p_0.5), 0, 1)`` with the image's own
-   0.5 / 99.5 percentiles, or ``v / 255`` for 8-bit natural pictures (the datasets named in ``natural``).
-3. The array is stored as ``(X, Y, Z)``; a 2D image as a one-slice volume ``(X, Y, 1)``.
+   0.5 / 99.5 percentiles, or ``v / 255`` for 8-bit natural pictures (the datasets named in ``natural``). A colour
+   image has **one** ``(p_0.5, p_99.5)`` pair, taken over all its channels together, so the mapping is the same
+   affine map on R, G and B and keeps the hue (per-channel percentiles would stretch each channel on its own and
+   tint the picture).
+3. The array is stored as ``(C, X, Y, Z)`` (``C`` = 1 grey or 3 RGB); a 2D image as a one-slice volume
+   ``(C, X, Y, 1)``.
+
+The crops (:class:`~medmodal.data.collection_sampler.CollectionCrops`) are converted to the channels a network
+takes by :func:`to_channels`: colour to grey by the ITU-R BT.601 weights ``(0.299, 0.587, 0.114)``, grey to RGB by
+replication (the PUMIT spec §2.2: "grayscale is replicated to 3 channels").
 
 Each image carries its spacing ``(s_x, s_y, s_z)`` in mm and its degree of anisotropy
 ``DA = clip(floor(log2(s_z / min(s_x, s_y))), 0, 5)``; a 2D image has DA 5 and the placeholder depth spacing
@@ -52,8 +66,11 @@ from medmodal.data.case import DataError, Volume
 from medmodal.data.check import Problem
 from medmodal.data.io import READ_EXTENSIONS, DataErrors, read_image
 from medmodal.data.preprocess import canonical_orientation
+from medmodal.data.xray import BT601_WEIGHTS, PICTURE_EXTENSIONS, XrayVolume, bt601_grey, read_picture
 
 __all__ = [
+    "BT601_WEIGHTS",
+    "CHANNELS",
     "DEFAULT_PERCENTILES",
     "INDEX_NAME",
     "MAX_DA",
@@ -65,7 +82,9 @@ __all__ = [
     "list_folder",
     "percentile_scale",
     "prepare_image",
+    "read_collection_image",
     "read_collection_manifest",
+    "to_channels",
 ]
 
 #: the index file of a collection cache; folders holding one are not scanned for images.
@@ -75,6 +94,8 @@ MAX_DA = 5
 #: the intensity percentiles mapped to 0 and 1.
 DEFAULT_PERCENTILES: tuple[float, float] = (0.5, 99.5)
 MANIFEST_FIELDS = ("image", "modality", "dataset", "spacing")
+#: the channel counts of a collection image and of the crops a network takes: 1 (grey) or 3 (RGB).
+CHANNELS = (1, 3)
 _DICOM = ".dcm"
 
 
@@ -84,6 +105,9 @@ _DICOM = ".dcm"
 @dataclass(frozen=True)
 class ImageRecord:
     """One image of a collection, before it is read.
+
+    The channel count (grey or colour) is a property of the file, known once it is read
+    (:attr:`PreparedImage.channels`, :attr:`~medmodal.data.collection_cache.CachedImage.channels`).
 
     Attributes:
         image_id: a unique name: the path relative to the folder or manifest (posix), or the absolute path.
@@ -326,7 +350,8 @@ def degree_of_anisotropy(spacing: Sequence[float], *, max_da: int = MAX_DA) -> i
 def percentile_scale(
     array: np.ndarray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES, *, where: str = "<image>"
 ) -> np.ndarray:
-    """``clip((v - lo) / (hi - lo), 0, 1)`` as float32, ``lo, hi`` the image's ``percentiles`` (0..100).
+    """``clip((v - lo) / (hi - lo), 0, 1)`` as float32, ``lo, hi`` the image's ``percentiles`` (0..100) over every
+    value of ``array`` (all channels of a ``(C, *S)`` colour image together: one affine map keeps the hue).
 
     When the percentiles coincide (more than 99 % of the voxels share one value) the minimum and maximum are used.
 
@@ -342,12 +367,47 @@ def percentile_scale(
     return np.clip((values - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0)
 
 
+def to_channels(array: np.ndarray, channels: int) -> np.ndarray:
+    """A ``(C, *S)`` image with ``C`` in :data:`CHANNELS` as ``channels`` channels: unchanged when they agree,
+    RGB -> grey by the BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` (:data:`BT601_WEIGHTS`), grey -> RGB by
+    replicating the channel (PUMIT spec §2.2). Returns float32 ``(channels, *S)``; a copy unless unchanged.
+
+    Raises:
+        ValueError: ``channels`` or ``C`` not 1 or 3.
+    """
+    if channels not in CHANNELS:
+        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
+    source = array.shape[0] if array.ndim else 0
+    if source not in CHANNELS:
+        raise ValueError(f"expected a (C, *S) image with C = 1 or 3, got shape {array.shape}")
+    if source == channels:
+        return np.asarray(array, dtype=np.float32)
+    if channels == 1:
+        return bt601_grey(array, axis=0)[None]
+    return np.repeat(np.asarray(array, dtype=np.float32), 3, axis=0)
+
+
+def read_collection_image(path: Path | str) -> Volume:
+    """Read one collection image: a picture (:data:`~medmodal.data.xray.PICTURE_EXTENSIONS`) keeping its colour
+    (:func:`~medmodal.data.xray.read_picture` with ``colour=True``: an :class:`~medmodal.data.xray.XrayVolume`
+    whose ``rgb`` holds the channels), anything else by :func:`~medmodal.data.io.read_image` (grey).
+
+    Raises:
+        DataError: naming the file (see those readers).
+    """
+    path = Path(path)
+    if path.is_file() and path.name.lower().endswith(PICTURE_EXTENSIONS) and path.stat().st_size > 0:
+        return read_picture(path, colour=True)
+    return read_image(path)
+
+
 @dataclass(frozen=True)
 class PreparedImage:
     """An image ready to cache.
 
     Attributes:
-        array: ``(X, Y, Z)`` float32 in ``[0, 1]``, the slice axis last; a 2D image is ``(X, Y, 1)``.
+        array: ``(C, X, Y, Z)`` float32 in ``[0, 1]``, ``C`` = 1 (grey) or 3 (RGB), the slice axis last; a 2D image
+            is ``(C, X, Y, 1)``.
         spacing: ``(s_x, s_y, s_z)`` in mm (2D: ``s_z = min(s_x, s_y) * 2**max_da``, a placeholder).
         spatial_dims: 2 or 3.
         da: the degree of anisotropy (2D: ``max_da``).
@@ -357,6 +417,17 @@ class PreparedImage:
     spacing: tuple[float, float, float]
     spatial_dims: int
     da: int
+
+    @property
+    def channels(self) -> int:
+        """1 (grey) or 3 (RGB)."""
+        return int(self.array.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The spatial shape ``(X, Y, Z)``."""
+        x, y, z = self.array.shape[1:]
+        return int(x), int(y), int(z)
 
 
 def prepare_image(
@@ -370,11 +441,16 @@ def prepare_image(
     """Reorient, map the intensities and compute the spacing and DA of one image (steps in the module docstring).
 
     Args:
-        volume: the image as read by :func:`~medmodal.data.io.read_image`.
+        volume: the image as read by :func:`read_collection_image` (a colour picture is an
+            :class:`~medmodal.data.xray.XrayVolume` with ``rgb``; it keeps its 3 channels) or
+            :func:`~medmodal.data.io.read_image` (grey).
         spacing: replaces the voxel size of the image's own axes (one value per axis), or ``None``.
         natural: an 8-bit natural picture: divide by 255 instead of the percentile mapping.
         percentiles: the percentiles mapped to 0 and 1.
         max_da: the DA of a 2D image.
+
+    Returns:
+        A :class:`PreparedImage` with a ``(C, X, Y, Z)`` array; one (low, high) percentile pair over all channels.
 
     Raises:
         DataError: naming the file: an empty image, a spacing override of the wrong length, a zero or NaN spacing,
@@ -383,6 +459,7 @@ def prepare_image(
     where = volume.where
     array = np.asarray(volume.array)
     dims = array.ndim
+    rgb = volume.rgb if isinstance(volume, XrayVolume) else None
     if array.size == 0:
         raise DataError(f"{where}: is empty (shape {array.shape}); leave it out of the collection")
     affine = np.array(volume.affine, dtype=np.float64)
@@ -397,20 +474,21 @@ def prepare_image(
         raise DataError(f"{where}: has voxel spacing {tuple(sp.round(6).tolist())} mm (zero or NaN); fix the header "
                         "or give a spacing override in a manifest")
     ornt = canonical_orientation(affine, dims, where=where)
-    array = apply_orientation(array, ornt)
+    channels = [array] if rgb is None else list(np.asarray(rgb))
+    array = np.stack([apply_orientation(c, ornt) for c in channels])  # (C, *S)
     canonical = np.empty(dims)
     canonical[ornt[:, 0].astype(int)] = sp
     if dims == 3:
         thick = int(np.flatnonzero(canonical == canonical.max())[-1])  # ties keep Z last
         order = [a for a in range(3) if a != thick] + [thick]
-        array, canonical = array.transpose(order), canonical[order]
+        array, canonical = array.transpose([0] + [a + 1 for a in order]), canonical[order]
     if natural:
         if array.dtype != np.uint8:
             raise DataError(f"{where}: is {array.dtype}, not an 8-bit picture; the /255 mapping is for 8-bit natural "
                             "pictures only: leave its dataset out of 'natural'")
         scaled = array.astype(np.float32) / np.float32(255.0)
     else:
-        scaled = percentile_scale(array, percentiles, where=where)
+        scaled = percentile_scale(array, percentiles, where=where)  # one (lo, hi) over every channel: keeps the hue
     da = degree_of_anisotropy(canonical, max_da=max_da)
     if dims == 2:
         scaled = scaled[..., None]
@@ -429,10 +507,11 @@ def check_collection(
 ) -> tuple[list[ImageRecord], list[Problem]]:
     """List and read every image of a collection and collect all problems instead of stopping at the first.
 
-    Problems (each naming the file): listing problems (:func:`list_collection`), unreadable, truncated, empty, 4D,
-    colour or NaN/inf images, zero/NaN spacing, blank images, a spacing override of the wrong length, ``natural``
-    datasets with images that are not 8-bit. Whether an image is smaller than one token depends on the crop
-    settings; :class:`~medmodal.data.collection_sampler.CollectionCrops` checks that.
+    Problems (each naming the file): listing problems (:func:`list_collection`), unreadable, truncated, empty, 4D
+    or multi-channel volumes, pictures with transparent pixels or 2 channels, NaN/inf images, zero/NaN spacing,
+    blank images, a spacing override of the wrong length, ``natural`` datasets with images that are not 8-bit.
+    Whether an image is smaller than one token depends on the crop settings;
+    :class:`~medmodal.data.collection_sampler.CollectionCrops` checks that.
 
     Returns:
         The records that were listed and the problems (``Problem.case_id`` is the image id).
@@ -449,7 +528,7 @@ def check_collection(
     problems = []
     for record in records:
         try:
-            prepare_image(read_image(record.path), spacing=record.spacing, natural=record.dataset in natural,
+            prepare_image(read_collection_image(record.path), spacing=record.spacing, natural=record.dataset in natural,
                           percentiles=percentiles, max_da=max_da)
         except DataError as err:
             problems.append(Problem(record.image_id, record.path, str(err)))

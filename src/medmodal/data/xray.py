@@ -15,7 +15,9 @@ Intensities follow "higher = brighter" (dense tissue bright, as MONOCHROME2 disp
   decoder for is decoded by SimpleITK (GDCM), which applies the same rescale and MONOCHROME1 inversion.
 * Pictures: grey values as stored (``uint8``, ``uint16``, ``int32`` or ``float32``). DPI is never trusted as a
   pixel size (it is a print resolution, often a 72/96 dpi default), so pictures always get 1 mm pixels and
-  ``spacing_source=None``.
+  ``spacing_source=None``. A colour picture is refused (an X-ray is grey) unless it is read with
+  ``read_picture(path, colour=True)`` (image collections: H&E pathology, fundus photographs), which keeps its RGB
+  channels in :attr:`XrayVolume.rgb` and puts their ITU-R BT.601 luma in ``array``.
 
 Every problem is a :class:`~medmodal.data.case.DataError` naming the file and saying what to do.
 """
@@ -39,9 +41,11 @@ except ImportError:  # pydicom < 3
 from medmodal.data.case import DataError, Volume
 
 __all__ = [
+    "BT601_WEIGHTS",
     "PICTURE_EXTENSIONS",
     "SPACING_TAGS",
     "XrayVolume",
+    "bt601_grey",
     "is_single_frame_dicom",
     "png_label_map",
     "read_dicom_2d",
@@ -58,6 +62,9 @@ PICTURE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff",
 SPACING_TAGS: tuple[str, ...] = ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing")
 #: Largest channel difference (grey levels of 255) of an RGB JPEG still read as grey: lossy chroma noise.
 JPEG_GREY_TOLERANCE = 4
+#: ITU-R BT.601 luma weights of (R, G, B): ``Y' = 0.299 R + 0.587 G + 0.114 B`` (Rec. ITU-R BT.601-7, eq. 2.1;
+#: also Pillow's ``convert("L")``). The one RGB -> grey conversion of medmodal.
+BT601_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS, as in medmodal.data.io
 _JPEG = (".jpg", ".jpeg")
 
@@ -69,9 +76,23 @@ class XrayVolume(Volume):
     Args:
         spacing_source: the DICOM attribute the pixel spacing was read from (one of :data:`SPACING_TAGS`), or
             ``None`` when the file carries no physical pixel size and the affine holds 1 mm per pixel.
+        rgb: ``(3, X, Y)`` red, green and blue of a colour picture read with ``read_picture(path, colour=True)``
+            (``array`` is then their BT.601 luma, :func:`bt601_grey`, float32); ``None`` for a grey image.
     """
 
     spacing_source: str | None = None
+    rgb: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rgb is not None and (self.rgb.ndim != 3 or self.rgb.shape != (3, *self.array.shape)):
+            raise DataError(f"{self.where}: rgb must be (3, X, Y) = (3, {', '.join(map(str, self.array.shape))}), "
+                            f"got {self.rgb.shape}")
+
+    @property
+    def channels(self) -> int:
+        """3 for a colour picture kept in colour (:attr:`rgb`), else 1."""
+        return 1 if self.rgb is None else 3
 
     @property
     def has_physical_spacing(self) -> bool:
@@ -107,12 +128,26 @@ def _grey(rgb: np.ndarray, path: Path, *, tolerance: int = 0) -> np.ndarray:
     return np.round(rgb.mean(axis=-1)).astype(rgb.dtype)
 
 
+def bt601_grey(rgb: np.ndarray, *, axis: int = 0) -> np.ndarray:
+    """The BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` (:data:`BT601_WEIGHTS`) of the 3 channels on ``axis``,
+    float32 (the channel axis removed)."""
+    rgb = np.asarray(rgb)
+    if rgb.shape[axis] != 3:
+        raise ValueError(f"expected 3 colour channels on axis {axis}, got shape {rgb.shape}")
+    weights = np.asarray(BT601_WEIGHTS, dtype=np.float32)
+    return np.tensordot(np.moveaxis(rgb, axis, -1).astype(np.float32, copy=False), weights, axes=([-1], [0]))
+
+
 def _planar(rows_cols: np.ndarray, affine: np.ndarray, path: Path, spacing_source: str | None) -> XrayVolume:
-    """``(rows, cols)`` -> an :class:`XrayVolume` with the ``(X, Y) = (cols, rows)`` array; NaN/inf refused."""
+    """``(rows, cols)`` grey or ``(rows, cols, 3)`` colour -> an :class:`XrayVolume` with the ``(X, Y) = (cols,
+    rows)`` array (colour: the BT.601 luma, the channels in ``rgb``); NaN/inf refused."""
     if rows_cols.dtype.kind == "f" and not np.isfinite(rows_cols).all():
         n_bad = int(rows_cols.size - np.isfinite(rows_cols).sum())
         raise DataError(f"{path}: contains {n_bad} NaN or infinite pixel(s); replace them (e.g. with 0) in the "
                         "tool that produced the file")
+    if rows_cols.ndim == 3:
+        rgb = np.ascontiguousarray(np.moveaxis(rows_cols, -1, 0).transpose(0, 2, 1))
+        return XrayVolume(array=bt601_grey(rgb), affine=affine, path=path, spacing_source=spacing_source, rgb=rgb)
     array = np.ascontiguousarray(rows_cols.T)
     return XrayVolume(array=array, affine=affine, path=path, spacing_source=spacing_source)
 
@@ -120,12 +155,19 @@ def _planar(rows_cols: np.ndarray, affine: np.ndarray, path: Path, spacing_sourc
 # --------------------------------------------------------------------------------------------------- pictures
 
 
-def read_picture(path: Path | str) -> XrayVolume:
-    """Read a PNG, JPEG, TIFF or BMP grey picture as an ``(X, Y)`` image with 1 mm pixels.
+def read_picture(path: Path | str, *, colour: bool = False) -> XrayVolume:
+    """Read a PNG, JPEG, TIFF or BMP picture as an ``(X, Y)`` image with 1 mm pixels.
 
     Modes: ``L`` -> ``uint8``; ``I;16*`` -> ``uint16``; ``I`` -> ``int32``; ``F`` -> ``float32``; ``1`` (bilevel)
     -> ``uint8`` 0/1; ``LA``, ``P``, ``RGB(A)`` and other colour modes are read as grey when their colour
     channels are equal (exactly, or within :data:`JPEG_GREY_TOLERANCE` for JPEG), alpha dropped.
+
+    Args:
+        path: the picture.
+        colour: keep a picture whose channels differ as colour (``rgb`` ``(3, X, Y)`` ``uint8``, ``array`` its
+            BT.601 luma) instead of refusing it. An alpha channel must then be opaque (every pixel 255) and is
+            dropped; a transparent pixel is an error, since what lies behind it is unknown. The default
+            (``False``) is the X-ray readers' behaviour: colour refused, alpha dropped.
 
     Returns:
         An :class:`XrayVolume` with ``array[c, r]`` = the pixel at row ``r``, column ``c``, affine
@@ -133,7 +175,8 @@ def read_picture(path: Path | str) -> XrayVolume:
         ``spacing_source=None``.
 
     Raises:
-        DataError: missing, empty, truncated or unreadable file; several frames/pages; colour; NaN/inf.
+        DataError: missing, empty, truncated or unreadable file; several frames/pages; colour (unless
+            ``colour``); a transparent pixel (with ``colour``); NaN/inf.
     """
     path = _existing_file(path)
     try:
@@ -143,7 +186,7 @@ def read_picture(path: Path | str) -> XrayVolume:
                 raise DataError(f"{path}: has {frames} frames/pages; medmodal reads one 2D image per file: save "
                                 "each page as its own file")
             image.load()
-            array = _picture_array(image, path)
+            array = _picture_array(image, path, colour=colour)
     except DataError:
         raise
     except UnidentifiedImageError as err:
@@ -154,7 +197,8 @@ def read_picture(path: Path | str) -> XrayVolume:
     return _planar(array, np.eye(4), path, None)
 
 
-def _picture_array(image: Image.Image, path: Path) -> np.ndarray:
+def _picture_array(image: Image.Image, path: Path, *, colour: bool = False) -> np.ndarray:
+    """``(rows, cols)`` grey, or ``(rows, cols, 3)`` RGB when ``colour`` and the channels differ."""
     mode = image.mode
     if mode == "1":
         return np.asarray(image).astype(np.uint8)
@@ -162,12 +206,34 @@ def _picture_array(image: Image.Image, path: Path) -> np.ndarray:
         array = np.asarray(image)
         return array.astype(array.dtype.newbyteorder("="), copy=False)  # big-endian I;16B -> native uint16
     if mode in ("LA", "La"):
+        if colour:
+            _opaque(np.asarray(image.getchannel("A")), path, mode)
         return np.asarray(image.getchannel("L"))
-    if mode not in ("RGB", "RGBA", "RGBX", "RGBa"):
+    if colour and (mode in ("PA", "RGBa") or (mode == "P" and "transparency" in image.info)):
+        image = image.convert("RGBA")  # keep the transparency to check it
+    if mode not in ("RGB", "RGBA", "RGBX", "RGBa") and image.mode != "RGBA":
         image = image.convert("RGB")  # P, PA, CMYK, YCbCr, LAB, HSV
-    rgb = np.asarray(image)[..., :3]
+    pixels = np.asarray(image)
+    if colour and image.mode == "RGBA":
+        _opaque(pixels[..., 3], path, mode)
+    rgb = pixels[..., :3]
     tolerance = JPEG_GREY_TOLERANCE if path.name.lower().endswith(_JPEG) else 0
+    if colour:
+        spread = int(np.ptp(rgb.astype(np.int16), axis=-1).max()) if rgb.size else 0
+        if spread > tolerance:
+            return np.ascontiguousarray(rgb)
     return _grey(rgb, path, tolerance=tolerance)
+
+
+def _opaque(alpha: np.ndarray, path: Path, mode: str) -> None:
+    """Refuse a picture with a transparent pixel (alpha below 255): what lies behind it is unknown."""
+    clear = int(np.count_nonzero(alpha < 255))
+    if clear:
+        second = (" (or a 2-channel image whose second channel Pillow reads as alpha)" if mode in ("LA", "La")
+                  else "")
+        raise DataError(f"{path}: has {clear} transparent pixel(s) (alpha < 255, mode {mode}){second}; medmodal "
+                        "reads opaque grey or RGB pictures: flatten it onto a background or drop the alpha "
+                        "channel, and save each channel of a multi-channel image as its own grey image")
 
 
 def png_label_map(array: np.ndarray, path: Path | str) -> np.ndarray:
