@@ -312,6 +312,7 @@ def test_a_folder_collection_of_mixed_2d_and_3d_images_trains_and_evaluates(tmp_
     assert code == 0, text
     info = json.loads((tmp_path / "tok" / "run.json").read_text(encoding="utf-8"))
     assert info["modalities"] == ["ct", "mr", "xray"]
+    assert info["training_data"]["kind"] == "collection" and info["training_data"]["path"] == str(folder.resolve())
     split = json.loads((tmp_path / "tok" / "split.json").read_text(encoding="utf-8"))
     assert sorted(split["train"] + split["val"]) == sorted(f"{s}/{n}{i}.{e}" for s, n, e in
                                                            (("ct", "thin", "nii.gz"), ("mr", "thick", "nii.gz"),

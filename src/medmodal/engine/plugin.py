@@ -61,6 +61,8 @@ class Training:
         preprocessing: how inputs are brought onto the model's grid (recorded in ``run.json``).
         inference: sliding-window settings and post-processing used by ``evaluate`` and ``predict``.
         callbacks: extra callbacks (run on every rank; write files on rank 0 only).
+        training_data: where the training data came from, for ``run.json``, when it is not the recipe's ``data``
+            section (``None``: described from ``data``).
     """
 
     system: L.LightningModule
@@ -72,6 +74,7 @@ class Training:
     preprocessing: dict[str, Any]
     inference: dict[str, Any]
     callbacks: list[L.Callback] = field(default_factory=list)
+    training_data: dict[str, Any] | None = None
 
 
 class MethodPlugin:

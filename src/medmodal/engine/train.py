@@ -198,8 +198,8 @@ def train(
             method=recipe.method.name, task=built.task, spatial_dims=recipe.spatial_dims,
             modalities=list(built.modalities), preprocessing=built.preprocessing,
             network={"name": built.network_name, "kwargs": built.network_kwargs}, inference=built.inference,
-            training_data=training_data_description(recipe, dataset_name=_dataset_name(built),
-                                                    synthetic=_synthetic(built)),
+            training_data=built.training_data or training_data_description(
+                recipe, dataset_name=_dataset_name(built), synthetic=_synthetic(built)),
             initialised_from=initialised,
         ))
 

@@ -100,7 +100,10 @@ class PUMITPlugin(MethodPlugin):
                      "collection": None if m.collection is None else str(Path(m.collection).resolve())}
         return Training(system=system, data=data, network_name=TOKENIZER if m.stage == "tokenizer" else VIT,
                         network_kwargs=kwargs, task=TaskInfo(kind="synthesis"), modalities=source.modalities,
-                        preprocessing=preprocessing, inference=inference)
+                        preprocessing=preprocessing, inference=inference,
+                        training_data=None if m.collection is None else {
+                            "kind": "collection", "synthetic": source.synthetic, "dataset_name": source.description,
+                            "path": str(Path(m.collection).resolve())})
 
     @staticmethod
     def _tokenizer(m: PUMITMethod) -> Any:

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from medmodal.commands.common import console, user_errors
+from medmodal.commands.common import console, experiment_group, parse_seeds, user_errors
 
 
 def run_pretrain(out: Path, *, tokenizer: str, mim: str, overrides: dict[str, Any], fast: bool,
@@ -73,3 +73,42 @@ def add_commands(app: typer.Typer) -> None:
         report = run_pretrain(out, tokenizer=tokenizer, mim=mim, overrides=parse_overrides(set_) if set_ else {},
                               fast=fast, overwrite=overwrite)
         console.print(f"[bold green]done[/]: report at {report}")
+
+    experiment = experiment_group(app)
+
+    @experiment.command("pumit")
+    @user_errors
+    def pumit(
+        out: Path = typer.Option(Path("runs/pumit_experiment"), file_okay=False,
+                                 help="Folder for the collection, the pretraining, the runs and report.md."),
+        fast: bool = typer.Option(False, "--fast", help="A tiny version (a few minutes), for smoke tests."),
+        overwrite: bool = typer.Option(False, help="Replace a finished experiment in --out."),
+        seeds: str = typer.Option("0,1,2", help="Comma-separated seeds (each: its own split, label subset and "
+                                                "initialisation of the new layers)."),
+        fractions: str = typer.Option("0.1,0.25,0.5,1", help="Comma-separated shares of the labelled training "
+                                                             "cases (data.label_fraction)."),
+        tasks: str = typer.Option("segmentation,classification", help="segmentation and/or classification."),
+        jobs: int = typer.Option(0, min=0, help="Runs trained at once (0: one per CPU core)."),
+        set_: list[str] = typer.Option(  # noqa: B006
+            [], "--set", help="Override a field of every fine-tuning recipe: --set train.max_steps=300."
+        ),
+    ) -> None:
+        """Does pretraining pay off with few labels? Pretrain PUMIT on an unlabelled phantom collection (2D slices
+        and 3D volumes at several spacings), then fine-tune the ViT from it and from scratch on 10-100 % of the
+        labels, for segmentation and classification, over seeds; label-efficiency curves and paired tests."""
+        from medmodal.engine.recipe import parse_overrides
+        from medmodal.methods.pumit.experiment import TASKS, run_pumit_experiment
+
+        task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+        if not task_list or any(t not in TASKS for t in task_list):
+            raise typer.BadParameter(f"--tasks: choose from {', '.join(TASKS)}, got {tasks!r}")
+        try:
+            shares = [float(f) for f in fractions.split(",") if f.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"--fractions: comma-separated numbers in (0, 1], got {fractions!r}") from None
+        if not shares or any(not 0 < f <= 1 for f in shares):
+            raise typer.BadParameter(f"--fractions: comma-separated numbers in (0, 1], got {fractions!r}")
+        report = run_pumit_experiment(out, seeds=parse_seeds(seeds), fractions=shares, tasks=task_list, fast=fast,
+                                      overwrite=overwrite, overrides=parse_overrides(set_) if set_ else None,
+                                      jobs=jobs or None)
+        console.print(f"[bold green]report[/]: {report}")
