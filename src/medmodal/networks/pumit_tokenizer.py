@@ -15,7 +15,8 @@ anisotropic and the decoder upsamples depth exactly as often as the encoder down
 * **Decoder:** 2 x [SAC 3^3 conv -> GroupNorm -> LeakyReLU]; per width, from the deepest, a SAC transposed conv
   ``k = s = 2`` -> SAC 3^3 conv -> GroupNorm -> LeakyReLU; a final SAC transposed conv ``k = s = stem_stride`` to
   ``C`` channels. ``decode(encode(x))`` has exactly ``x``'s shape.
-* **Discriminator** (:class:`PUMITDiscriminator`): a SAC patch discriminator for the optional GAN term.
+* **Discriminator**: :class:`~medmodal.networks.pumit_discriminator.PUMITDiscriminator` (re-exported here), a SAC
+  patch discriminator for the optional GAN term.
 
 The spec feeds RGB in ``[-1, 1]`` (grey replicated to 3 channels); medmodal's default is ``in_channels=1`` (one
 grey channel, no replication); pass ``in_channels=3`` for the official layout.
@@ -36,6 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from medmodal.layers.sac import SACConv, SACConvTranspose, SACState
+
+# the discriminator lives in its own module (registered as "pumit_discriminator"); re-exported here for callers of
+# the tokenizer's module
+from medmodal.networks.pumit_discriminator import PUMITDiscriminator
 from medmodal.networks.registry import register_network
 
 __all__ = ["PUMITDiscriminator", "PUMITQuantizer", "PUMITTokenizer", "QuantOut", "pumit_tokenizer_tiny"]
@@ -269,34 +274,6 @@ class PUMITTokenizer(nn.Module):
         tokenizer in eval mode under ``torch.no_grad()``."""
         z, _ = self.encode(x, SACState(da))
         return self.quantize(z).logits
-
-
-class PUMITDiscriminator(nn.Module):
-    """A SAC patch discriminator (spec §2.3): per width a SAC conv ``k = s = 2`` (GroupNorm from the second on) ->
-    LeakyReLU(0.2), then a SAC 3^3 conv to one logit per patch.
-
-    Shapes: ``x (B, C, X, Y, Z)`` in state ``(da, 0)`` -> logits ``(B, 1, X / 2^L, Y / 2^L, Z')``, ``L = len(widths)``.
-    """
-
-    def __init__(self, *, in_channels: int = 1, widths: Sequence[int] = (128, 256, 512), norm_groups: int = 8) -> None:
-        super().__init__()
-        widths = tuple(int(w) for w in widths)
-        if not widths or any(w < 1 or w % norm_groups for w in widths):
-            raise ValueError(f"widths must be non-empty multiples of norm_groups={norm_groups}, got {widths}")
-        blocks = []
-        for i, (w_in, w_out) in enumerate(zip((in_channels, *widths), widths, strict=False)):
-            conv = SACConv(in_channels=w_in, out_channels=w_out, kernel_size=2, stride=2)
-            norm = nn.Identity() if i == 0 else nn.GroupNorm(norm_groups, w_out)
-            blocks.append(_SACBlock(conv, norm, nn.LeakyReLU(0.2)))
-        self.blocks = nn.ModuleList(blocks)
-        self.head = SACConv(in_channels=widths[-1], out_channels=1, kernel_size=3, stride=1)
-
-    def forward(self, x: torch.Tensor, da: int) -> torch.Tensor:
-        """Patch logits of ``x (B, C, X, Y, Z)`` with degree of anisotropy ``da``."""
-        state = SACState(da)
-        for block in self.blocks:
-            x, state = block(x, state)
-        return self.head(x, state)[0]
 
 
 def pumit_tokenizer_tiny(**kwargs: object) -> PUMITTokenizer:

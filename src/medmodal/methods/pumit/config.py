@@ -42,6 +42,18 @@ class PUMITMethod(MethodSection):
     channels: Literal[1, 3] = 1
     # validation: this many global batches of crops of the validation images (a fixed draw)
     val_batches: int = Field(4, ge=1)
+    # -- tokenizer stage: the adversarial term (spec §2.3, switch `gan` of §2.6: off for tiny runs, on in the full
+    # recipe). A SAC patch discriminator (widths gan_channels) trained with the hinge loss x 0.5 at lr gan_lr (the
+    # recipe's optimizer, weight decay and schedule); the generator adds gan_weight * (-mean D(x_hat)) while
+    # max(EMA_gan_ema_decay(disc loss), disc loss) <= gan_gate (invariant 10)
+    gan: bool = False
+    gan_weight: float = Field(3e-3, ge=0.0)  # w_g (the official YAML, adaptive weighting off)
+    gan_gate: float = Field(0.025, gt=0.0)  # use_gan_th (the official YAML; the script default is 0.03)
+    gan_ema_decay: float = Field(0.9, ge=0.0, lt=1.0)
+    gan_lr: float = Field(1e-3, gt=0.0)  # the discriminator's learning rate (spec: 1e-3 against the generator's 1e-4)
+    gan_channels: list[int] = [128, 256, 512]  # the discriminator's widths, one stride-2 SAC downsampling each
+    # LPIPS (spec switch `perceptual`): only `none`; `lpips_vgg` needs VGG weights downloaded from the internet
+    perceptual: Literal["none", "lpips_vgg"] = "none"
 
     @model_validator(mode="after")
     def _checks(self) -> PUMITMethod:
@@ -52,6 +64,16 @@ class PUMITMethod(MethodSection):
                              "(method.stage: tokenizer)")
         if isinstance(self.mask_layers, int) and self.mask_layers < 1:
             raise ValueError(f"mask_layers must be 'all' or a positive number of layers, got {self.mask_layers}")
+        if self.perceptual != "none":
+            raise ValueError(f"perceptual: {self.perceptual!r} is not available: LPIPS compares VGG features whose "
+                             "pretrained weights are a download, and medmodal downloads no weights (spec §2.6: "
+                             "perceptual none offline); use perceptual: none")
+        if self.gan and self.stage != "tokenizer":
+            raise ValueError("gan: the adversarial term belongs to the tokenizer stage (method.stage: tokenizer); "
+                             "set gan: false for the mim stage")
+        if not self.gan_channels or any(c < 1 or c % 8 for c in self.gan_channels):
+            raise ValueError(f"gan_channels must be positive multiples of 8 (GroupNorm of 8 groups), got "
+                             f"{self.gan_channels}")
         lo, hi = self.percentiles
         if not 0.0 <= lo < hi <= 100.0:
             raise ValueError(f"percentiles must be [low, high], 0 <= low < high <= 100, got {list(self.percentiles)}")
