@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -288,3 +289,22 @@ def test_lpips_and_bad_gan_settings_are_one_line_errors(tmp_path: Path) -> None:
                                      encoding="utf-8")
     code, text = invoke("train", tmp_path / "g.yaml", "--out", tmp_path / "run3")
     assert code == 2 and "gan_channels" in text and "multiples of 8" in text, text
+
+
+def test_codebook_counts_and_figure(tmp_path: Path) -> None:
+    from medmodal.methods.pumit.figures import code_counts, plot_codebook
+
+    probs = torch.zeros(2, 5, 3, 1, 1)
+    probs[0, 1], probs[1, :, 0] = 1.0, 0.2  # crop 0: all code 1; crop 1: position 0 uniform -> code 0 (first max)
+    probs[1, 4, 1:] = 1.0
+    assert code_counts(probs).tolist() == [1, 3, 0, 0, 2]
+    (tmp_path / "metrics.csv").write_text("step,name,value\n2,val/perplexity,3.5\n2,val/code_usage,0.25\n"
+                                          "4,val/perplexity,5.0\n4,val/code_usage,0.5\n4,train/loss,1.0\n",
+                                          encoding="utf-8")
+    out = plot_codebook(tmp_path / "codebook.png", counts=code_counts(probs), metrics_csv=tmp_path / "metrics.csv",
+                        title="run")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot_codebook(tmp_path / "hist.png", counts=np.array([5, 0, 1]), metrics_csv=None, title="run")
+    assert (tmp_path / "hist.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="nothing to draw"):
+        plot_codebook(tmp_path / "x.png", counts=None, metrics_csv=tmp_path / "none.csv", title="run")
