@@ -16,6 +16,7 @@ from typing import Any
 import typer
 
 from medmodal.commands import fusion as _fusion_commands
+from medmodal.commands import pretrain as _pretrain_commands
 from medmodal.commands import registration as _registration_commands
 from medmodal.commands.common import console, err_console, user_errors
 from medmodal.data.case import DataError
@@ -412,6 +413,7 @@ def _warn_once(message: str | None) -> None:
 # -- the label tools, then the commands each method plug-in adds --------------------------------------------
 _registration_commands.add_commands(app)
 _fusion_commands.add_commands(app)
+_pretrain_commands.add_commands(app)
 
 
 def _add_method_commands() -> None:

@@ -233,12 +233,12 @@ def test_recipe_on_the_chest_phantom_is_2d_and_the_brain_cache_folder_is_unchang
     assert recipe.spatial_dims == 2
     brain = PhantomConfig()
     old_key = {"cases": 40, "spatial_dims": 3, "size": 64, "spacing": None, "seed": 0, "missing_rate": 0.0}
-    assert datamodule.phantom_dir(brain).name == f"3d-40c-{datamodule._key(old_key)}"
+    assert datamodule.phantom_dir(brain).name == f"3d-40c-{datamodule.cache_key(old_key)}"
     assert datamodule.phantom_dir(recipe.data.phantom).name.startswith("xray2d-4c-")
     source = datamodule.resolve_source(recipe.data)
     assert source.info == chest_phantom_info() and source.modalities == ("xray",)
     old_source = datamodule.resolve_source(recipe_from_dict({}).data)
-    assert old_source.cache_dir.name == datamodule._key({"source": old_key, "modalities": ("t1", "t1c", "t2",
+    assert old_source.cache_dir.name == datamodule.cache_key({"source": old_key, "modalities": ("t1", "t1c", "t2",
                                                                                             "flair"), "spacing": None})
     info, records = source.records()
     assert info == chest_phantom_info() and len(records) == 4

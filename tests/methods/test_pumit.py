@@ -326,3 +326,36 @@ def test_a_folder_collection_of_mixed_2d_and_3d_images_trains_and_evaluates(tmp_
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(missing), encoding="utf-8")
     code, text = invoke("train", tmp_path / "bad.yaml", "--out", tmp_path / "bad")
     assert code == 2 and "method.collection" in text and "nowhere" in text, text
+
+
+def test_colour_pictures_train_with_three_channels_and_a_mim_stage_must_match(tmp_path: Path) -> None:
+    """`method.channels: 3` (the spec's RGB): colour pictures keep their channels, grey volumes are replicated; the
+    evaluation reads the same channels; a MIM stage on another channel count than its tokenizer is refused."""
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "images"
+    (folder / "he").mkdir(parents=True)
+    (folder / "mr").mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, size=(34, 33, 3), dtype=np.uint8)).save(folder / "he" / f"tile{i}.png")
+        nib.save(nib.Nifti1Image(rng.normal(size=(24, 25, 24)).astype(np.float32), np.eye(4)),
+                 folder / "mr" / f"vol{i}.nii.gz")
+    recipe = _recipe(tmp_path, collection=str(folder), channels=3)
+    (tmp_path / "tok.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    code, text = invoke("train", tmp_path / "tok.yaml", "--out", tmp_path / "tok", "--set", "train.max_steps=2")
+    assert code == 0, text
+    info = json.loads((tmp_path / "tok" / "run.json").read_text(encoding="utf-8"))
+    assert info["network"]["kwargs"]["in_channels"] == 3
+    code, text = invoke("evaluate", tmp_path / "tok", "--split", "all")
+    assert code == 0, text
+    with (tmp_path / "tok" / "eval" / "images.csv").open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["modality"] for r in rows} == {"he", "mr"} and all(float(r["l1"]) > 0 for r in rows)
+    mim = _recipe(tmp_path, stage="mim", tokenizer_run=str(tmp_path / "tok"), collection=str(folder))
+    mim["model"] = {"name": "pumit_vit", "kwargs": {"width": 16, "num_layers": 2, "num_heads": 2}}
+    (tmp_path / "mim.yaml").write_text(yaml.safe_dump(mim), encoding="utf-8")
+    code, text = invoke("train", tmp_path / "mim.yaml", "--out", tmp_path / "mim")
+    assert code == 2 and "method.channels 1" in text and "3 channel" in text, text

@@ -27,7 +27,11 @@ def test_forward_backward_every_parameter_gets_gradient(name: str, dims: int) ->
     x = torch.randn(2, len(MODS), *SHAPES[dims])
     available = torch.ones(2, len(MODS), dtype=torch.bool)
     out = net(x, available)
-    assert out.shape == (2, 3, *SHAPES[dims])
+    # a classifier (``predicts = "classes"``) returns (B, num_classes) logits; everything else dense logits
+    if getattr(net, "predicts", "dense") == "classes":
+        assert out.shape == (2, net.num_classes)
+    else:
+        assert out.shape == (2, 3, *SHAPES[dims])
     out.square().mean().backward()
     # Auxiliary heads (e.g. ShaSpec's domain classifier) feed the training losses, not `forward`'s output;
     # a network declares them and its own tests check their gradients.

@@ -49,6 +49,31 @@ class MethodSection(BaseModel):
 
 
 @dataclass
+class PretrainRequest:
+    """What ``medmodal pretrain`` asks a method for (:meth:`MethodPlugin.pretrain`).
+
+    Attributes:
+        recipes: recipe files or built-in names given on the command line (the method's defaults when empty).
+        out: the output folder (``None``: the method's default).
+        stage: a stage to add (methods that pretrain in stages), or ``None``.
+        data: the data of that stage or pretraining (a folder or manifest), or ``None``.
+        from_run: an existing run to continue from, or ``None``.
+        overrides: dotted ``--set`` overrides of every recipe.
+        fast: a tiny smoke version.
+        overwrite: replace finished runs in ``out``.
+    """
+
+    recipes: tuple[str, ...] = ()
+    out: Path | None = None
+    stage: str | None = None
+    data: Path | None = None
+    from_run: Path | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    fast: bool = False
+    overwrite: bool = False
+
+
+@dataclass
 class Training:
     """What :meth:`MethodPlugin.build` returns for :func:`medmodal.engine.train.train`.
 
@@ -93,6 +118,8 @@ class MethodPlugin:
     #: whether :meth:`evaluate` takes ``against`` (another loaded run of the method, scored on the same cases;
     #: ``medmodal evaluate RUN --against OTHER``).
     evaluates_against: ClassVar[bool] = False
+    #: the method ``medmodal pretrain`` runs when neither a recipe nor ``--from`` names one (one plug-in sets it).
+    default_pretraining: ClassVar[bool] = False
     #: whether the method's data module honours ``data.label_fraction`` (a recipe asking for fewer labels from a
     #: method that does not is refused rather than silently trained on all of them).
     honours_label_fraction: ClassVar[bool] = False
@@ -137,6 +164,11 @@ class MethodPlugin:
         Returns ``out_dir``."""
         raise self.not_offered("synthesize")
 
+    def pretrain(self, request: PretrainRequest) -> Path:
+        """Self-supervised pretraining (``medmodal pretrain``): train the run(s) ``request`` asks for and return
+        the report written."""
+        raise self.not_offered("pretrain")
+
     def fuse(self, run: LoadedRun, out_dir: Path, *, overwrite: bool) -> list[Path]:
         """Fuse the candidate labels of ``run`` (label-fusion methods); returns the written files."""
         raise self.not_offered("fuse --run")
@@ -152,7 +184,7 @@ class MethodPlugin:
     # -- helpers ------------------------------------------------------------------------------------------
     def offers(self, operation: str) -> bool:
         """Whether the plug-in overrides the inference operation ``operation`` (``predict``, ``synthesize``,
-        ``fuse``, ``evaluate``)."""
+        ``fuse``, ``evaluate``, ``pretrain``)."""
         return getattr(type(self), operation) is not getattr(MethodPlugin, operation)
 
     def not_offered(self, operation: str) -> Exception:

@@ -441,6 +441,24 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
 
 
+def read_recipe_method(path: Path | str) -> str:
+    """The ``method.name`` of a recipe file (the default method when it has no method section), without
+    validating the rest."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    method = data.get("method") if isinstance(data, dict) else None
+    if isinstance(method, dict) and method.get("name"):
+        return str(method["name"])
+    from medmodal.engine.plugin import default_method
+
+    return default_method().name
+
+
 def builtin_recipe_path(name: str) -> Path:
     """Path of a recipe shipped with medmodal (``medmodal/recipes/<name>.yaml``)."""
     path = Path(__file__).resolve().parent.parent / "recipes" / f"{name}.yaml"

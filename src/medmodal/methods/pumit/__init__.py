@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from medmodal.engine.plugin import MethodPlugin, Training, register_method
+from medmodal.engine.plugin import MethodPlugin, PretrainRequest, Training, register_method
 from medmodal.engine.recipe import Recipe
 from medmodal.engine.runinfo import LoadedRun
 from medmodal.methods.pumit.config import PUMITMethod
@@ -33,6 +33,7 @@ class PUMITPlugin(MethodPlugin):
     config = PUMITMethod
     summary = "PUMIT spatially adaptive tokenizer pretraining on 2D/3D images of any spacing (tokenizer stage)"
     evaluation_metrics = {"l1": (0.0, 2.0), "code_usage": (0.0, 1.0)}
+    default_pretraining = True
 
     def check_recipe(self, recipe: Recipe) -> None:
         m: PUMITMethod = recipe.method  # type: ignore[assignment]
@@ -58,14 +59,14 @@ class PUMITPlugin(MethodPlugin):
         fixed = {"in_channels"} if m.stage == "tokenizer" else {"in_channels", "codebook_size", "patch_size"}
         clash = sorted(fixed & set(kw))
         if clash:
-            raise RecipeError(f"model.kwargs: {clash} are set by the method (one grey channel; for mim the tokenizer "
+            raise RecipeError(f"model.kwargs: {clash} are set by the method (method.channels; for mim the tokenizer "
                               "run's codebook size and stride); remove them")
         d, t = recipe.data, recipe.train
         optim = {"optimizer": t.optimizer, "lr": t.lr, "weight_decay": t.weight_decay, "momentum": t.momentum,
                  "schedule": t.schedule, "max_steps": t.max_steps, "warmup_steps": t.warmup_steps,
                  "seed": recipe.seed}
         if m.stage == "tokenizer":
-            kwargs = {"in_channels": 1, **kw}
+            kwargs = {"in_channels": m.channels, **kw}
             network = build_network(TOKENIZER, kwargs)
             stride = network.stride
             try:  # the optional discriminator (method.gan); {} when off
@@ -77,7 +78,11 @@ class PUMITPlugin(MethodPlugin):
         else:
             tokenizer = self._tokenizer(m)
             stride = tokenizer.stride
-            kwargs = {"in_channels": 1, "codebook_size": tokenizer.quantizer.num_codes, "patch_size": stride, **kw}
+            if tokenizer.in_channels != m.channels:
+                raise RecipeError(f"method.channels {m.channels}: the tokenizer run {m.tokenizer_run} takes "
+                                  f"{tokenizer.in_channels} channel(s); use the same")
+            kwargs = {"in_channels": m.channels, "codebook_size": tokenizer.quantizer.num_codes, "patch_size": stride,
+                      **kw}
             network = build_network(VIT, kwargs)
             system = PUMITMIMSystem(network=network, tokenizer=tokenizer, mask_ratio=m.mask_ratio,
                                     mask_layer_ids=mask_layer_ids(len(network.blocks), m.mask_layers), **optim)
@@ -87,13 +92,16 @@ class PUMITPlugin(MethodPlugin):
             raise RecipeError(f"method.collection: {err}") from None
         data = CollectionData(
             source=source, batch_size=d.batch_size, steps_per_epoch=min(t.val_every_steps, t.max_steps),
-            token_grid=m.token_grid, patch_size=stride, val_fraction=d.val_fraction, val_batches=m.val_batches,
+            token_grid=m.token_grid, patch_size=stride, channels=m.channels, val_fraction=d.val_fraction,
+            val_batches=m.val_batches,
             percentiles=m.percentiles, seed=recipe.seed, num_workers=d.num_workers, progress=t.progress)
         unit = "each image is one unit of the split" if m.collection is not None else \
             "each modality of each case is one image, cases are split"
         preprocessing = {"collection": f"{source.description}: {unit}; RAS, the coarsest axis last, "
                                       f"percentiles {m.percentiles[0]:g}-{m.percentiles[1]:g} -> [0, 1]; crops of "
-                                      "whole tokens, no resampling; the tokenizer sees 2x - 1",
+                                      "whole tokens, no resampling; the tokenizer sees 2x - 1; "
+                                      + ("colour -> grey (ITU-R BT.601)" if m.channels == 1 else
+                                         "grey replicated to RGB"),
                          "target_spacing": None}
         inference = {"percentiles": list(m.percentiles), "stage": m.stage, "mask_ratio": m.mask_ratio,
                      "tokenizer_run": None if m.tokenizer_run is None else str(m.tokenizer_run),
@@ -132,6 +140,11 @@ class PUMITPlugin(MethodPlugin):
         if features:
             raise self.not_offered("evaluate --features")
         return evaluate_run(run, out_dir=out_dir, split=split, data=data, progress=progress, model_name=model_name)
+
+    def pretrain(self, request: PretrainRequest) -> Path:
+        from medmodal.methods.pumit.commands import pretrain
+
+        return pretrain(request)
 
     def add_commands(self, app: Any) -> None:
         from medmodal.methods.pumit.commands import add_commands

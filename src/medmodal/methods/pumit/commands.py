@@ -1,5 +1,5 @@
-"""``medmodal pretrain``: PUMIT's two pretraining stages in one command (tokenizer, then the ViT by masked image
-modelling against it), resumable, each run self-describing, with a report of both evaluations."""
+"""PUMIT's commands: its ``medmodal pretrain`` (the tokenizer, then the ViT by masked image modelling against it;
+resumable, each run self-describing, with a report of both evaluations) and ``medmodal experiment pumit``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from medmodal.commands.common import console, experiment_group, parse_seeds, user_errors
+from medmodal.engine.plugin import PretrainRequest
 
 
 def run_pretrain(out: Path, *, tokenizer: str, mim: str, overrides: dict[str, Any], fast: bool,
@@ -48,31 +49,28 @@ def run_pretrain(out: Path, *, tokenizer: str, mim: str, overrides: dict[str, An
     return out / "report.md"
 
 
+def pretrain(request: PretrainRequest) -> Path:
+    """``medmodal pretrain`` for PUMIT: ``[TOKENIZER_RECIPE MIM_RECIPE]`` (default: the tiny ones); ``--data`` is
+    the image collection (a folder or manifest; ``method.collection``)."""
+    from medmodal.engine.recipe import RecipeError
+
+    if request.stage is not None or request.from_run is not None:
+        raise RecipeError("PUMIT pretrains in two fixed stages (tokenizer, then the ViT); --stage and --from are "
+                          "for methods that add stages; fine-tune a PUMIT run with medmodal train --from RUN")
+    if len(request.recipes) not in (0, 2):
+        raise RecipeError(f"PUMIT pretraining takes two recipes, the tokenizer's and the ViT's (MIM), got "
+                          f"{len(request.recipes)}: {' '.join(request.recipes)}")
+    tokenizer, mim = request.recipes or ("pumit_tokenizer_tiny", "pumit_mim_tiny")
+    overrides = dict(request.overrides)
+    if request.data is not None:
+        overrides["method.collection"] = str(Path(request.data).resolve())
+    assert request.out is not None
+    return run_pretrain(request.out, tokenizer=tokenizer, mim=mim, overrides=overrides, fast=request.fast,
+                        overwrite=request.overwrite)
+
+
 def add_commands(app: typer.Typer) -> None:
-    """Register ``pretrain`` on ``app``."""
-
-    @app.command("pretrain")
-    @user_errors
-    def pretrain(
-        out: Path = typer.Option(Path("runs/pumit"), file_okay=False,
-                                 help="Folder for the two runs (tokenizer/, mim/) and report.md."),
-        tokenizer: str = typer.Option("pumit_tokenizer_tiny", help="Recipe (file or built-in name) of the "
-                                                                   "tokenizer stage."),
-        mim: str = typer.Option("pumit_mim_tiny", help="Recipe (file or built-in name) of the ViT (MIM) stage; "
-                                                       "its method.tokenizer_run is set to the first run."),
-        set_: list[str] = typer.Option(  # noqa: B006
-            [], "--set", help="Override a field of both recipes: --set data.path=my_images/manifest.csv."
-        ),
-        fast: bool = typer.Option(False, "--fast", help="10 steps per stage on 8 phantom cases (a smoke test)."),
-        overwrite: bool = typer.Option(False, help="Retrain both stages into a finished --out."),
-    ) -> None:
-        """PUMIT pretraining: the spatially adaptive tokenizer, then the ViT by masked image modelling against its
-        soft tokens, on 2D and 3D images of any spacing together; an interrupted stage resumes."""
-        from medmodal.engine.recipe import parse_overrides
-
-        report = run_pretrain(out, tokenizer=tokenizer, mim=mim, overrides=parse_overrides(set_) if set_ else {},
-                              fast=fast, overwrite=overwrite)
-        console.print(f"[bold green]done[/]: report at {report}")
+    """Register ``experiment pumit`` on ``app``."""
 
     experiment = experiment_group(app)
 

@@ -100,17 +100,18 @@ class CollectionData(L.LightningDataModule):
         batch_size: crops per optimiser step over all processes (a multiple of their number).
         steps_per_epoch: global batches per (virtual) epoch; validation runs after each.
         token_grid: the largest crop in tokens; patch_size: voxels per token in-plane (the tokenizer's stride).
+        channels: the channels of every crop (1: colour -> grey by BT.601; 3: grey replicated).
         val_fraction: share of cases held out; val_batches: global batches of validation crops.
         percentiles: the intensity mapping; seed: split and crop seed.
     """
 
     def __init__(self, *, source: ImageSource, batch_size: int, steps_per_epoch: int, token_grid: Sequence[int],
-                 patch_size: int, val_fraction: float, val_batches: int, percentiles: Sequence[float], seed: int,
-                 num_workers: int, progress: bool = False) -> None:
+                 patch_size: int, channels: int = 1, val_fraction: float, val_batches: int,
+                 percentiles: Sequence[float], seed: int, num_workers: int, progress: bool = False) -> None:
         super().__init__()
         self.source = source
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
-        self.token_grid, self.patch_size = tuple(token_grid), patch_size
+        self.token_grid, self.patch_size, self.channels = tuple(token_grid), patch_size, channels
         self.val_fraction, self.val_batches = val_fraction, val_batches
         self.percentiles, self.seed = tuple(percentiles), seed
         self.num_workers, self.progress = num_workers, progress
@@ -152,13 +153,14 @@ class CollectionData(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         crops = CollectionCrops(index=self.subset(self.train_ids), batch_size=self.batch_size,
                                 batches_per_epoch=self.steps_per_epoch, token_grid=self.token_grid,
-                                patch_size=self.patch_size, seed=self.seed)
+                                patch_size=self.patch_size, channels=self.channels, seed=self.seed)
         return self._loader(crops, workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         crops = CollectionCrops(index=self.subset(self.val_ids), batch_size=self.batch_size,
                                 batches_per_epoch=self.val_batches, token_grid=self.token_grid,
-                                patch_size=self.patch_size, seed=self.seed + 1)  # one fixed draw (epoch 0)
+                                patch_size=self.patch_size, channels=self.channels,
+                                seed=self.seed + 1)  # one fixed draw (epoch 0)
         return self._loader(crops, workers=0)
 
 

@@ -26,17 +26,21 @@ EVAL_TOKENS = 16
 
 
 def _centre_crop(array: np.ndarray, token: tuple[int, int, int]) -> np.ndarray | None:
-    shape = [min((s // t), EVAL_TOKENS) * t for s, t in zip(array.shape, token, strict=True)]
+    """The centre crop of whole tokens (at most :data:`EVAL_TOKENS` per axis) of ``array (C, X, Y, Z)``."""
+    spatial = array.shape[1:]
+    shape = [min((s // t), EVAL_TOKENS) * t for s, t in zip(spatial, token, strict=True)]
     if min(shape) == 0:
         return None
-    start = [(s - c) // 2 for s, c in zip(array.shape, shape, strict=True)]
-    return np.asarray(array[tuple(slice(a, a + c) for a, c in zip(start, shape, strict=True))], dtype=np.float32)
+    start = [(s - c) // 2 for s, c in zip(spatial, shape, strict=True)]
+    window = (slice(None), *(slice(a, a + c) for a, c in zip(start, shape, strict=True)))
+    return np.asarray(array[window], dtype=np.float32)
 
 
 def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None, progress: bool,
                  model_name: str | None = None) -> Path:
     """Score ``run`` (see the module docstring); writes ``images.csv``, ``summary.csv`` and ``report.md``."""
     from medmodal.data.collection_cache import build_collection_cache
+    from medmodal.data.collections import to_channels
     from medmodal.methods.pumit.data import image_source
 
     cfg, collection = run.recipe.data, run.recipe.method.collection
@@ -72,14 +76,15 @@ def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None
         layers = mask_layer_ids(len(network.blocks), run.recipe.method.mask_layers)  # as in training
     rows: list[dict[str, Any]] = []
     token_net = tokenizer or network
+    channels = int(run.info.network["kwargs"].get("in_channels", 1))
     for image in images:
         token = token_net.token_size(image.da)
-        crop = _centre_crop(image.array(), token)
+        crop = _centre_crop(to_channels(np.asarray(image.data()), channels), token)
         if crop is None:
             continue
-        x = torch.from_numpy(crop)[None, None] * 2.0 - 1.0
+        x = torch.from_numpy(crop)[None] * 2.0 - 1.0
         row = {"image_id": image.image_id, "group": source.group(image.image_id), "modality": image.modality,
-               "spatial_dims": image.spatial_dims, "da": image.da, "crop": "x".join(map(str, crop.shape))}
+               "spatial_dims": image.spatial_dims, "da": image.da, "crop": "x".join(map(str, crop.shape[1:]))}
         row.update(_mim_scores(network, tokenizer, x, image, inf, layers) if mim
                    else _tokenizer_scores(network, x, image))
         rows.append(row)
