@@ -76,7 +76,8 @@ def test_register_refuses_a_second_plugin_of_the_same_name_and_a_mismatched_sect
 
 def test_an_operation_a_method_does_not_offer_is_one_line() -> None:
     err = get_method("zero_fill").not_offered("fuse --run")
-    assert str(err) == "fuse --run is not offered by method 'zero_fill' (a zero-fill U-Net with modality dropout run)"
+    assert str(err) == ("fuse --run is not offered by method 'zero_fill' (a zero-fill network with modality dropout "
+                        "(segmentation or classification) run)")
 
 
 def test_methods_command_lists_every_plugin() -> None:

@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from medmodal.cli import app
 from medmodal.data.case import CaseRecord
+from medmodal.engine.images import case_of, collection_records
 from medmodal.losses.pumit_prior import entropy_loss, quant_prior_loss
-from medmodal.methods.pumit.data import case_of, collection_records
 from medmodal.methods.pumit.system import PUMITTokenizerSystem, masked_l1
 from medmodal.networks.registry import create_network
 
@@ -322,6 +322,14 @@ def test_a_folder_collection_of_mixed_2d_and_3d_images_trains_and_evaluates(tmp_
     with (tmp_path / "tok" / "eval" / "summary.csv").open(newline="", encoding="utf-8") as f:
         groups = {(r["modality"], int(r["da"])): int(r["images"]) for r in csv.DictReader(f)}
     assert groups == {("ct", 0): 3, ("mr", 2): 3, ("xray", 5): 3}
+    import re
+
+    report = (tmp_path / "tok" / "eval" / "report.md").read_text(encoding="utf-8")
+    used, k = map(int, re.search(r"positions (\d+) of (\d+) codes", report).groups())
+    with (tmp_path / "tok" / "eval" / "images.csv").open(newline="", encoding="utf-8") as f:
+        per_image = [round(float(r["code_usage"]) * k) for r in csv.DictReader(f)]
+    assert k == 16 and max(per_image) <= used <= k  # the union of the codes each image uses
+    assert (tmp_path / "tok" / "eval" / "codebook.png").stat().st_size > 0
     missing = _recipe(tmp_path, collection=str(tmp_path / "nowhere"))
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(missing), encoding="utf-8")
     code, text = invoke("train", tmp_path / "bad.yaml", "--out", tmp_path / "bad")

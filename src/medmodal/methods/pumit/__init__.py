@@ -45,9 +45,10 @@ class PUMITPlugin(MethodPlugin):
         from medmodal.data.case import DataError
         from medmodal.engine.cases import build_network
         from medmodal.engine.distributed import per_rank_batch
+        from medmodal.engine.images import image_source
         from medmodal.engine.recipe import RecipeError
         from medmodal.engine.runinfo import TaskInfo
-        from medmodal.methods.pumit.data import CollectionData, image_source
+        from medmodal.methods.pumit.data import CollectionData
         from medmodal.methods.pumit.system import PUMITMIMSystem, PUMITTokenizerSystem, gan_kwargs, mask_layer_ids
 
         m: PUMITMethod = recipe.method  # type: ignore[assignment]

@@ -15,81 +15,15 @@ cut into crops of whole tokens and batched by degree of anisotropy and token gri
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader
 
-from medmodal.data.case import CaseRecord
 from medmodal.data.collection_cache import CollectionIndex, build_collection_cache
 from medmodal.data.collection_sampler import CollectionCrops, RankBatches, collate_crops
-from medmodal.data.collections import ImageRecord
-from medmodal.engine.recipe import DataConfig
-
-
-def collection_records(records: Sequence[CaseRecord], modalities: Sequence[str]) -> list[ImageRecord]:
-    """One :class:`ImageRecord` per (case, modality): ``image_id`` ``<case>/<modality>``, tagged by modality."""
-    return [ImageRecord(image_id=f"{r.case_id}/{m}", path=Path(r.images[m]), modality=m)
-            for r in records for m in modalities if m in r.images]
-
-
-def case_of(image_id: str) -> str:
-    """The case id of a collection image made by :func:`collection_records`."""
-    return image_id.rsplit("/", 1)[0]
-
-
-def _own_group(image_id: str) -> str:
-    return image_id
-
-
-@dataclass(frozen=True)
-class ImageSource:
-    """Where a PUMIT run's images come from.
-
-    Attributes:
-        images: ``() -> [ImageRecord]`` (lists the images; reads none).
-        group: the unit of the train/validation split of an image id (its case, or the image itself).
-        cache_dir: the collection cache is ``<cache_dir>/collection``.
-        modalities: the modality tags (recorded in ``run.json``).
-        synthetic: whether the images are medmodal's phantom.
-        description: one line for reports (``"the cases of ..."`` / ``"the collection ..."``).
-    """
-
-    images: Callable[[], list[ImageRecord]]
-    group: Callable[[str], str]
-    cache_dir: Path
-    modalities: tuple[str, ...]
-    synthetic: bool
-    description: str
-
-
-def image_source(data_cfg: DataConfig, collection: Path | None) -> ImageSource:
-    """The :class:`ImageSource` of a recipe's ``data`` section and its ``method.collection``.
-
-    Raises:
-        DataError / DataErrors: a collection that does not exist or lists no usable image (every problem named).
-    """
-    from medmodal.data.collections import list_collection
-    from medmodal.engine.datamodule import cache_key, cache_root, resolve_source
-
-    if collection is None:
-        source = resolve_source(data_cfg)
-
-        def case_images() -> list[ImageRecord]:
-            return collection_records(source.records()[1], source.modalities)
-
-        return ImageSource(images=case_images, group=case_of, cache_dir=source.cache_dir,
-                           modalities=tuple(source.modalities), synthetic=bool(source.info.synthetic),
-                           description=f"every modality of every case of {data_cfg.path or 'the phantom'}")
-    path = Path(collection).expanduser().resolve()
-    records = list_collection(path)
-    cache_dir = data_cfg.cache_dir or cache_root() / "collections" / cache_key(str(path))
-    return ImageSource(images=lambda: records, group=_own_group, cache_dir=Path(cache_dir),
-                       modalities=tuple(sorted({r.modality for r in records})), synthetic=False,
-                       description=f"the collection {path} ({len(records)} images)")
+from medmodal.engine.images import ImageSource
 
 
 class CollectionData(L.LightningDataModule):

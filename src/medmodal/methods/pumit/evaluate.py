@@ -41,7 +41,7 @@ def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None
     """Score ``run`` (see the module docstring); writes ``images.csv``, ``summary.csv`` and ``report.md``."""
     from medmodal.data.collection_cache import build_collection_cache
     from medmodal.data.collections import to_channels
-    from medmodal.methods.pumit.data import image_source
+    from medmodal.engine.images import image_source
 
     cfg, collection = run.recipe.data, run.recipe.method.collection
     if data is not None:  # another data set (a folder of cases) or, for a collection run, another collection
@@ -76,6 +76,7 @@ def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None
         layers = mask_layer_ids(len(network.blocks), run.recipe.method.mask_layers)  # as in training
     rows: list[dict[str, Any]] = []
     token_net = tokenizer or network
+    counts = np.zeros(0 if mim else network.quantizer.num_codes, dtype=np.int64)
     channels = int(run.info.network["kwargs"].get("in_channels", 1))
     for image in images:
         token = token_net.token_size(image.da)
@@ -86,7 +87,7 @@ def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None
         row = {"image_id": image.image_id, "group": source.group(image.image_id), "modality": image.modality,
                "spatial_dims": image.spatial_dims, "da": image.da, "crop": "x".join(map(str, crop.shape[1:]))}
         row.update(_mim_scores(network, tokenizer, x, image, inf, layers) if mim
-                   else _tokenizer_scores(network, x, image))
+                   else _tokenizer_scores(network, x, image, counts))
         rows.append(row)
     if not rows:
         raise DataError(f"no image of {where} spans one token {token_net.token_size(0)}; nothing to evaluate")
@@ -116,18 +117,27 @@ def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None
                   "at the masked positions, KL = CE minus the target's entropy, token accuracy = how often the "
                   "predicted and the tokenizer's most likely codes agree.", ""]
     else:
+        from medmodal.methods.pumit.figures import plot_codebook
+
+        plot_codebook(out_dir / "codebook.png", counts=counts, metrics_csv=run.dir / "metrics.csv",
+                      title=model_name or run.dir.name)
+        used = int((counts > 0).sum())
         lines += ["", "L1 and PSNR of the reconstruction on the [0, 1] intensity scale; code usage = share of the "
                   "codebook that is some token's most likely code; perplexity = exp(H(p̄)), the effective number of "
-                  "codes.", ""]
+                  f"codes. Over all evaluated positions {used} of {len(counts)} codes are some position's most "
+                  "likely code.", "", "![codebook usage](codebook.png)", ""]
     atomic_write_text(out_dir / "report.md", "\n".join(lines))
     return out_dir / "report.md"
 
 
-def _tokenizer_scores(network: Any, x: torch.Tensor, image: Any) -> dict[str, float]:
+def _tokenizer_scores(network: Any, x: torch.Tensor, image: Any, counts: np.ndarray) -> dict[str, float]:
+    """Reconstruction and codebook statistics of one crop; adds each position's most likely code to ``counts``."""
     from medmodal.losses.pumit_prior import codebook_usage
+    from medmodal.methods.pumit.figures import code_counts
 
     with torch.no_grad():
         x_hat, quant = network(x, image.da)
+    counts += np.asarray(code_counts(quant.probs), dtype=np.int64)
     err = (x_hat.clamp(-1, 1) - x) / 2.0  # on the [0, 1] scale
     mse = float(err.square().mean())
     stats = codebook_usage(quant.probs)
