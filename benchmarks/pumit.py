@@ -27,11 +27,21 @@ downsampling ``k = s = 2`` (32 -> 64 channels, 64² in-plane), the ViT's patch e
 DA 2 and 2D (DA 5). A third column runs ``F.conv3d`` with the kernel summed once beforehand: SAC minus it is the
 cost of summing the depth taps at every call. Issue 14's target: SAC at most 1.2x the plain convolution's time.
 
-**3. ViT training step vs MONAI** (:class:`monai.networks.nets.ViT`, needs ``einops``): the same width, layers,
-heads, patch and token count (MONAI's MLP 4x GELU, PUMIT's SwiGLU 8/3: the same parameter count; q/v vs qkv
-biases; MONAI has no cls token, so it runs one token fewer), 3D (64³, DA 0) and 2D (128²; MONAI's 2D ViT, PUMIT's
-one-slice volume): ``encode`` of all tokens, the mean square of the output tokens as the loss, ``backward``, AdamW.
-Issue 14's target: not slower; the verdict allows 5 % for the noise of a shared machine (ratio <= 1.05).
+**3. ViT training step vs MONAI** (:class:`monai.networks.nets.ViT`, needs ``einops``), its own round-robin after
+the others: ``encode`` of all tokens, the mean square of the output tokens as the loss, ``backward``, AdamW (the
+default, per-tensor loop on CPU, as ``medmodal train`` uses it). Both models have the same width, layers, heads and
+token grid (MONAI's patch is PUMIT's effective one, ``16 x 16 x (16 >> DA)`` in 3D, ``16 x 16`` in 2D) and the
+same parameter count up to the extras below. Cases: the CPU size at ``--batch`` on the 64-token inputs (3D 64³
+DA 0, 2D 128²), then batch 8 at width 192 (6 layers, 3 heads) and width 384 (6 layers, 6 heads) on the 64-token
+inputs and on 256-token ones (3D 128² x 16 at DA 2, i.e. 8 x 8 x 4 tokens; 2D 256²), ``--monai-repeats`` rounds.
+What PUMIT computes on top (spec §2.4), printed with the table: a cls token (``1 + L`` tokens against MONAI's
+``L``), 3D RoPE on q and k, a LayerNorm on the SwiGLU hidden features (sub-LN), a learned 10 x 10 x 5 position
+grid resampled to the token grid, a 16³ SAC patch kernel whose depth taps are summed when DA > 0 (16x MONAI's
+2D kernel in 2D: its gradient and AdamW update are 16x larger) and more parameter tensors for AdamW's loop (separate
+q/v biases, the sub-LN's); attention is SDPA (MONAI's default is its einsum-softmax path); the MLP is SwiGLU 8/3
+against GELU 4x (the same parameter count). Issue 14's target: not slower; the verdict allows 5 % for the noise of
+a shared machine (ratio <= 1.05). The CPU-time column (process time, both threads) is less disturbed by other
+processes than the wall clock.
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over one call (convolutions and matrix products,
 a multiply-add = 2 FLOPs; attention counted through SDPA's math path, which the CPU kernel has no formula for).
@@ -41,12 +51,14 @@ all alike; the tables give medians, and ratios also as the median of the per-rou
 PASS or FAIL only when both agree (UNDECIDED otherwise).
 
 ``--spec-size`` adds the spec's sizes (tokenizer widths (128, 256, 512), ViT-B: width 768, 12 layers, 12 heads;
-3 input channels) for the 3D DA-0 and 2D inputs, with ``--spec-repeats`` rounds. The default run takes about 3
-minutes on a loaded 2-core machine; ``--quick`` is a smoke run of about 10 s.
+3 input channels) for the 3D DA-0 and 2D inputs, with ``--spec-repeats`` rounds. The default run takes about 5
+minutes on a loaded 2-core machine (``--monai-only``: only section 3, about 2 minutes); ``--quick`` is a smoke run of
+about 20 s.
 
 Example (the figures in docs/benchmarks.md)::
 
     OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python benchmarks/pumit.py --threads 2
+    OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python benchmarks/pumit.py --threads 2 --monai-only
 """
 
 from __future__ import annotations
@@ -56,6 +68,7 @@ import datetime
 import math
 import os
 import shlex
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -224,25 +237,62 @@ def sac_rows(width: int) -> list[tuple[str, int, Timed, Timed, Timed]]:
     return out
 
 
-def vit_steps(size: Size, da: int, batch: int, vit_class: type) -> tuple[Callable[[], None], Callable[[], None]]:
+@dataclass(frozen=True)
+class Versus:
+    """One PUMIT-vs-MONAI case: a model size, a batch and an input ``(X, Y, Z)`` at ``da`` (2D: ``(X, Y)``, DA 5)."""
+
+    size: Size
+    batch: int
+    spatial: tuple[int, ...]
+    da: int
+
+    @property
+    def monai_patch(self) -> tuple[int, ...]:
+        """MONAI's patch: PUMIT's effective one, ``16 x 16 x (16 >> DA)`` (2D: ``16 x 16``)."""
+        return (16, 16) if len(self.spatial) == 2 else (16, 16, max(16 >> self.da, 1))
+
+    @property
+    def tokens(self) -> int:
+        """Grid tokens ``L`` (MONAI's sequence; PUMIT adds the cls token)."""
+        return math.prod(s // p for s, p in zip(self.spatial, self.monai_patch, strict=True))
+
+    @property
+    def label(self) -> str:
+        shape = "x".join(map(str, self.spatial))
+        dims = f"2D {shape}" if len(self.spatial) == 2 else f"3D {shape} DA {self.da}"
+        return f"W{self.size.width} B{self.batch} {dims}, 1+{self.tokens} tok"
+
+
+def versus_cases(batch: int, *, quick: bool = False) -> list[Versus]:
+    """The CPU size at ``batch`` on the 64-token inputs, then batch 8 at widths 192 and 384 on 64 and 256 tokens."""
+    small = [((64, 64, 64), 0), ((128, 128), MAX_DA)]
+    cases = [Versus(CPU, batch, shape, da) for shape, da in small]
+    if quick:
+        return cases
+    wide = Size("width 384", CPU.tok_widths, 384, 6, 6)
+    large = [((128, 128, 16), 2), ((256, 256), MAX_DA)]
+    return cases + [Versus(size, 8, shape, da) for size in (CPU, wide) for shape, da in small + large]
+
+
+def vit_steps(
+    case: Versus, vit_class: type
+) -> tuple[Callable[[], None], Callable[[], None], PUMITViT, torch.nn.Module]:
     """A training step of the PUMIT ViT and of MONAI's ``vit_class`` of the same size on the same input: encode all
-    tokens, loss = the mean square of the output tokens, backward, AdamW."""
+    tokens, loss = the mean square of the output tokens, backward, AdamW; and the two models."""
+    size = case.size
     torch.manual_seed(0)
     pumit = PUMITViT(in_channels=size.channels, patch_size=16, width=size.width, num_layers=size.layers,
                      num_heads=size.heads).train()
-    shape = input_shape(da, size.channels, batch)
-    x = torch.randn(shape)
-    dims = 2 if da == MAX_DA else 3
-    monai = vit_class(in_channels=size.channels, img_size=shape[2:2 + dims], patch_size=16, hidden_size=size.width,
-                      mlp_dim=4 * size.width, num_layers=size.layers, num_heads=size.heads, qkv_bias=True,
-                      spatial_dims=dims).train()
-    x_monai = x[..., 0] if dims == 2 else x
-    return (adamw_step(list(pumit.parameters()), lambda: pumit.encode(x, da).tokens.square().mean()),
-            adamw_step(list(monai.parameters()), lambda: monai(x_monai)[0].square().mean()))
+    x = torch.randn(case.batch, size.channels, *case.spatial)
+    monai = vit_class(in_channels=size.channels, img_size=case.spatial, patch_size=case.monai_patch,
+                      hidden_size=size.width, mlp_dim=4 * size.width, num_layers=size.layers, num_heads=size.heads,
+                      qkv_bias=True, spatial_dims=len(case.spatial)).train()
+    return (adamw_step(list(pumit.parameters()), lambda: pumit.encode(x, case.da).tokens.square().mean()),
+            adamw_step(list(monai.parameters()), lambda: monai(x)[0].square().mean()), pumit, monai)
 
 
-def monai_rows(size: Size, batch: int) -> list[tuple[str, Timed, Timed]]:
-    """``(input, PUMIT step, MONAI step)`` for the 3D DA-0 and 2D inputs; [] without einops."""
+def monai_rows(cases: list[Versus]) -> list[tuple[Versus, Timed, Timed, str]]:
+    """``(case, PUMIT step, MONAI step, parameter counts)`` per case; [] without einops."""
     try:
         import einops  # noqa: F401
         from monai.networks.nets import ViT
@@ -250,11 +300,50 @@ def monai_rows(size: Size, batch: int) -> list[tuple[str, Timed, Timed]]:
         print(f"MONAI ViT comparison skipped: {err} (install einops: pip install 'einops>=0.7', in the dev extra)")
         return []
     out = []
-    for da in (0, MAX_DA):
-        rows = [Timed(f"{who} ViT step, {input_label(da)}", fn, flops=counted(fn))
-                for who, fn in zip(("PUMIT", "MONAI"), vit_steps(size, da, batch, ViT), strict=True)]
-        out.append((input_label(da), *rows))
+    for case in cases:
+        pumit_step, monai_step, pumit, monai = vit_steps(case, ViT)
+        rows = [Timed(f"{who} ViT step, {case.label}", fn, flops=counted(fn))
+                for who, fn in (("PUMIT", pumit_step), ("MONAI", monai_step))]
+        # tensors AdamW updates (MONAI builds an unused cross-attention norm per block: no gradient, skipped)
+        counts = [(sum(p.numel() for p in m.parameters() if p.grad is not None) / 1e6,
+                   sum(1 for p in m.parameters() if p.grad is not None)) for m in (pumit, monai)]
+        out.append((case, *rows, " / ".join(f"{n:.2f} M in {t}" for n, t in counts)))
     return out
+
+
+VERSUS_DIFFERENCES = (
+    "What PUMIT computes on top (spec §2.4): a cls token (1 + L tokens, MONAI L); 3D RoPE on q and k; a LayerNorm on "
+    "the SwiGLU hidden features (sub-LN); a learned 10x10x5 position grid resampled to the token grid (MONAI: a table "
+    "of the grid's size); a 16³ SAC patch kernel, its depth taps summed when DA > 0 (MONAI: the effective kernel "
+    "16x16x(16>>DA), 16x16 in 2D: PUMIT's 2D kernel gradient and AdamW update are 16x larger); separate q/v biases "
+    "and the sub-LN's parameters (more tensors in AdamW's per-tensor loop). Attention: SDPA (MONAI: its default "
+    "einsum-softmax). MLP: SwiGLU 8/3 vs GELU 4x, the same parameter count."
+)
+
+
+def measure_versus(cases: list[Versus], *, rounds: int, warmup: int) -> None:
+    """Section 3: the PUMIT and MONAI ViT steps of every case round-robin, with the reference convolution."""
+    t0 = time.perf_counter()
+    ref_flops, ref_fn = conv_reference()
+    ref = Timed("reference Conv3d 32->32 3³, 64³", ref_fn, flops=ref_flops)
+    versus = monai_rows(cases)
+    if not versus:
+        return
+    print(f"\n## ViT training step vs MONAI ViT ({len(cases)} cases, built in {time.perf_counter() - t0:.0f} s)",
+          flush=True)
+    run_rounds([ref] + [r for _, a, b, _ in versus for r in (a, b)], rounds=rounds, warmup=warmup)
+    print(f"target: not slower, ratio <= {MONAI_TARGET}; reference {ref.name}: {ref.median * 1e3:.1f} ms, "
+          f"{ref.gflops():.1f} GFLOP/s\n{VERSUS_DIFFERENCES}")
+    print(f"{'':<34}{'PUMIT ms':>9}{'MONAI ms':>9}{'PUMIT GF/s':>11}{'/ref':>5}{'MONAI GF/s':>11}{'/ref':>5}"
+          f"{'CPU-time':>9}  PUMIT / MONAI (wall)            parameters (PUMIT / MONAI, in tensors)")
+    for case, a, b, params in versus:
+        cpu = statistics.median(a.cpu) / statistics.median(b.cpu)
+        print(f"{case.label:<34}{a.median * 1e3:>9.1f}{b.median * 1e3:>9.1f}{a.gflops():>11.1f}"
+              f"{a.gflops() / ref.gflops():>5.0%}{b.gflops():>11.1f}{b.gflops() / ref.gflops():>5.0%}{cpu:>9.2f}  "
+              f"{verdict(a, b, MONAI_TARGET):<32}{params}")
+    print(f"(median of {rounds} rounds after {warmup} warm-up, all calls round-robin; ms: wall clock per step; GF/s: "
+          "counted FLOPs / median wall time, /ref: relative to the reference; CPU-time: the ratio of median process "
+          "times; paired: the median of per-round ratios)")
 
 
 def verdict(a: Timed, b: Timed, target: float) -> str:
@@ -273,9 +362,7 @@ def measure(size: Size, *, das: tuple[int, ...], batch: int, rounds: int, warmup
     ref = Timed("reference Conv3d 32->32 3³, 64³", ref_fn, flops=ref_flops)
     through = throughput_rows(size, das, batch)
     layers = sac_rows(size.width) if sac else []
-    versus = monai_rows(size, batch)
-    rows = [ref] + [r for *_, r, _ in through] + [r for _, _, *rs in layers for r in rs] + \
-        [r for _, *rs in versus for r in rs]
+    rows = [ref] + [r for *_, r, _ in through] + [r for _, _, *rs in layers for r in rs]
     tok, vit = build(size)  # only for the parameter counts
     tok_m, vit_m = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (tok, vit))
     print(f"\n## {size.label}: tokenizer widths {size.tok_widths}, stride 16, {size.codes} codes "
@@ -311,13 +398,6 @@ def measure(size: Size, *, das: tuple[int, ...], batch: int, rounds: int, warmup
         print(f"  -> {overall} (plain: F.conv3d with the full k³ kernel on the isotropic volume; summed: F.conv3d with "
               "the depth taps summed beforehand; sum cost: SAC - summed, the per-call kernel summation and wrapper)")
 
-    if versus:
-        print(f"\nViT training step vs MONAI ViT (same width/layers/heads/patch/tokens; target: not slower, "
-              f"ratio <= {MONAI_TARGET}):")
-        print(f"{'':<22}{'PUMIT ms':>9}{'MONAI ms':>9}{'PUMIT GFLOP/s':>14}{'MONAI GFLOP/s':>14}  PUMIT / MONAI")
-        for label, a, b in versus:
-            print(f"{label:<22}{a.median * 1e3:>9.1f}{b.median * 1e3:>9.1f}{a.gflops():>14.1f}{b.gflops():>14.1f}  "
-                  f"{verdict(a, b, MONAI_TARGET)}")
     print(f"(median of {rounds} rounds after {warmup} warm-up, all calls round-robin; ms/call: wall clock; /ref: "
           "GFLOP/s relative to the reference; paired: the median of per-round ratios)")
 
@@ -328,14 +408,16 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=40, help="rounds of the CPU size")
     p.add_argument("--warmup", type=int, default=2, help="rounds not kept")
     p.add_argument("--batch", type=int, default=2, help="inputs per call")
+    p.add_argument("--monai-repeats", type=int, default=10, help="rounds of the ViT vs MONAI comparison")
+    p.add_argument("--monai-only", action="store_true", help="only the ViT vs MONAI comparison (section 3)")
     p.add_argument("--spec-size", action="store_true", help="also the spec's sizes (ViT-B), 3D DA 0 and 2D only")
     p.add_argument("--spec-repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 rounds, 1 warm-up, batch 1, no spec size")
     args = p.parse_args()
     if args.quick:
-        args.repeats, args.warmup, args.batch, args.spec_size = 2, 1, 1, False
-    if min(args.repeats, args.batch, args.spec_repeats, args.threads) < 1 or args.warmup < 0:
-        p.error("--repeats, --batch, --spec-repeats and --threads must be >= 1, --warmup >= 0")
+        args.repeats, args.monai_repeats, args.warmup, args.batch, args.spec_size = 2, 2, 1, 1, False
+    if min(args.repeats, args.batch, args.spec_repeats, args.monai_repeats, args.threads) < 1 or args.warmup < 0:
+        p.error("--repeats, --batch, --monai-repeats, --spec-repeats and --threads must be >= 1, --warmup >= 0")
     torch.set_num_threads(args.threads)
     print(f"# PUMIT throughput, {datetime.datetime.now():%Y-%m-%dT%H:%M}, CPU, {args.threads} threads "
           f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, OMP_WAIT_POLICY="
@@ -343,9 +425,14 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f} at the start")
     print(f"command: {shlex.join(['python', *sys.argv])}")
     t0 = time.perf_counter()
-    measure(CPU, das=INPUT_DAS, batch=args.batch, rounds=args.repeats, warmup=args.warmup, sac=True)
+    if not args.monai_only:
+        measure(CPU, das=INPUT_DAS, batch=args.batch, rounds=args.repeats, warmup=args.warmup, sac=True)
+    measure_versus(versus_cases(args.batch, quick=args.quick), rounds=args.monai_repeats, warmup=args.warmup)
     if args.spec_size:
-        measure(SPEC, das=(MAX_DA, 0), batch=args.batch, rounds=args.spec_repeats, warmup=1, sac=False)
+        if not args.monai_only:
+            measure(SPEC, das=(MAX_DA, 0), batch=args.batch, rounds=args.spec_repeats, warmup=1, sac=False)
+        measure_versus([Versus(SPEC, args.batch, (64, 64, 64), 0), Versus(SPEC, args.batch, (128, 128), MAX_DA)],
+                       rounds=args.spec_repeats, warmup=1)
     print(f"\n{time.perf_counter() - t0:.0f} s in all; load average {os.getloadavg()[0]:.1f} at the end")
 
 

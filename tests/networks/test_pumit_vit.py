@@ -16,7 +16,9 @@ from medmodal.networks.pumit_vit import (
     PLANE_ROPE_BASE,
     PUMITViT,
     RotaryEmbedding3D,
+    _Block,
     apply_rope,
+    position_tokens,
     pumit_vit_tiny,
     resample_position_grid,
     rope_pairs,
@@ -82,9 +84,8 @@ def test_rope_pair_split_and_bases() -> None:
 def test_rope_score_depends_only_on_the_offset() -> None:
     grid = (3, 4, 5)
     rope = RotaryEmbedding3D(head_dim=18).double()
-    cos, sin = rope(grid)
     v = torch.randn(18, dtype=torch.float64)
-    q = apply_rope(v.expand(math.prod(grid), 18), cos, sin)
+    q = apply_rope(v.expand(math.prod(grid), 18), rope(grid))
     scores = q @ q.T  # q = k = the same vector at every token
     coords = torch.cartesian_prod(*(torch.arange(g) for g in grid))
     by_offset: dict[tuple[int, ...], float] = {}
@@ -99,6 +100,100 @@ def test_rope_score_depends_only_on_the_offset() -> None:
     for off in ((1, 0, 0), (0, 1, 0), (0, 0, 1)):
         assert abs(by_offset[off] - zero) > 1e-6
     assert abs(by_offset[(1, 0, 0)] - by_offset[(0, 0, 1)]) > 1e-6
+
+
+def _reference_rope(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """The rotation written out: pairs (2i, 2i + 1) of every token but the first (cls) turned by ``theta``."""
+    out = x.clone()
+    even, odd = x[..., 1:, 0::2], x[..., 1:, 1::2]
+    out[..., 1:, 0::2] = even * theta.cos() - odd * theta.sin()
+    out[..., 1:, 1::2] = even * theta.sin() + odd * theta.cos()
+    return out
+
+
+def _reference_block(block: _Block, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """A pre-norm block done the plain way: separate q/k/v products, biases on q and v, RoPE by explicit pairs,
+    softmax attention, SwiGLU ``w3(LN(silu(a) * b))``. ``theta``: grid-token angles ``(B, N - 1, Dh / 2)``."""
+    batch, length, width = x.shape
+    attn, mlp = block.attn, block.mlp
+    heads, dim = attn.num_heads, attn.head_dim
+    wq, wk, wv = attn.qkv.weight.chunk(3)
+    h = block.norm1(x)
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(batch, length, heads, dim).transpose(1, 2)  # (B, H, N, Dh)
+
+    q = _reference_rope(split(h @ wq.T + attn.q_bias), theta.unsqueeze(1))
+    k = _reference_rope(split(h @ wk.T), theta.unsqueeze(1))
+    v = split(h @ wv.T + attn.v_bias)
+    weights = (q @ k.transpose(-1, -2) / math.sqrt(dim)).softmax(-1)
+    x = x + attn.proj((weights @ v).transpose(1, 2).reshape(batch, length, width))
+    a, b = (block.norm2(x) @ mlp.w12.weight.T + mlp.w12.bias).chunk(2, dim=-1)
+    return x + mlp.w3(mlp.norm(a * torch.sigmoid(a) * b))
+
+
+@pytest.mark.parametrize("per_item", [False, True])
+def test_block_equals_the_plain_reference_in_float64(per_item: bool) -> None:
+    # the fused qkv with a zero k bias, complex-product RoPE on views and SDPA compute the plain block's maths
+    torch.manual_seed(0)
+    block = _Block(width=30, num_heads=3, hidden=80).double()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    grid, batch = (2, 3, 4), 2
+    rope = RotaryEmbedding3D(head_dim=10).double()
+    theta = rope.angles(grid).expand(batch, -1, -1)  # (B, L, 5)
+    rotation = rope(grid, cls_token=True)  # (1 + L, 5)
+    if per_item:  # the visible-token path: each item its own subset of the grid tokens (rotation rows gathered)
+        visible = torch.stack([torch.randperm(24)[:9] for _ in range(batch)])
+        theta = torch.stack([t[v] for t, v in zip(theta, visible, strict=True)])
+        rotation = rotation[torch.cat((visible.new_zeros(batch, 1), visible + 1), dim=1)]  # (B, 1 + n, 5)
+    x = torch.randn(batch, 1 + theta.shape[1], 30, dtype=torch.float64, requires_grad=True)
+    out = block(x, rotation)
+    ref = _reference_block(block, x, theta)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(out.square().sum(), [x, *block.parameters()])
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *block.parameters()])
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+    turned = _reference_block(block, x, theta + 1.0).detach()
+    assert float((out.detach() - turned)[:, 0].abs().max()) > 1e-3  # RoPE matters, even to the unrotated cls token
+    assert "attn.k_bias" not in block.state_dict()  # the zero k bias is no parameter and is not saved
+
+
+def test_rotation_rows_and_half_precision() -> None:
+    rope = RotaryEmbedding3D(head_dim=12)
+    plain, with_cls = rope((2, 2, 3)), rope((2, 2, 3), cls_token=True)
+    assert plain.shape == (12, 6) and plain.dtype == torch.complex64
+    torch.testing.assert_close(with_cls[1:], plain, rtol=0, atol=0)
+    torch.testing.assert_close(with_cls[0], torch.ones(6, dtype=torch.complex64), rtol=0, atol=0)
+    torch.testing.assert_close(plain.abs(), torch.ones(12, 6), rtol=0, atol=1e-6)
+    # bfloat16 (mixed precision) is rotated in float32 and given back in bfloat16; a strided x is accepted too
+    x = torch.randn(12, 3, 12)
+    turned = apply_rope(x.to(torch.bfloat16), plain.unsqueeze(1))
+    assert turned.dtype == torch.bfloat16
+    torch.testing.assert_close(turned.float(), apply_rope(x, plain.unsqueeze(1)), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(apply_rope(x[:, :, 1:-1], plain[:, :5].unsqueeze(1)),
+                               apply_rope(x[:, :, 1:-1].contiguous(), plain[:, :5].unsqueeze(1)))
+
+
+def test_position_tokens_are_the_resampled_grid_as_rows_and_train_after_inference() -> None:
+    pos = torch.randn(1, 6, 5, 4, 3, dtype=torch.float64, requires_grad=True)
+    for size in ((5, 4, 3), (2, 7, 3), (3, 2, 1), (9, 8, 6)):
+        rows = position_tokens(pos, size)
+        assert rows.shape == (math.prod(size), 6)
+        reference = F.interpolate(F.adaptive_avg_pool3d(pos, [min(a, b) for a, b in zip((5, 4, 3), size, strict=True)]),
+                                  size=size, mode="trilinear", align_corners=False)
+        torch.testing.assert_close(rows, reference.flatten(2)[0].T, rtol=0, atol=1e-12)
+        g = torch.randn_like(rows)
+        torch.testing.assert_close(torch.autograd.grad(rows, pos, g)[0],
+                                   torch.autograd.grad(reference.flatten(2)[0].T, pos, g)[0], rtol=0, atol=1e-12)
+    # the per-axis matrices are cached; one first built under inference mode must still serve a training step
+    vit = pumit_vit_tiny(in_channels=1, patch_size=4, pos_grid=(7, 5, 3))
+    x = torch.randn(1, 1, 24, 24, 8)
+    with torch.inference_mode():
+        vit.encode(x, 0)
+    vit.encode(x, 0).tokens.sum().backward()
+    assert vit.pos_embed.grad is not None and vit.pos_embed.grad.abs().sum() > 0
 
 
 def test_2d_image_is_a_one_slice_volume_and_3d_runs_through_the_same_model() -> None:

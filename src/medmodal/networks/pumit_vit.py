@@ -50,6 +50,7 @@ makes each stage double the depth only while the patch embedding's depth downsam
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from typing import Literal, NamedTuple
@@ -72,6 +73,7 @@ __all__ = [
     "apply_rope",
     "pumit_vit_base",
     "pumit_vit_large",
+    "position_tokens",
     "pumit_vit_tiny",
     "resample_position_grid",
     "rope_pairs",
@@ -100,19 +102,56 @@ class ViTTokens(NamedTuple):
 def resample_position_grid(pos: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Resample a learned position grid ``(1, W, gx, gy, gz)`` to the token grid ``size`` (spec §2.4).
 
-    Axes that shrink are reduced by area averaging, then axes that grow are interpolated trilinearly
-    (``align_corners=False``); an axis is never both. At the stored size the parameter itself is returned.
+    Axes that shrink are reduced by area averaging (``F.interpolate(mode="area")``), axes that grow are interpolated
+    (tri)linearly (``align_corners=False``); an axis is never both. At the stored size the parameter itself is
+    returned. Both are separable, so this is :func:`position_tokens` viewed as a grid ``(1, W, *size)``.
     """
     size = tuple(int(s) for s in size)
-    current = tuple(pos.shape[2:])
-    if size == current:
+    if size == tuple(pos.shape[2:]):
         return pos
-    shrunk = tuple(min(c, s) for c, s in zip(current, size, strict=True))
-    if shrunk != current:
-        pos = F.interpolate(pos, size=shrunk, mode="area")
-    if shrunk != size:
-        pos = F.interpolate(pos, size=size, mode="trilinear", align_corners=False)
-    return pos
+    return position_tokens(pos, size).t().reshape(1, pos.shape[1], *size)
+
+
+@functools.lru_cache(maxsize=128)
+def _axis_resampling(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(n_out, n_in)``: the 1D area average (``n_out < n_in``) or linear interpolation (``n_out > n_in``,
+    ``align_corners=False``) as a matrix, i.e. ``F.interpolate`` of each basis vector (computed in float64)."""
+    with torch.inference_mode(False), torch.no_grad():  # a cached tensor must be usable in autograd later
+        eye = torch.eye(n_in, dtype=torch.float64).unsqueeze(0)  # (1, n_in channels, n_in): one basis vector each
+        if n_out < n_in:
+            out = F.interpolate(eye, size=n_out, mode="area")
+        else:
+            out = F.interpolate(eye, size=n_out, mode="linear", align_corners=False)
+        return out[0].t().to(dtype=dtype, device=device).contiguous()
+
+
+def position_tokens(pos: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The position grid ``(1, W, gx, gy, gz)`` resampled to ``size = (G_x, G_y, G_z)`` as token rows ``(L, W)``
+    (row-major over ``size``, ``Z`` fastest; the rules of :func:`resample_position_grid`).
+
+    The resampling is a product of one matrix per axis, applied as three matrix products on the grid stored
+    ``W``-last (no 3D pooling kernels, cheap backward); the matrices are cached per size, dtype and device.
+    """
+    size = tuple(int(s) for s in size)
+    width, current = pos.shape[1], tuple(pos.shape[2:])
+    if len(size) != 3 or len(current) != 3 or pos.shape[0] != 1:
+        raise ValueError(f"expected a grid (1, W, gx, gy, gz) and a 3D size, got {tuple(pos.shape)} and {size}")
+    rows = pos.reshape(width, -1).t()  # (gx gy gz, W)
+    if size == current:
+        return rows
+    (gx, gy, gz), (sx, sy, sz) = current, size
+    matrix = [None if n == m else _axis_resampling(n, m, pos.dtype, pos.device)
+              for n, m in zip(current, size, strict=True)]
+    t = rows.reshape(gx, gy * gz * width)
+    if matrix[0] is not None:
+        t = matrix[0] @ t  # (sx, gy gz W)
+    t = t.view(sx, gy, gz * width)
+    if matrix[1] is not None:
+        t = matrix[1] @ t  # (sx, sy, gz W)
+    t = t.view(sx * sy, gz, width)
+    if matrix[2] is not None:
+        t = matrix[2] @ t  # (sx sy, sz, W)
+    return t.reshape(sx * sy * sz, width)
 
 
 def rope_pairs(head_dim: int) -> Grid:
@@ -129,11 +168,19 @@ def rope_pairs(head_dim: int) -> Grid:
     return px, pairs - pz - px, pz
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the feature pairs ``(2i, 2i + 1)`` of ``x (..., N, D)`` by the angles whose ``cos`` / ``sin`` are
-    ``(..., N, D / 2)`` (broadcast against ``x``'s leading dimensions)."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate the feature pairs ``(2i, 2i + 1)`` of ``x (..., D)`` by the unit complex numbers ``rotation
+    (..., D / 2)`` (``exp(i theta)``, broadcast against ``x``'s leading dimensions).
+
+    The pair ``(a, b)`` becomes ``(a cos - b sin, a sin + b cos)``: one complex product on a view of the pairs, so
+    no strided slices or re-interleaving copies (forward or backward). Half-precision ``x`` is rotated in float32
+    and cast back (there is no complex bfloat16).
+    """
+    pairs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    pairs = pairs.unflatten(-1, (-1, 2))
+    if pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-2]) or pairs.stride(-1) != 1:
+        pairs = pairs.contiguous()  # view_as_complex needs whole complex numbers in memory
+    return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2).to(x.dtype)
 
 
 class RotaryEmbedding3D(nn.Module):
@@ -144,7 +191,8 @@ class RotaryEmbedding3D(nn.Module):
         plane_base: frequency base of ``X`` and ``Y``.
         depth_base: frequency base of ``Z``.
 
-    ``forward(grid) -> (cos, sin)``, each ``(L, head_dim / 2)`` for the ``L = prod(grid)`` tokens in row-major order.
+    ``forward(grid) -> rotation``: ``(L, head_dim / 2)`` complex ``exp(i theta)`` for the ``L = prod(grid)`` tokens in
+    row-major order (:func:`apply_rope`); with ``cls_token=True`` a first row of ones (no rotation) is prepended.
     """
 
     inv_freq: torch.Tensor
@@ -168,16 +216,23 @@ class RotaryEmbedding3D(nn.Module):
         coords = coords.reshape(-1, 3).to(self.inv_freq.dtype)  # (L, 3); cartesian_prod of one axis is 1D
         return coords[:, self.axis] * self.inv_freq
 
-    def forward(self, grid: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, grid: Sequence[int], *, cls_token: bool = False) -> torch.Tensor:
         theta = self.angles(grid)
-        return theta.cos(), theta.sin()
-
-
-Rope = tuple[torch.Tensor, torch.Tensor]
+        if cls_token:
+            theta = torch.cat((theta.new_zeros(1, theta.shape[1]), theta))
+        return torch.complex(theta.cos(), theta.sin())
 
 
 class _Attention(nn.Module):
-    """Multi-head self-attention with q/v biases (no k bias) and RoPE on every token but the first (cls)."""
+    """Multi-head self-attention with q/v biases (no k bias) and RoPE on q and k (the cls row of the rotation is
+    one: no rotation).
+
+    One ``F.linear`` with the bias ``(q_bias, 0, v_bias)`` (the zero k part is a buffer); q, k and v are views of
+    its output, RoPE is one complex product each on q and k (:func:`apply_rope`), and the heads are split by views
+    only: the forward pass makes no copies besides those of the arithmetic itself.
+    """
+
+    k_bias: torch.Tensor
 
     def __init__(self, *, width: int, num_heads: int) -> None:
         super().__init__()
@@ -185,17 +240,19 @@ class _Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(width))
         self.v_bias = nn.Parameter(torch.zeros(width))
+        self.register_buffer("k_bias", torch.zeros(width), persistent=False)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
-        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias).unflatten(-1, (3, self.num_heads, self.head_dim))
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, Dh)
-        cos, sin = (t.unsqueeze(-3) if t.ndim == 3 else t for t in rope)  # (B, 1, N-1, Dh/2) or (N-1, Dh/2)
-        q = torch.cat((q[:, :, :1], apply_rope(q[:, :, 1:], cos, sin)), dim=2)
-        k = torch.cat((k[:, :, :1], apply_rope(k[:, :, 1:], cos, sin)), dim=2)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).flatten(2))
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """``x (B, N, W)``, ``rope (N, Dh / 2)`` or ``(B, N, Dh / 2)`` complex (row 0: the cls token's ones)."""
+        batch, length, _ = x.shape
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias).view(batch, length, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(2)  # each (B, N, H, Dh); the backward stacks their gradients in one copy
+        rope = rope.unsqueeze(-2)  # broadcast over the heads
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.proj(out.transpose(1, 2).flatten(2))  # (B, H, N, Dh) -> (B, N, W)
 
 
 class _SwiGLU(nn.Module):
@@ -220,7 +277,7 @@ class _Block(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = _SwiGLU(width=width, hidden=hidden)
 
-    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), rope)
         return x + self.mlp(self.norm2(x))
 
@@ -389,8 +446,7 @@ class PUMITViT(nn.Module):
         """``x`` -> patch tokens with absolute position ``(B, L, W)``, the grid, the SAC state after the embedding."""
         z, state = self.patch_embed(self._as_volume(x, da), SACState(da))
         grid: Grid = tuple(z.shape[2:])  # type: ignore[assignment]
-        z = z + resample_position_grid(self.pos_embed, grid)
-        return z.flatten(2).transpose(1, 2), grid, state
+        return z.flatten(2).transpose(1, 2) + position_tokens(self.pos_embed, grid), grid, state
 
     def _check_visible(self, visible: torch.Tensor, batch: int, length: int) -> None:
         if visible.ndim != 2 or visible.shape[0] != batch or visible.dtype != torch.long:
@@ -413,14 +469,14 @@ class PUMITViT(nn.Module):
             :class:`ViTTokens`: tokens ``(B, 1 + n, W)`` (``n = L`` without ``visible``) and the grid.
         """
         tokens, grid, _ = self._embed(x, da)
-        cos, sin = self.rope(grid)
+        rope = self.rope(grid, cls_token=True)  # (1 + L, Dh / 2)
         if visible is not None:
             self._check_visible(visible, tokens.shape[0], tokens.shape[1])
             tokens = tokens.gather(1, visible.unsqueeze(-1).expand(-1, -1, self.width))
-            cos, sin = cos[visible], sin[visible]
+            rope = rope[torch.cat((visible.new_zeros(visible.shape[0], 1), visible + 1), dim=1)]  # (B, 1 + n, .)
         seq = torch.cat((self.cls_token.expand(tokens.shape[0], -1, -1), tokens), dim=1)
         for block in self.blocks:
-            seq = block(seq, (cos, sin))
+            seq = block(seq, rope)
         return ViTTokens(self.norm(seq), grid)
 
     def forward(self, x: torch.Tensor, da: int) -> torch.Tensor:
@@ -449,11 +505,12 @@ class PUMITViT(nn.Module):
         tokens, grid, _ = self._embed(x, da)
         batch, length, width = tokens.shape
         self._check_visible(visible, batch, length)
-        rope_all = self.rope(grid)
-        rope_visible = (rope_all[0][visible], rope_all[1][visible])
+        rope_all = self.rope(grid, cls_token=True)  # (1 + L, Dh / 2)
         cls = self.cls_token.expand(batch, -1, -1)
         # positions of cls + visible tokens in the full sequence, expanded over features
-        keep = torch.cat((visible.new_zeros(batch, 1), visible + 1), dim=1).unsqueeze(-1).expand(-1, -1, width)
+        kept = torch.cat((visible.new_zeros(batch, 1), visible + 1), dim=1)  # (B, 1 + n)
+        rope_visible = rope_all[kept]
+        keep = kept.unsqueeze(-1).expand(-1, -1, width)
         seq = torch.cat((cls, self.mask_token.expand(batch, length, -1)), dim=1)
         seq = seq.scatter(1, keep, torch.cat((cls, tokens.gather(1, keep[:, 1:] - 1)), dim=1))
         for i, block in enumerate(self.blocks):
@@ -586,6 +643,9 @@ class PUMITViTClassifier(nn.Module):
     ``self.vit`` (pretrained backbone weights load into it).
     """
 
+    #: the registry contract: whole-image class logits, not a dense map
+    predicts = "classes"
+
     def __init__(
         self,
         *,
@@ -606,6 +666,7 @@ class PUMITViTClassifier(nn.Module):
             if key in vit:
                 raise TypeError(f"unexpected keyword argument {key!r} (set by the classifier)")
         self.spatial_dims, self.modalities = spatial_dims, tuple(modalities)
+        self.num_classes = num_classes
         self.vit = PUMITViT(in_channels=len(self.modalities), num_classes=num_classes, pool=pool,
                             **vit)  # type: ignore[arg-type]
         self.da = self.vit.max_da if spatial_dims == 2 else (0 if da is None else da)
@@ -623,6 +684,6 @@ class PUMITViTClassifier(nn.Module):
 
 @register_network("pumit_vit_cls_tiny")
 def pumit_vit_cls_tiny(**kwargs: object) -> PUMITViTClassifier:
-    """The tiny classifier for tests: width 32, 2 blocks, 2 heads, patch 8 (overridable)."""
-    defaults: dict[str, object] = {"width": 32, "num_layers": 2, "num_heads": 2, "patch_size": 8}
+    """The tiny classifier for tests: width 32, 2 blocks, 2 heads, patch 8, 2 classes (overridable)."""
+    defaults: dict[str, object] = {"width": 32, "num_layers": 2, "num_heads": 2, "patch_size": 8, "num_classes": 2}
     return PUMITViTClassifier(**{**defaults, **kwargs})  # type: ignore[arg-type]
