@@ -44,7 +44,8 @@ def add_commands(app: typer.Typer) -> None:
                        "method's docs; default: the method's own)."),
         method: str = typer.Option(None, "--method", help="The method that pretrains, when no recipe or --from "
                                                           "names it."),
-        out: Path = typer.Option(None, file_okay=False, help="Output folder (default: runs/<method>)."),
+        out: Path = typer.Option(None, file_okay=False,
+                                 help="Output folder (default: the method's, e.g. runs/<method>)."),
         stage: str = typer.Option(None, "--stage", help="Add this stage (a modality) to the --from model "
                                                         "(methods that pretrain in stages)."),
         data: Path = typer.Option(None, "--data", help="The images or cases to pretrain on (a folder or manifest)."),
@@ -64,7 +65,7 @@ def add_commands(app: typer.Typer) -> None:
         plugin = get_method(name)
         if not plugin.offers("pretrain"):
             raise plugin.not_offered("pretrain")
-        request = PretrainRequest(recipes=tuple(recipes or ()), out=out or Path("runs") / name, stage=stage,
+        request = PretrainRequest(recipes=tuple(recipes or ()), out=out, stage=stage,
                                   data=data, from_run=from_run, overrides=parse_overrides(set_) if set_ else {},
                                   fast=fast, overwrite=overwrite)
         report = plugin.pretrain(request)

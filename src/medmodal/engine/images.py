@@ -58,8 +58,9 @@ class ImageSource:
     description: str
 
 
-def image_source(data_cfg: DataConfig, collection: Path | None) -> ImageSource:
-    """The :class:`ImageSource` of a recipe's ``data`` section and its ``method.collection``.
+def image_source(data_cfg: DataConfig, collection: Path | None, *, modality: str | None = None) -> ImageSource:
+    """The :class:`ImageSource` of a recipe's ``data`` section and its ``method.collection`` (``modality``: the tag
+    of a collection's images that name none, e.g. images directly in its folder).
 
     Raises:
         DataError / DataErrors: a collection that does not exist or lists no usable image (every problem named).
@@ -77,7 +78,7 @@ def image_source(data_cfg: DataConfig, collection: Path | None) -> ImageSource:
                            modalities=tuple(source.modalities), synthetic=bool(source.info.synthetic),
                            description=f"every modality of every case of {data_cfg.path or 'the phantom'}")
     path = Path(collection).expanduser().resolve()
-    records = list_collection(path)
+    records = list_collection(path, modality=modality)
     cache_dir = data_cfg.cache_dir or cache_root() / "collections" / cache_key(str(path))
     return ImageSource(images=lambda: records, group=_own_group, cache_dir=Path(cache_dir),
                        modalities=tuple(sorted({r.modality for r in records})), synthetic=False,

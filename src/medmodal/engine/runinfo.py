@@ -21,7 +21,7 @@ from medmodal.engine.run import RunError
 
 RUN_INFO = "run.json"
 FORMAT_VERSION = 1
-TaskKind = Literal["regions", "labels", "classification", "synthesis", "multitask"]
+TaskKind = Literal["regions", "labels", "classification", "synthesis", "multitask", "pretraining"]
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,9 @@ class TaskInfo:
         kind: ``"regions"`` (one sigmoid channel per possibly overlapping region, e.g. BraTS WT/TC/ET),
             ``"labels"`` (softmax over label values, channel ``c`` is ``label_values[c]``) or
             ``"classification"`` (softmax over ``class_names``), ``"synthesis"`` (one image channel per
-            modality: the network fills missing modalities) or ``"multitask"`` (``regions`` segmented and
-            ``class_names`` classified by one network).
+            modality: the network fills missing modalities), ``"multitask"`` (``regions`` segmented and
+            ``class_names`` classified by one network) or ``"pretraining"`` (a self-supervised encoder: no task head;
+            fine-tune it with ``train --from``).
         regions: region name → label values (``"regions"``).
         label_names: label value → name, for the label map written by ``predict``.
         label_values: the label value of each output channel (``"labels"``).
@@ -50,7 +51,7 @@ class TaskInfo:
     def out_channels(self) -> int:
         """Output channels of a segmentation network for this task (0 for classification and synthesis)."""
         return {"regions": len(self.regions), "labels": len(self.label_values), "classification": 0,
-                "synthesis": 0, "multitask": len(self.regions)}[self.kind]
+                "synthesis": 0, "multitask": len(self.regions), "pretraining": 0}[self.kind]
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> TaskInfo:
