@@ -64,8 +64,8 @@ def pretrain(request: PretrainRequest) -> Path:
     overrides = dict(request.overrides)
     if request.data is not None:
         overrides["method.collection"] = str(Path(request.data).resolve())
-    assert request.out is not None
-    return run_pretrain(request.out, tokenizer=tokenizer, mim=mim, overrides=overrides, fast=request.fast,
+    out = Path(request.out) if request.out is not None else Path("runs") / "pumit"
+    return run_pretrain(out, tokenizer=tokenizer, mim=mim, overrides=overrides, fast=request.fast,
                         overwrite=request.overwrite)
 
 

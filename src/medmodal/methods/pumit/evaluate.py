@@ -21,14 +21,14 @@ from medmodal.atomic import atomic_write_text, write_csv
 from medmodal.data.case import DataError
 from medmodal.engine.runinfo import LoadedRun
 
-#: at most this many tokens per axis in an evaluated crop.
+#: at most this many tokens per axis in an evaluated crop of the tokenizer (the MIM stage's: its training grid).
 EVAL_TOKENS = 16
 
 
-def _centre_crop(array: np.ndarray, token: tuple[int, int, int]) -> np.ndarray | None:
-    """The centre crop of whole tokens (at most :data:`EVAL_TOKENS` per axis) of ``array (C, X, Y, Z)``."""
+def _centre_crop(array: np.ndarray, token: tuple[int, int, int], cap: tuple[int, int, int]) -> np.ndarray | None:
+    """The centre crop of whole tokens (at most ``cap`` tokens per axis) of ``array (C, X, Y, Z)``."""
     spatial = array.shape[1:]
-    shape = [min((s // t), EVAL_TOKENS) * t for s, t in zip(spatial, token, strict=True)]
+    shape = [min((s // t), c) * t for s, t, c in zip(spatial, token, cap, strict=True)]
     if min(shape) == 0:
         return None
     start = [(s - c) // 2 for s, c in zip(spatial, shape, strict=True)]
@@ -78,9 +78,12 @@ def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None
     token_net = tokenizer or network
     counts = np.zeros(0 if mim else network.quantizer.num_codes, dtype=np.int64)
     channels = int(run.info.network["kwargs"].get("in_channels", 1))
+    # the ViT is scored on crops of the token grid it trained on: a tiny ViT trained on 4 x 4 grids does not carry
+    # over to 8 x 8 ones (its learned positions and rotary angles beyond the grid are untrained; docs/pumit.md)
+    cap = tuple(int(c) for c in run.recipe.method.token_grid) if mim else (EVAL_TOKENS,) * 3
     for image in images:
         token = token_net.token_size(image.da)
-        crop = _centre_crop(to_channels(np.asarray(image.data()), channels), token)
+        crop = _centre_crop(to_channels(np.asarray(image.data()), channels), token, cap)
         if crop is None:
             continue
         x = torch.from_numpy(crop)[None] * 2.0 - 1.0
@@ -106,8 +109,9 @@ def evaluate_run(run: LoadedRun, *, out_dir: Path, split: str, data: Path | None
     if source.synthetic:
         lines += ["**Data: synthetic phantom** (procedurally generated images, not patients).", ""]
     titles = ("masked CE", "masked KL", "token accuracy") if mim else ("L1", "PSNR (dB)", "code usage", "perplexity")
-    lines += [f"- run: `{run.dir}`; images: {len(rows)} of {where}; centre crops of at most {EVAL_TOKENS} tokens per "
-              "axis" + (f"; tokenizer: `{inf['tokenizer_run']}`" if mim else ""), "",
+    grid = " x ".join(map(str, cap))
+    lines += [f"- run: `{run.dir}`; images: {len(rows)} of {where}; centre crops of at most {grid} tokens"
+              " (x, y, z)" + (f"; tokenizer: `{inf['tokenizer_run']}`" if mim else ""), "",
               "| modality | DA | images | " + " | ".join(titles) + " |", "|---|---|---|" + "---|" * len(titles)]
     lines += [f"| {m} | {d} | {n} | " + " | ".join(f"{float(v):.3f}" for v in vals) + " |"
               for m, d, n, *vals in summary]
