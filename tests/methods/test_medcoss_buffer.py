@@ -159,12 +159,12 @@ def test_auto_backend_is_sklearn_up_to_50000() -> None:
     assert select_buffer(x, seed=0).backend == "sklearn"  # the default is "auto"
 
 
-def test_auto_uses_faiss_above_50000_or_minibatch_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_uses_faiss_above_50000_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     x, _ = blobs([50, 50], seed=4)
     monkeypatch.setattr(buffer_module, "AUTO_FAISS_ABOVE", 10)
-    assert select_buffer(x, backend="auto", seed=0).backend == ("faiss" if HAS_FAISS else "minibatch")
+    assert select_buffer(x, backend="auto", seed=0).backend == ("faiss" if HAS_FAISS else "sklearn")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    assert select_buffer(x, backend="auto", seed=0).backend == "minibatch"
+    assert select_buffer(x, backend="auto", seed=0).backend == "sklearn"
 
 
 def test_faiss_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,11 +9,12 @@ the buffer holds ``sum_c min(n_c, q)`` samples, which can be fewer than 5 %.
 
 k-means backends (``backend``): ``"sklearn"`` (:class:`sklearn.cluster.KMeans`, the released code's choice),
 ``"minibatch"`` (:class:`sklearn.cluster.MiniBatchKMeans`), ``"faiss"`` (``faiss.Kmeans``, optional extra
-``medmodal[faiss]``, imported only when used) and ``"auto"``, the default (sklearn up to 50 000 samples; above,
-faiss when it is installed, else MiniBatchKMeans: spec §2.7 ``buffer_kmeans_backend``). sklearn's k-means++
-start alone is slow at the spec's scale (about 1 % of N clusters: ``docs/benchmarks.md``, ``benchmarks/medcoss.py``),
-hence the switch. Every backend is seeded; the assignment, the distances, the inertia and the selection are computed the
-same way for all of them, so their results compare directly.
+``medmodal[faiss]``, imported only when used) and ``"auto"``, the default (faiss when it is installed and
+N > 50 000, sklearn otherwise; spec §2.7 ``buffer_kmeans_backend``). Measured trade-offs (``benchmarks/medcoss.py``,
+``docs/benchmarks.md``): at 1 % of N clusters sklearn's time is mostly its k-means++ start; faiss's default random
+start is several times faster but leaves a higher inertia on clustered features; MiniBatchKMeans is fastest and
+the least faithful. Every backend is seeded; the assignment, the distances, the inertia and the selection are
+computed the same way for all of them, so their results compare directly.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ Backend = Literal["sklearn", "minibatch", "faiss", "auto"]
 Init = Literal["k-means++", "random"]
 BACKENDS = ("sklearn", "minibatch", "faiss", "auto")
 INITS = ("k-means++", "random")
-#: ``backend="auto"`` uses faiss (or MiniBatchKMeans without faiss) above this many samples (spec §2.7)
+#: ``backend="auto"`` uses faiss (when installed) above this many samples (spec §2.7)
 AUTO_FAISS_ABOVE = 50_000
 _CHUNK = 8192  # rows per block when distances are computed in float64
 
@@ -152,13 +153,35 @@ def _as_features(features: np.ndarray | torch.Tensor) -> np.ndarray:
     return x
 
 
+def _kmeans_plusplus(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """``(k, D) float32`` starting centroids by :func:`sklearn.cluster.kmeans_plusplus` (greedy k-means++, sklearn's
+    default start), computed on a float64 copy of ``x``: on float32 rows sklearn upcasts the whole matrix to float64
+    in every one of its ``k`` distance steps, which made the start about 4x slower (10 000 x 768 rows, k = 100:
+    23 s against 5.5 s on 2 cores) and the bulk of ``KMeans``' time at 1 % of N clusters (``benchmarks/medcoss.py``).
+    """
+    from sklearn.cluster import kmeans_plusplus
+
+    return kmeans_plusplus(x.astype(np.float64), k, random_state=seed)[0].astype(np.float32)
+
+
 def _sklearn_kmeans(x: np.ndarray, k: int, *, minibatch: bool, init: Init, n_init: int, max_iter: int,
                     seed: int) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
-    cls = MiniBatchKMeans if minibatch else KMeans
-    km = cls(n_clusters=k, init=init, n_init=n_init, max_iter=max_iter, random_state=seed).fit(x)
-    return km.cluster_centers_, km.labels_
+    if minibatch:  # its k-means++ start runs on a subsample of 3 * max(1024, k) rows: cheap enough as it is
+        km = MiniBatchKMeans(n_clusters=k, init=init, n_init=n_init, max_iter=max_iter, random_state=seed).fit(x)
+        return km.cluster_centers_, km.labels_
+    if init == "random":
+        km = KMeans(n_clusters=k, init=init, n_init=n_init, max_iter=max_iter, random_state=seed).fit(x)
+        return km.cluster_centers_, km.labels_
+    best = None
+    for r in range(n_init):  # restarts seeded seed, seed + 1, ... (as faiss); the lowest inertia wins
+        start = _kmeans_plusplus(x, k, seed + r)
+        km = KMeans(n_clusters=k, init=start, n_init=1, max_iter=max_iter, random_state=seed + r).fit(x)
+        if best is None or km.inertia_ < best.inertia_:
+            best = km
+    assert best is not None
+    return best.cluster_centers_, best.labels_
 
 
 def _faiss_kmeans(x: np.ndarray, k: int, *, init: Init, n_init: int, max_iter: int,
@@ -168,13 +191,11 @@ def _faiss_kmeans(x: np.ndarray, k: int, *, init: Init, n_init: int, max_iter: i
     except ImportError:
         raise ImportError("k-means backend 'faiss' needs the faiss-cpu package: pip install 'medmodal[faiss]', "
                           "or use backend 'sklearn' or 'minibatch'") from None
-    from sklearn.cluster import kmeans_plusplus
-
     best: tuple[float, np.ndarray, np.ndarray] | None = None
     for r in range(n_init):  # restarts seeded seed, seed + 1, ...; the lowest objective wins
         km = faiss.Kmeans(x.shape[1], k, niter=max_iter, seed=seed + r, verbose=False,
                           min_points_per_centroid=1)
-        start = kmeans_plusplus(x, k, random_state=seed + r)[0] if init == "k-means++" else None
+        start = _kmeans_plusplus(x, k, seed + r) if init == "k-means++" else None
         km.train(x, init_centroids=start)
         dist, assign = km.index.search(x, 1)
         objective = float(dist.sum(dtype=np.float64))
@@ -203,23 +224,28 @@ def select_buffer(
     to the centroid are kept (float64 distances; equal distances are broken by the smaller row index, so the
     choice is deterministic), and all of them when the cluster has fewer than ``q``.
 
-    k-means settings: ``init`` ``"k-means++"`` (for faiss the starting centroids then come from
-    :func:`sklearn.cluster.kmeans_plusplus` and faiss runs the Lloyd iterations) or ``"random"`` (k distinct rows
-    drawn at random); None (default) takes each library's default: k-means++ for sklearn and MiniBatchKMeans,
-    random for faiss (a k-means++ start costs about as much as sklearn's whole run, which is what faiss avoids);
-    ``n_init`` restarts (the lowest inertia wins; 1 is what sklearn's
-    ``n_init="auto"`` does for k-means++); ``max_iter`` Lloyd iterations at most (sklearn ``KMeans`` also stops at
-    its relative tolerance 1e-4; ``MiniBatchKMeans`` counts passes over the data; faiss always runs
-    ``max_iter``). ``seed`` seeds every draw (faiss restart r uses ``seed + r``). faiss trains on float32 and on
-    at most 256 rows per centroid (its default subsampling, which only applies when N > 256 k; the buffer's
-    k = 1 % of N never triggers it).
+    k-means settings:
+
+    * ``init``: ``"k-means++"`` (:func:`sklearn.cluster.kmeans_plusplus` on float64 rows, then the backend's Lloyd
+      iterations; MiniBatchKMeans seeds on its own subsample) or ``"random"`` (k distinct rows drawn at random).
+      None (default) takes each library's default: k-means++ for sklearn and MiniBatchKMeans, random for faiss (a
+      k-means++ start costs far more than the Lloyd iterations at 1 % of N clusters, which is what faiss avoids).
+    * ``n_init``: restarts, the lowest inertia wins (1 is what sklearn's ``n_init="auto"`` does for k-means++).
+    * ``max_iter``: Lloyd iterations at most (sklearn ``KMeans`` also stops at its relative tolerance 1e-4;
+      ``MiniBatchKMeans`` counts passes over the data; faiss always runs ``max_iter``).
+    * ``seed`` seeds every draw: k-means++ and faiss restart r use ``seed + r``; sklearn's random start and
+      MiniBatchKMeans draw their restarts from ``seed``.
+
+    faiss trains on float32 and on at most 256 rows per centroid (its default subsampling, which applies only when
+    N > 256 k; the buffer's k = 1 % of N never triggers it). Memory: besides ``features``, a float32 copy (when
+    they are not float32) and, for k-means++, a float64 copy.
 
     Args:
         features: ``(N, D)`` real features (numpy or torch, any float dtype), e.g. :func:`pool_tokens` output.
         ratio: buffer fraction (spec: 0.05).
         cluster_ratio: clusters per sample (spec: 0.01).
-        backend: ``"sklearn"``, ``"minibatch"``, ``"faiss"`` or ``"auto"`` (sklearn for N <= 50 000, else
-            faiss when installed, else minibatch).
+        backend: ``"sklearn"``, ``"minibatch"``, ``"faiss"`` or ``"auto"`` (faiss when installed and
+            N > 50 000, else sklearn).
         seed: seeds k-means.
         ids: optional identifiers of the N rows; the selection returns those of the kept rows.
         init, n_init, max_iter: k-means settings (above).
@@ -244,8 +270,7 @@ def select_buffer(
         raise ValueError(f"ids has {len(ids)} entries but features have {n} rows")
     k, q = buffer_quota(n, ratio=ratio, cluster_ratio=cluster_ratio)
     if backend == "auto":
-        backend = ("sklearn" if n <= AUTO_FAISS_ABOVE else
-                   "faiss" if importlib.util.find_spec("faiss") is not None else "minibatch")
+        backend = "faiss" if n > AUTO_FAISS_ABOVE and importlib.util.find_spec("faiss") is not None else "sklearn"
     if init is None:
         init = "random" if backend == "faiss" else "k-means++"
 
