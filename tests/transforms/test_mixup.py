@@ -57,6 +57,8 @@ def test_image_errors() -> None:
     x = torch.zeros(2, 1, 4, 4)
     with pytest.raises(ValueError, match=r"lam must lie in \[0, 1\]"):
         mix_images(x, lam=1.5)
+    with pytest.raises(ValueError, match=r"one weight per sample \(2,\), got \(3,\)"):
+        mix_images(x, lam=torch.tensor([0.1, 0.2, 0.3]))
     with pytest.raises(ValueError, match=r"permutation of range\(2\)"):
         mix_images(x, perm=torch.tensor([0, 0]))
     with pytest.raises(ValueError, match=r"floating \(B, C, \*S\)"):

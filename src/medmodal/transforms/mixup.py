@@ -60,7 +60,13 @@ def mix_images(
         raise ValueError(f"mix_images expects a floating (B, C, *S) batch, got {tuple(x.shape)} {x.dtype}")
     b = x.shape[0]
     perm = _permutation(b, perm, generator, x.device)
-    lam = _uniform((b,), generator) if lam is None else torch.as_tensor(lam, dtype=torch.float64).expand(b)
+    if lam is None:
+        lam = _uniform((b,), generator)
+    else:
+        lam = torch.as_tensor(lam, dtype=torch.float64)
+        if lam.shape not in ((), (b,)):
+            raise ValueError(f"mixup lam must be a number or one weight per sample ({b},), got {tuple(lam.shape)}")
+        lam = lam.expand(b)
     _check_unit("lam", lam)
     lam = lam.to(x.device, x.dtype)
     weight = lam.reshape((b,) + (1,) * (x.ndim - 1))
