@@ -272,3 +272,31 @@ def test_texts_longer_than_the_maximum_are_cut_and_counted(tmp_path: Path, caplo
         train, val = text_items(stage, tokenizer=tok, method=recipe.method, seed=0)
     assert train.ids.shape[1] == 6 and len(train) + len(val) == 12
     assert "12 of 12 reports cut to 6 tokens" in caplog.text
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_the_pretrained_encoder_fine_tunes_through_train_from(pretrained: Path, tmp_path: Path, task: str) -> None:
+    """`medmodal train --from` a MedCoSS stage run: every pretrained image tensor of the encoder is loaded into the
+    fine-tuning network's `encoder.`; the head (and the UNETR decoder) start fresh; the text tokenizer stays behind."""
+    from medmodal.engine.plugin import get_method
+
+    enc = tiny_recipe()["model"]["kwargs"]
+    recipe = get_method("zero_fill").contract_recipe(2)
+    recipe["data"].update(modalities=["t1c"], cache_dir=str(tmp_path / "cache"))
+    recipe["data"]["phantom"].update(cases=8)
+    if task == "classification":
+        recipe["model"] = {"name": "medcoss_vit_cls", "kwargs": {**enc, "num_classes": 2}}
+        recipe["method"] = {"name": "zero_fill", "task": "classification"}
+    else:
+        recipe["model"] = {"name": "medcoss_vit_seg", "kwargs": {**enc, "feature_size": 4}}
+    recipe["train"].update(max_steps=1, val_every_steps=1)
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    code, text = invoke("train", tmp_path / "ft.yaml", "--out", tmp_path / "ft", "--from", pretrained / "2_slices")
+    assert code == 0, text
+    info = json.loads((tmp_path / "ft" / "run.json").read_text(encoding="utf-8"))["initialised_from"]
+    from safetensors.torch import load_file
+
+    pre = load_file(str(pretrained / "2_slices" / "weights" / "model.safetensors"))
+    image_part = [k for k in pre if not k.startswith("tokenizers.text")]
+    assert info["loaded"] == len(image_part)
+    assert all(not k.startswith("encoder.") for k in info["not_loaded"]), info["not_loaded"]

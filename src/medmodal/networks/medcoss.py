@@ -572,3 +572,151 @@ def medcoss_vit_tiny(**kwargs: object) -> MedCoSSEncoder:
 def medcoss_vit_base(**kwargs: object) -> MedCoSSEncoder:
     """The spec's ViT-B encoder (the constructor's defaults; overridable)."""
     return MedCoSSEncoder(**kwargs)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- fine-tuning
+
+
+def _finetune_encoder(spatial_dims: int, modalities: Sequence[str], encoder: dict[str, object]) -> MedCoSSEncoder:
+    """The image encoder of a fine-tuning network: one tokenizer of the data's kind; its channels are the
+    pretrained ones (3 in 2D: 1 or 3 modalities are read as grey / RGB) unless the data has another count (then
+    the patch embedding is new and not loaded from the pretrained run)."""
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    for key in ("kinds", "image_channels_2d", "image_channels_3d", "vocab_size", "max_text_len"):
+        if key in encoder:
+            raise TypeError(f"unexpected keyword argument {key!r} (set by the fine-tuning network)")
+    m = len(modalities)
+    kind = "image2d" if spatial_dims == 2 else "image3d"
+    channels = {"image_channels_2d": 3 if m in (1, 3) else m} if spatial_dims == 2 else {"image_channels_3d": m}
+    return MedCoSSEncoder(kinds=(kind,), **channels, **encoder)  # type: ignore[arg-type]
+
+
+def _pad_to_patches(x: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
+    pad: list[int] = []
+    for size, p in zip(reversed(x.shape[2:]), reversed(tuple(patch)), strict=True):
+        pad += [0, (-size) % p]
+    return nn.functional.pad(x, pad) if any(pad) else x
+
+
+@register_network("medcoss_vit_cls")
+class MedCoSSClassifier(nn.Module):
+    """Fine-tuning head for classification (spec §2.8): the mean of the encoder's patch tokens (the cls token
+    dropped), LayerNorm, Linear. ``self.encoder`` takes the pretrained encoder's weights (``medmodal train --from``).
+
+    Args:
+        spatial_dims: 2 or 3; modalities: the input channels' names (missing ones are zero-filled);
+        num_classes: classes; out_channels: ignored (set for segmenters by the data);
+        **encoder: :class:`MedCoSSEncoder` arguments of the pretrained encoder (width, depth, heads, patch sizes,
+            position grids).
+
+    ``forward(image (B, M, *S), available (B, M)) -> (B, num_classes)``; sizes that are not whole patches are
+    zero-padded at the high end.
+    """
+
+    predicts = "classes"
+
+    def __init__(self, *, spatial_dims: int, modalities: Sequence[str], num_classes: int, out_channels: int = 0,
+                 **encoder: object) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.spatial_dims, self.modalities, self.num_classes = spatial_dims, tuple(modalities), num_classes
+        self.encoder = _finetune_encoder(spatial_dims, modalities, encoder)
+        self.kind = "image2d" if spatial_dims == 2 else "image3d"
+        self.norm = nn.LayerNorm(self.encoder.width)
+        self.head = nn.Linear(self.encoder.width, num_classes)
+
+    def forward(self, image: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+        from medmodal.networks.unet import mask_missing
+
+        x = _pad_to_patches(mask_missing(image, available), self.encoder.patch_size(self.kind))
+        tokens = self.encoder(self.kind, x)
+        return self.head(self.norm(tokens[:, 1:].mean(dim=1)))
+
+
+@register_network("medcoss_vit_seg")
+class MedCoSSSegmenter(nn.Module):
+    """Fine-tuning head for segmentation (spec §2.8): a UNETR-style decoder (Hatamizadeh et al., WACV 2022) over
+    the encoder's hidden states, built from MONAI's UNETR blocks, in 2D or 3D.
+
+    With a patch of ``2^n``, the skips are the hidden states after ``n - 1`` evenly spaced blocks (ViT-B with patch
+    16: after blocks 3, 6 and 9 of 12, 0-based 2, 5, 8, as UNETR and the released code) upsampled by ``2^(n-1)``,
+    ..., ``2``; the final tokens go up through ``n`` :class:`~monai.networks.blocks.UnetrUpBlock` stages, each
+    joined with the next skip, the last with a convolution of the input image.
+
+    Args:
+        spatial_dims, modalities, out_channels: the data's; feature_size: channels of the full-resolution stage
+            (doubling per stage down); **encoder: the pretrained encoder's arguments.
+
+    ``forward(image (B, M, *S), available (B, M)) -> (B, out_channels, *S)``.
+    """
+
+    def __init__(self, *, spatial_dims: int, modalities: Sequence[str], out_channels: int, feature_size: int = 16,
+                 **encoder: object) -> None:
+        super().__init__()
+        from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+
+        self.spatial_dims, self.modalities = spatial_dims, tuple(modalities)
+        self.encoder = _finetune_encoder(spatial_dims, modalities, encoder)
+        self.kind = "image2d" if spatial_dims == 2 else "image3d"
+        patch = self.encoder.patch_size(self.kind)
+        if len(set(patch)) != 1 or patch[0] < 2 or patch[0] & (patch[0] - 1):
+            raise ValueError(f"the segmenter needs one power-of-2 patch size per axis, got {patch}")
+        n = patch[0].bit_length() - 1
+        depth, width = len(self.encoder.blocks), self.encoder.width
+        self.skip_layers = [min(depth - 1, max(0, round(depth * k / n) - 1)) for k in range(1, n)]
+        norm, dims = "instance", spatial_dims
+        self.stem = UnetrBasicBlock(dims, len(self.modalities), feature_size, kernel_size=3, stride=1,
+                                    norm_name=norm, res_block=True)
+        self.skips = nn.ModuleList(
+            UnetrPrUpBlock(dims, width, feature_size * 2 ** k, num_layer=n - k - 1, kernel_size=3, stride=1,
+                           upsample_kernel_size=2, norm_name=norm, conv_block=True, res_block=True)
+            for k in range(1, n))
+        # decoder stage j (0 = full resolution) outputs feature_size * 2^j channels
+        self.ups = nn.ModuleList(
+            UnetrUpBlock(dims, width if j == n - 1 else feature_size * 2 ** (j + 1), feature_size * 2 ** j,
+                         kernel_size=3, upsample_kernel_size=2, norm_name=norm, res_block=True)
+            for j in range(n))
+        self.out = UnetOutBlock(dims, feature_size, out_channels)
+
+    def forward(self, image: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+        from medmodal.networks.unet import mask_missing
+
+        size = image.shape[2:]
+        x = _pad_to_patches(mask_missing(image, available), self.encoder.patch_size(self.kind))
+        tokens = self.encoder.tokenize(self.kind, x)
+        grid = tokens.grid
+        seq, hidden = tokens.tokens, []
+        for block in self.encoder.blocks:
+            seq = block(seq)
+            hidden.append(seq)
+
+        def as_grid(t: torch.Tensor) -> torch.Tensor:
+            return t[:, 1:].transpose(1, 2).reshape(t.shape[0], t.shape[2], *grid)
+
+        feat = as_grid(seq)
+        skips = [self.stem(x)] + [up(as_grid(hidden[i])) for up, i in zip(self.skips, self.skip_layers,
+                                                                            strict=True)]
+        for j in reversed(range(len(self.ups))):
+            feat = self.ups[j](feat, skips[j])
+        out = self.out(feat)
+        return out[(slice(None), slice(None), *(slice(0, s) for s in size))]
+
+
+def _tiny_encoder(kwargs: dict[str, object]) -> dict[str, object]:
+    defaults: dict[str, object] = {"width": 32, "depth": 2, "heads": 2, "patch_size_2d": 8, "patch_size_3d": 8,
+                                   "pos_grid_2d": (4, 4), "pos_grid_3d": (4, 4, 2)}
+    return {**defaults, **kwargs}
+
+
+@register_network("medcoss_vit_cls_tiny")
+def medcoss_vit_cls_tiny(**kwargs: object) -> MedCoSSClassifier:
+    """The tiny classifier for tests: width 32, 2 blocks, 2 heads, patch 8, 2 classes (overridable)."""
+    return MedCoSSClassifier(**_tiny_encoder({"num_classes": 2, **kwargs}))  # type: ignore[arg-type]
+
+
+@register_network("medcoss_vit_seg_tiny")
+def medcoss_vit_seg_tiny(**kwargs: object) -> MedCoSSSegmenter:
+    """The tiny segmenter for tests: width 32, 2 blocks, 2 heads, patch 8, feature size 8 (overridable)."""
+    return MedCoSSSegmenter(**_tiny_encoder({"feature_size": 8, **kwargs}))  # type: ignore[arg-type]
