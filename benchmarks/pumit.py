@@ -334,11 +334,11 @@ def measure_versus(cases: list[Versus], *, rounds: int, warmup: int) -> None:
     run_rounds([ref] + [r for _, a, b, _ in versus for r in (a, b)], rounds=rounds, warmup=warmup)
     print(f"target: not slower, ratio <= {MONAI_TARGET}; reference {ref.name}: {ref.median * 1e3:.1f} ms, "
           f"{ref.gflops():.1f} GFLOP/s\n{VERSUS_DIFFERENCES}")
-    print(f"{'':<34}{'PUMIT ms':>9}{'MONAI ms':>9}{'PUMIT GF/s':>11}{'/ref':>5}{'MONAI GF/s':>11}{'/ref':>5}"
+    print(f"{'':<38}{'PUMIT ms':>9}{'MONAI ms':>9}{'PUMIT GF/s':>11}{'/ref':>5}{'MONAI GF/s':>11}{'/ref':>5}"
           f"{'CPU-time':>9}  PUMIT / MONAI (wall)            parameters (PUMIT / MONAI, in tensors)")
     for case, a, b, params in versus:
         cpu = statistics.median(a.cpu) / statistics.median(b.cpu)
-        print(f"{case.label:<34}{a.median * 1e3:>9.1f}{b.median * 1e3:>9.1f}{a.gflops():>11.1f}"
+        print(f"{case.label:<38}{a.median * 1e3:>9.1f}{b.median * 1e3:>9.1f}{a.gflops():>11.1f}"
               f"{a.gflops() / ref.gflops():>5.0%}{b.gflops():>11.1f}{b.gflops() / ref.gflops():>5.0%}{cpu:>9.2f}  "
               f"{verdict(a, b, MONAI_TARGET):<32}{params}")
     print(f"(median of {rounds} rounds after {warmup} warm-up, all calls round-robin; ms: wall clock per step; GF/s: "

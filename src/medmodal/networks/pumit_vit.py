@@ -29,8 +29,8 @@ Architecture (``P`` = ``patch_size``, ``W`` = ``width``):
 **MIM** (spec §2.4, the official ``ViTForMIM.forward``): the cls token and the visible patch tokens are scattered
 into a sequence of mask tokens (which carry no absolute position, only RoPE). A block listed in ``mask_layer_ids``
 runs on the whole sequence; any other block runs on the cls + visible tokens only and writes them back (the masked
-positions keep what they had). All layers listed = BEiT-style (ViT-B); only the later ones = MAE-like (ViT-L: the
-last 6 of 24).
+positions keep what they had; a run of such blocks gathers and scatters once). All layers listed = BEiT-style
+(ViT-B); only the later ones = MAE-like (ViT-L: the last 6 of 24).
 
 **3D RoPE** [ours where it differs]: the head dimension ``D`` is rotated as ``D / 2`` pairs ``(2i, 2i + 1)``, split
 across the axes: ``P_z = (D/2) // 3`` pairs for depth, ``P_x = ceil((D/2 - P_z) / 2)`` for ``X``, the rest
@@ -513,11 +513,16 @@ class PUMITViT(nn.Module):
         keep = kept.unsqueeze(-1).expand(-1, -1, width)
         seq = torch.cat((cls, self.mask_token.expand(batch, length, -1)), dim=1)
         seq = seq.scatter(1, keep, torch.cat((cls, tokens.gather(1, keep[:, 1:] - 1)), dim=1))
+        part: torch.Tensor | None = None  # cls + visible tokens while a run of unmasked blocks lasts
         for i, block in enumerate(self.blocks):
             if i in layer_ids:
+                if part is not None:  # write the run's result back once (the masked positions kept theirs)
+                    seq, part = seq.scatter(1, keep, part), None
                 seq = block(seq, rope_all)
             else:
-                seq = seq.scatter(1, keep, block(seq.gather(1, keep), rope_visible))
+                part = block(seq.gather(1, keep) if part is None else part, rope_visible)
+        if part is not None:
+            seq = seq.scatter(1, keep, part)
         return self.mim_head(self.norm(seq[:, 1:]))
 
     # ------------------------------------------------------------------ fine-tuning heads
