@@ -10,11 +10,12 @@ the buffer holds ``sum_c min(n_c, q)`` samples, which can be fewer than 5 %.
 k-means backends (``backend``): ``"sklearn"`` (:class:`sklearn.cluster.KMeans`, the released code's choice),
 ``"minibatch"`` (:class:`sklearn.cluster.MiniBatchKMeans`), ``"faiss"`` (``faiss.Kmeans``, optional extra
 ``medmodal[faiss]``, imported only when used) and ``"auto"``, the default (faiss when it is installed and
-N > 50 000, sklearn otherwise; spec §2.7 ``buffer_kmeans_backend``). Measured trade-offs (``benchmarks/medcoss.py``,
-``docs/benchmarks.md``): at 1 % of N clusters sklearn's time is mostly its k-means++ start; faiss's default random
-start is several times faster but leaves a higher inertia on clustered features; MiniBatchKMeans is fastest and
-the least faithful. Every backend is seeded; the assignment, the distances, the inertia and the selection are
-computed the same way for all of them, so their results compare directly.
+N > 50 000, sklearn otherwise; spec §2.7 ``buffer_kmeans_backend``). Measured at N = 100 000, k = 1 000, width 768
+on 2 loaded cores (``benchmarks/medcoss.py``, ``docs/benchmarks.md``): sklearn ``KMeans`` 2.3-2.7 min, most of it
+the k-means++ start; faiss with its default random start 4-6x faster but with a 13 % higher inertia on clustered
+features (from the same k-means++ start faiss reaches the same inertia and is no faster); MiniBatchKMeans 22 %
+higher and a buffer of 69 % of the target size. Every backend is seeded; the assignment, the distances, the
+inertia and the selection are computed the same way for all of them, so their results compare directly.
 """
 
 from __future__ import annotations
