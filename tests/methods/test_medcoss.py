@@ -300,3 +300,21 @@ def test_the_pretrained_encoder_fine_tunes_through_train_from(pretrained: Path, 
     image_part = [k for k in pre if not k.startswith("tokenizers.text")]
     assert info["loaded"] == len(image_part)
     assert all(not k.startswith("encoder.") for k in info["not_loaded"]), info["not_loaded"]
+
+
+def test_feature_drift_and_the_forgetting_report(pretrained: Path, tmp_path: Path) -> None:
+    """The experiment's measures: no drift of a run against itself, some after a later stage; the report's
+    forgetting line is the best earlier probe minus the final one."""
+    from medmodal.methods.medcoss.experiment import _Job, _report, feature_drift
+
+    first, second = pretrained / "1_report", pretrained / "2_slices"
+    assert feature_drift(first, first, "report") == 0.0
+    assert feature_drift(second, first, "report") > 0.0
+    rows = [["medcoss", 0, "1_report", "report", "0.9000", ""], ["medcoss", 0, "2_slices", "report", "0.7000", "0.01"],
+            ["medcoss", 0, "2_slices", "slices", "0.6000", ""], ["medcoss", 1, "1_report", "report", "0.8000", ""],
+            ["medcoss", 1, "2_slices", "report", "0.8000", "0.03"], ["medcoss", 1, "2_slices", "slices", "0.7000", ""]]
+    text = _report([_Job("medcoss", 0, tmp_path, "medcoss_tiny", {}, False)], [], rows, fast=False, minutes=1.0,
+                   jobs=1, figure=tmp_path / "forgetting.png")
+    assert "| 1_report | 0.850 ± 0.071 |  |" in text
+    assert "Forgetting (best earlier minus final, positive = forgotten): report +0.100" in text
+    assert "| 2_slices | 2.00e-02 ± 1.41e-02 |" in text

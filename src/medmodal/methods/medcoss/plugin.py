@@ -284,6 +284,11 @@ class MedCoSSPlugin(MethodPlugin):
             raise self.not_offered("evaluate --features / --data")
         return evaluate_run(run, out_dir=out_dir, progress=progress, model_name=model_name)
 
+    def add_commands(self, app: Any) -> None:
+        from medmodal.methods.medcoss.commands import add_commands
+
+        add_commands(app)
+
     def contract_recipe(self, spatial_dims: int) -> dict[str, Any]:
         from medmodal.methods.medcoss.stages import tiny_recipe
 
