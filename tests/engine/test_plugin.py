@@ -23,7 +23,7 @@ def test_builtin_methods_are_discovered_and_one_is_the_default() -> None:
     assert {"zero_fill", "shaspec", "deepstaple"} <= set(names)
     assert default_method().name == "zero_fill"
     assert recipe_from_dict({}).method.name == "zero_fill"
-    with pytest.raises(KeyError, match="unknown method 'nope'; registered: deepstaple, m2dn, multimix, pumit, shaspec"):
+    with pytest.raises(KeyError, match="unknown method 'nope'; registered: deepstaple, m2dn, medcoss, multimix, pumit, shaspec"):
         get_method("nope")
 
 
@@ -44,11 +44,11 @@ def test_recipe_errors_name_the_method_field() -> None:
     with pytest.raises(RecipeError, match="method.alfa: unknown field"):
         recipe_from_dict({"method": {"name": "shaspec", "alfa": 1}})
     with pytest.raises(RecipeError,
-                       match="method: unknown method 'shaspc'; registered: deepstaple, m2dn, multimix, pumit, "
+                       match="method: unknown method 'shaspc'; registered: deepstaple, m2dn, medcoss, multimix, pumit, "
                              "shaspec"):
         recipe_from_dict({"method": {"name": "shaspc"}})
     with pytest.raises(RecipeError,
-                       match="method: method needs a name: one of deepstaple, m2dn, multimix, pumit, shaspec"):
+                       match="method: method needs a name: one of deepstaple, m2dn, medcoss, multimix, pumit, shaspec"):
         recipe_from_dict({"method": {"alpha": 1}})
     with pytest.raises(RecipeError, match="method.phases.0.samplr: unknown field"):
         recipe_from_dict({"method": {"name": "shaspec", "phases": [{"steps": 2, "samplr": "full"}]}})
