@@ -27,6 +27,9 @@ with the random-start row. The verdict compares faiss's default (random start) w
 (``2 N k D`` FLOPs each) the reference matrix product would do in it. Issue 15's target at N = 100 000: faiss at
 least 10x faster than sklearn ``KMeans`` with an inertia within 1 %.
 
+**mae**: one MAE training step of the MedCoSS encoder + decoder against MONAI's ``MaskedAutoEncoderViT`` of the
+same size (``benchmarks/medcoss_mae.py``, which also runs on its own).
+
 Example (the figures in docs/benchmarks.md)::
 
     OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python benchmarks/medcoss.py --threads 2
@@ -198,7 +201,10 @@ def buffer_section(args: argparse.Namespace, ref: Reference) -> None:
 
 
 #: the sections in order; each takes the parsed arguments and the machine reference
-SECTIONS: dict[str, Callable[[argparse.Namespace, Reference], None]] = {"buffer": buffer_section}
+from medcoss_mae import mae_step_section  # noqa: E402  (the MAE-step section lives beside, run from here too)
+
+SECTIONS: dict[str, Callable[[argparse.Namespace, Reference], None]] = {"buffer": buffer_section,
+                                                                       "mae": mae_step_section}
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 * ``medmodal pretrain medcoss_tiny --out runs/medcoss``: stage ``k`` trains into ``runs/medcoss/<k>_<name>`` from
   the run of stage ``k - 1`` (its encoder as the student's start and as the frozen teacher, its buffers); each stage
   is evaluated (linear probes) and ``report.md`` gathers them. An interrupted stage resumes; finished ones are kept.
-* ``medmodal pretrain --from runs/medcoss/3_mri --stage pathology --data DIR``: the model continues with a new
+* ``medmodal pretrain --from runs/medcoss/4_slices --stage pathology --data DIR``: the model continues with a new
   modality (MedCoSS#14, the step the official code never released): the recipe of the ``--from`` run gets the stage
   appended, and the new run carries every earlier buffer plus its own.
 """
