@@ -48,7 +48,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
 DISCOVERY = ("medmodal.engine.plugin", "medmodal.methods")
 
 #: files of the generic packages that must not name a method (the issue's ``git grep`` check).
-GENERIC_NAMED = ("engine", "data", "evaluation", "cli.py", "commands/common.py", "atomic.py")
+GENERIC_NAMED = ("engine", "data", "evaluation", "cli.py", "commands/common.py", "commands/pretrain.py", "atomic.py")
 METHOD_WORDS = re.compile(r"shaspec|deepstaple|zero_fill|m2dn|multimix|pumit|medcoss")
 
 
