@@ -89,6 +89,8 @@ def _baselines(d: Path, phantom: Path, run: Path, recipe: Path, m2dn_run: Path) 
         ("experiment", "deepstaple"): ["--fast", "--out", str(d / "new_deepstaple")],
         ("experiment", "m2dn"): ["--fast", "--out", str(d / "new_m2dn")],
         ("experiment", "multimix"): ["--fast", "--out", str(d / "new_multimix")],
+        ("experiment", "pumit"): ["--fast", "--out", str(d / "new_pumit")],
+        ("experiment", "medcoss"): ["--fast", "--out", str(d / "new_medcoss")],
         ("pretrain",): ["--fast", "--out", str(d / "new_pretrain")],
     }
 

@@ -17,7 +17,10 @@ def pretraining_method(*, method: str | None, recipes: list[str], from_run: Path
     from medmodal.engine.recipe import RecipeError, builtin_recipe_path, read_recipe_method
 
     if method is not None:
-        get_method(method)  # an unknown name lists the known ones
+        try:
+            get_method(method)
+        except KeyError as err:
+            raise RecipeError(f"--method: {err.args[0]}") from None
         return method
     if from_run is not None:
         from medmodal.engine.runinfo import load_run
