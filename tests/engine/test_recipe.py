@@ -15,9 +15,11 @@ def test_builtin_recipes_validate(name: str) -> None:
     assert recipe_from_dict(__import__("yaml").safe_load(dump_recipe(recipe))) == recipe
 
 
-# DeepSTAPLE's and PUMIT's networks are not built from the shared vocabulary (modalities, out_channels); their
-# recipes are built by their plug-ins in tests/methods/test_deepstaple*.py and test_pumit.py
-@pytest.mark.parametrize("name", [n for n in BUILTIN if "deepstaple" not in n and "pumit" not in n])
+# DeepSTAPLE's, PUMIT's and MedCoSS's pretraining networks are not built from the shared vocabulary (modalities,
+# out_channels); their recipes are built by their plug-ins in tests/methods/test_deepstaple*.py, test_pumit.py and
+# test_medcoss.py (the fine-tuning recipes of the pretrained encoders are built here)
+@pytest.mark.parametrize("name", [n for n in BUILTIN if "deepstaple" not in n
+                                  and (("pumit" not in n and "medcoss" not in n) or "finetune" in n)])
 def test_builtin_recipes_build_their_network(name: str) -> None:
     from medmodal.engine.cases import network_kwargs
     from medmodal.networks.registry import create_network
