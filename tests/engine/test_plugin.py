@@ -23,7 +23,8 @@ def test_builtin_methods_are_discovered_and_one_is_the_default() -> None:
     assert {"zero_fill", "shaspec", "deepstaple"} <= set(names)
     assert default_method().name == "zero_fill"
     assert recipe_from_dict({}).method.name == "zero_fill"
-    with pytest.raises(KeyError, match="unknown method 'nope'; registered: deepstaple, m2dn, medcoss, multimix, pumit, shaspec"):
+    with pytest.raises(KeyError,
+                       match="unknown method 'nope'; registered: deepstaple, m2dn, medcoss, multimix, pumit, shaspec"):
         get_method("nope")
 
 

@@ -70,3 +70,36 @@ def _interruptible(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def worker_setup(threads: int | None) -> None:
+    """In a worker process of :func:`run_jobs` (``threads`` given): quiet third-party logging and use ``threads``
+    threads; in the calling process (``None``) nothing."""
+    if threads is None:
+        return
+    import torch
+
+    from medmodal.engine.run import quiet_third_party
+
+    quiet_third_party()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    torch.set_num_threads(threads)
+
+
+def train_and_evaluate(recipe: Any, run_dir: Any, *, model_name: str) -> float:
+    """Train (or reuse, or resume) the run of ``recipe`` in ``run_dir``, then evaluate it into ``run_dir/eval``
+    unless an evaluation newer than its weights is there; returns the seconds spent training."""
+    import time
+    from pathlib import Path
+
+    from medmodal.engine.evaluate import evaluate_run
+    from medmodal.engine.train import train_or_resume
+
+    run_dir = Path(run_dir)
+    t = time.perf_counter()
+    train_or_resume(recipe, run_dir)
+    seconds = time.perf_counter() - t
+    summary, weights = run_dir / "eval" / "summary.csv", run_dir / "weights" / "model.safetensors"
+    if not summary.is_file() or summary.stat().st_mtime < weights.stat().st_mtime:
+        evaluate_run(run_dir, out_dir=run_dir / "eval", overwrite=True, progress=False, model_name=model_name)
+    return seconds

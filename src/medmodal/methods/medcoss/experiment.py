@@ -70,14 +70,9 @@ def feature_drift(later: Path, earlier: Path, stage_name: str) -> float:
 
 def _sequence(job: _Job, *, threads: int | None) -> dict[str, Any]:
     """Pretrain one (variant, seed) and collect its probes after each stage and the feature drift."""
-    if threads is not None:  # a worker process
-        import torch
+    from medmodal.engine.parallel import worker_setup
 
-        from medmodal.engine.run import quiet_third_party
-
-        quiet_third_party()
-        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-        torch.set_num_threads(threads)
+    worker_setup(threads)
     from medmodal.methods.medcoss.stages import run_stages
 
     t = time.perf_counter()

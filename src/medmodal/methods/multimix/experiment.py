@@ -59,27 +59,13 @@ def experiment_recipe(*, variant: str, budget: str, seed: int, fast: bool,
 
 def _train_and_evaluate(job: _Job, *, threads: int | None) -> dict[str, Any]:
     """Train (or reuse) one run and evaluate it; returns the summary rows and the training time."""
-    if threads is not None:  # a worker process
-        import torch
+    from medmodal.engine.parallel import train_and_evaluate, worker_setup
+    from medmodal.engine.train import is_finished_run
 
-        from medmodal.engine.run import quiet_third_party
-
-        quiet_third_party()
-        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-        torch.set_num_threads(threads)
-    from medmodal.engine.evaluate import evaluate_run
-    from medmodal.engine.train import is_finished_run, train_or_resume
-
+    worker_setup(threads)
     reused = is_finished_run(job.run_dir)
-    t = time.perf_counter()
-    train_or_resume(job.recipe, job.run_dir)
-    seconds = time.perf_counter() - t
-    report = job.run_dir / "eval" / "report.md"
-    summary = job.run_dir / "eval" / "summary.csv"
-    weights = job.run_dir / "weights" / "model.safetensors"
-    if not summary.is_file() or summary.stat().st_mtime < weights.stat().st_mtime:
-        evaluate_run(job.run_dir, out_dir=job.run_dir / "eval", overwrite=True, progress=False,
-                     model_name=f"{job.variant} {job.budget} seed {job.seed}")
+    seconds = train_and_evaluate(job.recipe, job.run_dir, model_name=f"{job.variant} {job.budget} seed {job.seed}")
+    report, summary = job.run_dir / "eval" / "report.md", job.run_dir / "eval" / "summary.csv"
     with summary.open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     return {"rows": rows, "seconds": seconds, "report": str(report), "reused": reused}

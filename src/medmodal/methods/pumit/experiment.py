@@ -102,25 +102,11 @@ def pretrained_vit_kwargs(mim_run: Path) -> dict[str, Any]:
 
 def _train_and_evaluate(job: _Job, *, threads: int | None) -> dict[str, Any]:
     """Train (or reuse) one run and evaluate it; returns the tabulated metric and its per-case values."""
-    if threads is not None:  # a worker process
-        import torch
+    from medmodal.engine.parallel import train_and_evaluate, worker_setup
 
-        from medmodal.engine.run import quiet_third_party
-
-        quiet_third_party()
-        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-        torch.set_num_threads(threads)
-    from medmodal.engine.evaluate import evaluate_run
-    from medmodal.engine.train import train_or_resume
-
-    t = time.perf_counter()
-    train_or_resume(job.recipe, job.run_dir)
-    seconds = time.perf_counter() - t
+    worker_setup(threads)
+    seconds = train_and_evaluate(job.recipe, job.run_dir, model_name=f"{job.init} {job.fraction:g} seed {job.seed}")
     summary, cases = job.run_dir / "eval" / "summary.csv", job.run_dir / "eval" / "subsets.csv"
-    weights = job.run_dir / "weights" / "model.safetensors"
-    if not summary.is_file() or summary.stat().st_mtime < weights.stat().st_mtime:
-        evaluate_run(job.run_dir, out_dir=job.run_dir / "eval", overwrite=True, progress=False,
-                     model_name=f"{job.init} {job.fraction:g} seed {job.seed}")
     column = TASKS[job.task][2]
     with summary.open(newline="", encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if r.get("region", "WT") == "WT"]

@@ -25,7 +25,7 @@ from medmodal.atomic import atomic_write_text
 from medmodal.data.case import BRATS_MODALITIES, BRATS_REGIONS
 from medmodal.engine.datamodule import phantom_dir
 from medmodal.engine.evaluate import write_evaluation
-from medmodal.engine.parallel import default_jobs, run_jobs
+from medmodal.engine.parallel import default_jobs, run_jobs, worker_setup
 from medmodal.engine.plugin import get_method
 from medmodal.engine.recipe import Recipe, builtin_recipe_path, load_recipe
 from medmodal.engine.run import RunError
@@ -129,12 +129,7 @@ class _Job:
 def _train_and_evaluate(job: _Job, *, overwrite: bool, progress: bool, threads: int | None) -> tuple:
     """Train (or resume) one run and evaluate it; returns ``(rows, training seconds)``. Runs in a worker
     process when the quickstart trains several runs at once."""
-    if threads is not None:  # a worker process: quiet, and the thread share it was given
-        from medmodal.engine.run import quiet_third_party
-
-        quiet_third_party()
-        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-        torch.set_num_threads(threads)
+    worker_setup(threads)  # a worker process: quiet, and the thread share it was given
     t = time.perf_counter()
     train_or_resume(job.recipe, job.run_dir, overwrite=overwrite)
     seconds = time.perf_counter() - t
