@@ -569,13 +569,40 @@ def pumit_vit_large(**kwargs: object) -> PUMITViT:
     return PUMITViT(**{"width": 1024, "num_layers": 24, "num_heads": 16, **kwargs})  # type: ignore[arg-type]
 
 
+class _FineTuned(nn.Module):
+    """What the fine-tuning wrappers share: the data's channels as the ViT's input, missing ones zero-filled with
+    ``torch.where`` before anything reads them, and one DA per network (the preprocessing's target spacing fixes it
+    for a whole data set): ``da`` for 3D inputs (default 0, isotropic), always ``max_da`` for 2D inputs."""
+
+    def __init__(self, *, spatial_dims: int, modalities: Sequence[str], da: int | None, vit: dict[str, object],
+                 set_here: Sequence[str], **heads: object) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        for key in set_here:
+            if key in vit:
+                raise TypeError(f"unexpected keyword argument {key!r} (set by the fine-tuning wrapper)")
+        self.spatial_dims, self.modalities = spatial_dims, tuple(modalities)
+        self.vit = PUMITViT(in_channels=len(self.modalities), **heads, **vit)  # type: ignore[arg-type]
+        self.da = self.vit.max_da if spatial_dims == 2 else (0 if da is None else da)
+        if not 0 <= self.da <= self.vit.max_da:
+            raise ValueError(f"da must lie in [0, {self.vit.max_da}], got {da}")
+
+    def _input(self, image: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+        if image.ndim != self.spatial_dims + 2 or image.shape[1] != len(self.modalities):
+            raise ValueError(
+                f"expected image (B, {len(self.modalities)}, *S) with {self.spatial_dims} spatial axes, "
+                f"got {tuple(image.shape)}"
+            )
+        return mask_missing(image, available)
+
+
 @register_network("pumit_vit_seg")
-class PUMITViTSegmenter(nn.Module):
+class PUMITViTSegmenter(_FineTuned):
     """:meth:`PUMITViT.segment` under the registry's contract (``forward(image, available)``).
 
-    The modalities are the ViT's input channels; a missing one (``available`` False) is zero-filled with
-    ``torch.where`` before anything reads it. The DA is fixed per network (the preprocessing's target spacing fixes
-    it for a whole data set): ``da`` for 3D inputs (default 0, isotropic), always ``max_da`` for 2D inputs.
+    The modalities are the ViT's input channels (missing ones zero-filled); the DA is fixed per network (see
+    :class:`_FineTuned`).
 
     Args:
         spatial_dims: 2 or 3.
@@ -589,34 +616,14 @@ class PUMITViTSegmenter(nn.Module):
     ViT is ``self.vit`` (load pretrained backbone weights into it).
     """
 
-    def __init__(
-        self,
-        *,
-        spatial_dims: int,
-        modalities: Sequence[str],
-        out_channels: int,
-        da: int | None = None,
-        **vit: object,
-    ) -> None:
-        super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-        for key in ("in_channels", "out_channels", "codebook_size", "num_classes"):
-            if key in vit:
-                raise TypeError(f"unexpected keyword argument {key!r} (set by the segmenter)")
-        self.spatial_dims, self.modalities = spatial_dims, tuple(modalities)
-        self.vit = PUMITViT(in_channels=len(self.modalities), out_channels=out_channels, **vit)  # type: ignore[arg-type]
-        self.da = self.vit.max_da if spatial_dims == 2 else (0 if da is None else da)
-        if not 0 <= self.da <= self.vit.max_da:
-            raise ValueError(f"da must lie in [0, {self.vit.max_da}], got {da}")
+    def __init__(self, *, spatial_dims: int, modalities: Sequence[str], out_channels: int, da: int | None = None,
+                 **vit: object) -> None:
+        super().__init__(spatial_dims=spatial_dims, modalities=modalities, da=da, vit=vit,
+                         set_here=("in_channels", "out_channels", "codebook_size", "num_classes"),
+                         out_channels=out_channels)
 
     def forward(self, image: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
-        if image.ndim != self.spatial_dims + 2 or image.shape[1] != len(self.modalities):
-            raise ValueError(
-                f"expected image (B, {len(self.modalities)}, *S) with {self.spatial_dims} spatial axes, "
-                f"got {tuple(image.shape)}"
-            )
-        return self.vit.segment(mask_missing(image, available), self.da)
+        return self.vit.segment(self._input(image, available), self.da)
 
 
 @register_network("pumit_vit_seg_tiny")
@@ -627,13 +634,13 @@ def pumit_vit_seg_tiny(**kwargs: object) -> PUMITViTSegmenter:
 
 
 @register_network("pumit_vit_cls")
-class PUMITViTClassifier(nn.Module):
+class PUMITViTClassifier(_FineTuned):
     """:meth:`PUMITViT.classify` under the registry's contract (``forward(image, available)``): fine-tuning a
     pretrained ViT for whole-image classification.
 
     The spec's fine-tuning head (and MedCoSS's, ``shared/methods/medcoss.md`` §2.8): the grid tokens are
-    mean-pooled (``pool="mean"``; ``"cls"`` takes the cls token) into a Linear layer. Missing modalities (channels)
-    are zero-filled as in :class:`PUMITViTSegmenter`, and the DA is fixed per network the same way.
+    mean-pooled (``pool="mean"``; ``"cls"`` takes the cls token) into a Linear layer. Missing modalities and the DA
+    as in :class:`PUMITViTSegmenter`.
 
     Args:
         spatial_dims: 2 or 3.
@@ -651,40 +658,17 @@ class PUMITViTClassifier(nn.Module):
     #: the registry contract: whole-image class logits, not a dense map
     predicts = "classes"
 
-    def __init__(
-        self,
-        *,
-        spatial_dims: int,
-        modalities: Sequence[str],
-        num_classes: int,
-        out_channels: int = 0,
-        da: int | None = None,
-        pool: Literal["cls", "mean"] = "mean",
-        **vit: object,
-    ) -> None:
-        super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    def __init__(self, *, spatial_dims: int, modalities: Sequence[str], num_classes: int, out_channels: int = 0,
+                 da: int | None = None, pool: Literal["cls", "mean"] = "mean", **vit: object) -> None:
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        for key in ("in_channels", "codebook_size", "decoder_channels"):
-            if key in vit:
-                raise TypeError(f"unexpected keyword argument {key!r} (set by the classifier)")
-        self.spatial_dims, self.modalities = spatial_dims, tuple(modalities)
+        super().__init__(spatial_dims=spatial_dims, modalities=modalities, da=da, vit=vit,
+                         set_here=("in_channels", "codebook_size", "decoder_channels"), num_classes=num_classes,
+                         pool=pool)
         self.num_classes = num_classes
-        self.vit = PUMITViT(in_channels=len(self.modalities), num_classes=num_classes, pool=pool,
-                            **vit)  # type: ignore[arg-type]
-        self.da = self.vit.max_da if spatial_dims == 2 else (0 if da is None else da)
-        if not 0 <= self.da <= self.vit.max_da:
-            raise ValueError(f"da must lie in [0, {self.vit.max_da}], got {da}")
 
     def forward(self, image: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
-        if image.ndim != self.spatial_dims + 2 or image.shape[1] != len(self.modalities):
-            raise ValueError(
-                f"expected image (B, {len(self.modalities)}, *S) with {self.spatial_dims} spatial axes, "
-                f"got {tuple(image.shape)}"
-            )
-        return self.vit.classify(mask_missing(image, available), self.da)
+        return self.vit.classify(self._input(image, available), self.da)
 
 
 @register_network("pumit_vit_cls_tiny")
