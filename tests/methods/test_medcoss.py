@@ -318,3 +318,27 @@ def test_feature_drift_and_the_forgetting_report(pretrained: Path, tmp_path: Pat
     assert "| 1_report | 0.850 ± 0.071 |  |" in text
     assert "Forgetting (best earlier minus final, positive = forgotten): report +0.100" in text
     assert "| 2_slices | 2.00e-02 ± 1.41e-02 |" in text
+
+
+def test_two_processes_pretrain_every_stage_in_step(tmp_path: Path) -> None:
+    """`medmodal pretrain` with 2 processes: every stage trains as DDP with the ranks in sync, and the buffer that
+    rank 0 writes at the end of a stage is there for both processes of the next stage (a barrier)."""
+    import os
+    import subprocess
+    import sys
+
+    recipe = _recipe(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    env.pop("MASTER_PORT", None)
+    out = subprocess.run([sys.executable, "-m", "medmodal.cli", "pretrain", str(recipe), "--out", str(tmp_path / "m"),
+                          "--set", "train.devices=2", "--set", "train.accelerator=cpu", "--set", "data.batch_size=4"],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.count("done: report at") == 1  # printed by rank 0 only
+    for stage in ("1_report", "2_slices"):
+        doc = json.loads((tmp_path / "m" / stage / "distributed.json").read_text(encoding="utf-8"))
+        assert doc["world_size"] == 2 and doc["ranks"][0]["parameter_checksum"] == doc["ranks"][1]["parameter_checksum"]
+    second = json.loads((tmp_path / "m" / "2_slices" / "run.json").read_text(encoding="utf-8"))
+    assert second["inference"]["buffers"] == ["report", "slices"]
+    metrics = (tmp_path / "m" / "2_slices" / "metrics.csv").read_text(encoding="utf-8")
+    assert "val/report_kd" in metrics  # both processes distilled the first stage's buffer

@@ -71,5 +71,8 @@ def add_commands(app: typer.Typer) -> None:
         request = PretrainRequest(recipes=tuple(recipes or ()), out=out, stage=stage,
                                   data=data, from_run=from_run, overrides=parse_overrides(set_) if set_ else {},
                                   fast=fast, overwrite=overwrite)
+        from medmodal.engine.distributed import is_rank_zero
+
         report = plugin.pretrain(request)
-        console.print(f"[bold green]done[/]: report at {report}")
+        if is_rank_zero():  # every process of a multi-process run returns here; one line is enough
+            console.print(f"[bold green]done[/]: report at {report}")

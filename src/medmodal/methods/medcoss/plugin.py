@@ -87,9 +87,11 @@ class StageFiles(L.Callback):
                 atomic_write_text(run_dir / BUFFERS / BUFFER_INDEX, json.dumps(index, indent=2) + "\n")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or self.build is None:
+        if self.build is None:
             return
-        build_buffer(pl_module.network, run_dir=Path(trainer.default_root_dir), **self.build)
+        if trainer.is_global_zero:  # computed once; the next stage's processes all read it from the run folder
+            build_buffer(pl_module.network, run_dir=Path(trainer.default_root_dir), **self.build)
+        trainer.strategy.barrier("medcoss_buffer")  # no process goes on to the next stage before it is written
 
 
 def encoder_features(network: torch.nn.Module, items: Any, *, kind: str, pooling: str = "mask_aware",

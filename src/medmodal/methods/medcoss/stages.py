@@ -74,8 +74,11 @@ def stage_recipe(base: Path | Recipe, *, index: int, previous: Path | None, over
 
 def _finish(out: Path, runs: list[Path], *, fast: bool) -> Path:
     from medmodal.atomic import atomic_write_text
+    from medmodal.engine.distributed import is_rank_zero
     from medmodal.engine.evaluate import evaluate_run
 
+    if not is_rank_zero():  # the other processes of a multi-process run trained; rank 0 evaluates and reports
+        return out / "report.md"
     lines = ["# MedCoSS pretraining", ""]
     if fast:
         lines += ["**FAST smoke version (a few steps per stage): not evidence.**", ""]

@@ -30,13 +30,19 @@ def run_pretrain(out: Path, *, tokenizer: str, mim: str, overrides: dict[str, An
         path = Path(name) if name.endswith((".yaml", ".yml")) else builtin_recipe_path(name)
         return load_recipe(path, overrides={**small, **overrides, **extra})
 
+    from medmodal.engine.distributed import is_rank_zero
+
     runs = {"tokenizer": out / "tokenizer", "mim": out / "mim"}
     tok = recipe(tokenizer, {"method.stage": "tokenizer"})
-    console.print(f"stage 1/2: tokenizer ({tok.name}) -> {runs['tokenizer']}")
+    if is_rank_zero():
+        console.print(f"stage 1/2: tokenizer ({tok.name}) -> {runs['tokenizer']}")
     train_or_resume(tok, runs["tokenizer"], overwrite=overwrite)
     vit = recipe(mim, {"method.stage": "mim", "method.tokenizer_run": str(runs["tokenizer"].resolve())})
-    console.print(f"stage 2/2: masked image modelling ({vit.name}) -> {runs['mim']}")
+    if is_rank_zero():
+        console.print(f"stage 2/2: masked image modelling ({vit.name}) -> {runs['mim']}")
     train_or_resume(vit, runs["mim"], overwrite=overwrite)
+    if not is_rank_zero():  # the other processes of a multi-process run trained; rank 0 evaluates and reports
+        return out / "report.md"
     lines = ["# PUMIT pretraining", ""]
     for stage, run in runs.items():
         report = evaluate_run(run, out_dir=run / "eval", overwrite=True, progress=False,
