@@ -204,11 +204,9 @@ def test_mim_on_two_processes_trains_as_on_one(tmp_path: Path) -> None:
         assert value == pytest.approx(one[name], abs=1e-5), name
 
 
-def test_a_segmenter_fine_tunes_from_the_pretrained_vit(tmp_path: Path) -> None:
-    """`medmodal train --from MIM_RUN` loads the pretrained ViT into a segmentation network that wraps it
-    (`pumit_vit_seg`: the backbone is its `vit.` submodule); the MIM head stays behind, the decoder starts fresh."""
-    from medmodal.engine.plugin import get_method
-
+def _pretrained_vit(tmp_path: Path, *, mim_steps: int) -> dict:
+    """Train a contract tokenizer (1 step) into ``tmp_path/tok`` and a tiny ViT by MIM against it into
+    ``tmp_path/mim``; returns the ViT's architecture (with the tokenizer's stride as its patch)."""
     (tmp_path / "tok.yaml").write_text(yaml.safe_dump(_recipe(tmp_path)), encoding="utf-8")
     code, text = invoke("train", tmp_path / "tok.yaml", "--out", tmp_path / "tok", "--set", "train.max_steps=1")
     assert code == 0, text
@@ -216,8 +214,18 @@ def test_a_segmenter_fine_tunes_from_the_pretrained_vit(tmp_path: Path) -> None:
     mim = _recipe(tmp_path, stage="mim", tokenizer_run=str(tmp_path / "tok"))
     mim["model"] = {"name": "pumit_vit", "kwargs": {k: v for k, v in vit.items() if k != "patch_size"}}
     (tmp_path / "mim.yaml").write_text(yaml.safe_dump(mim), encoding="utf-8")
-    code, text = invoke("train", tmp_path / "mim.yaml", "--out", tmp_path / "mim", "--set", "train.max_steps=2")
+    code, text = invoke("train", tmp_path / "mim.yaml", "--out", tmp_path / "mim", "--set",
+                        f"train.max_steps={mim_steps}")
     assert code == 0, text
+    return vit
+
+
+def test_a_segmenter_fine_tunes_from_the_pretrained_vit(tmp_path: Path) -> None:
+    """`medmodal train --from MIM_RUN` loads the pretrained ViT into a segmentation network that wraps it
+    (`pumit_vit_seg`: the backbone is its `vit.` submodule); the MIM head stays behind, the decoder starts fresh."""
+    from medmodal.engine.plugin import get_method
+
+    vit = _pretrained_vit(tmp_path, mim_steps=2)
     seg = get_method("zero_fill").contract_recipe(3)
     seg["data"].update(modalities=["t1"], cache_dir=str(tmp_path / "cache_seg"))
     seg["model"] = {"name": "pumit_vit_seg", "kwargs": {**vit, "da": 0}}
@@ -255,15 +263,7 @@ def test_a_classifier_fine_tunes_from_the_pretrained_vit_on_a_label_budget(tmp_p
     accuracy the system logs equals the accuracy `medmodal evaluate` computes on the same cases."""
     from medmodal.engine.plugin import get_method
 
-    (tmp_path / "tok.yaml").write_text(yaml.safe_dump(_recipe(tmp_path)), encoding="utf-8")
-    code, text = invoke("train", tmp_path / "tok.yaml", "--out", tmp_path / "tok", "--set", "train.max_steps=1")
-    assert code == 0, text
-    vit = {"width": 16, "num_layers": 2, "num_heads": 2, "patch_size": 8}
-    mim = _recipe(tmp_path, stage="mim", tokenizer_run=str(tmp_path / "tok"))
-    mim["model"] = {"name": "pumit_vit", "kwargs": {k: v for k, v in vit.items() if k != "patch_size"}}
-    (tmp_path / "mim.yaml").write_text(yaml.safe_dump(mim), encoding="utf-8")
-    code, text = invoke("train", tmp_path / "mim.yaml", "--out", tmp_path / "mim", "--set", "train.max_steps=1")
-    assert code == 0, text
+    vit = _pretrained_vit(tmp_path, mim_steps=1)
     cls = get_method("zero_fill").contract_recipe(2)
     cls["data"].update(modalities=["t1c"], cache_dir=str(tmp_path / "cache_cls"), label_fraction=0.5)
     cls["data"]["phantom"].update(cases=12)

@@ -373,9 +373,8 @@ def recipe_from_dict(data: dict[str, Any], *, where: str = "<recipe>") -> Recipe
         raise RecipeError(_format_validation(err, where)) from None
 
 
-def load_recipe(path: Path | str, *, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Read a YAML recipe, apply dotted ``overrides`` (``{"train.max_steps": 10}``) and validate it."""
-    path = Path(path)
+def _recipe_mapping(path: Path) -> dict[str, Any]:
+    """The YAML mapping of a recipe file, unvalidated (a missing file, bad YAML or a non-mapping is an error)."""
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
@@ -384,7 +383,13 @@ def load_recipe(path: Path | str, *, overrides: dict[str, Any] | None = None) ->
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections (data, model, train, ...)")
-    return recipe_from_dict(apply_overrides(data, overrides or {}), where=str(path))
+    return data
+
+
+def load_recipe(path: Path | str, *, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read a YAML recipe, apply dotted ``overrides`` (``{"train.max_steps": 10}``) and validate it."""
+    path = Path(path)
+    return recipe_from_dict(apply_overrides(_recipe_mapping(path), overrides or {}), where=str(path))
 
 
 def parse_overrides(sets: list[str]) -> dict[str, Any]:
@@ -444,14 +449,7 @@ def dump_recipe(recipe: Recipe) -> str:
 def read_recipe_method(path: Path | str) -> str:
     """The ``method.name`` of a recipe file (the default method when it has no method section), without
     validating the rest."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from None
-    method = data.get("method") if isinstance(data, dict) else None
+    method = _recipe_mapping(Path(path)).get("method")
     if isinstance(method, dict) and method.get("name"):
         return str(method["name"])
     from medmodal.engine.plugin import default_method
