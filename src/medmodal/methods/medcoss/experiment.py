@@ -167,10 +167,9 @@ def _cell(values: Sequence[float], fmt: str = ".3f") -> str:
 
 def forgetting_figure(rows: Sequence[Sequence[Any]], path: Path) -> Path:
     """One heatmap per variant: mean balanced accuracy after each stage (rows) on each task (columns)."""
-    import matplotlib
+    from medmodal.evaluation.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     variants = list(dict.fromkeys(r[0] for r in rows))
     fig, axes = plt.subplots(1, len(variants), figsize=(3.2 * len(variants), 3.0), squeeze=False)
@@ -191,12 +190,7 @@ def forgetting_figure(rows: Sequence[Sequence[Any]], path: Path) -> Path:
         ax.set_title(variant, fontsize=9)
     fig.suptitle("linear-probe balanced accuracy after each stage (synthetic phantom)", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def _report(todo: Sequence[_Job], results: Sequence[dict], rows: Sequence[Sequence[Any]], *, fast: bool,

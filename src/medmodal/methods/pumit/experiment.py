@@ -213,10 +213,9 @@ def paired_test(task: str, pre: dict[int, dict], scratch: dict[int, dict]) -> tu
 
 def label_efficiency_figure(todo: Sequence[_Job], results: Sequence[dict], path: Path) -> Path:
     """One panel per task: the metric against the share of labels, mean ± std over seeds, per initialisation."""
-    import matplotlib
+    from medmodal.evaluation.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tasks = list(dict.fromkeys(j.task for j in todo))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.6), squeeze=False)
@@ -237,12 +236,7 @@ def label_efficiency_figure(todo: Sequence[_Job], results: Sequence[dict], path:
         ax.legend()
     fig.suptitle("PUMIT: fine-tuning from the pretrained ViT vs from scratch (synthetic phantom)", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def _report(todo: Sequence[_Job], results: Sequence[dict], *, pre: Path, fast: bool, pretrain_minutes: float,
