@@ -24,6 +24,12 @@ def default_jobs(n_runs: int) -> int:
     return max(1, min(n_runs, len(os.sched_getaffinity(0))))
 
 
+def threads_per_job(jobs: int) -> int | None:
+    """CPU threads each of ``jobs`` worker processes gets (the usable cores shared evenly, at least 1); ``None``
+    when the jobs run in this process (``jobs`` 1: its own thread setting stands)."""
+    return max(1, len(os.sched_getaffinity(0)) // jobs) if jobs > 1 else None
+
+
 def run_jobs(fn: Callable[..., Any], items: Sequence[Any], *, jobs: int, describe: Callable[[Any], str] = str,
              what: str = "run", **kwargs: Any) -> list[Any]:
     """``[fn(item, **kwargs) for item in items]``, ``jobs`` at a time in spawned worker processes (in this

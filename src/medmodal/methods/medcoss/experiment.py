@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from medmodal.atomic import atomic_write_text, write_csv
-from medmodal.engine.parallel import default_jobs, run_jobs
+from medmodal.engine.parallel import default_jobs, run_jobs, threads_per_job
 from medmodal.engine.run import RunError
 
 log = logging.getLogger("medmodal")
@@ -114,12 +114,11 @@ def run_medcoss_experiment(out: Path, *, seeds: Sequence[int], variants: Sequenc
     n_jobs = jobs or default_jobs(len(todo))
     threads = None
     if n_jobs > 1:
-        import os
 
         from medmodal.engine.recipe import builtin_recipe_path, load_recipe
         from medmodal.methods.medcoss.sources import stage_records
 
-        threads = max(1, len(os.sched_getaffinity(0)) // n_jobs)
+        threads = threads_per_job(n_jobs)
         path = Path(recipe) if recipe.endswith((".yaml", ".yml")) else builtin_recipe_path(recipe)
         for stage in load_recipe(path).method.stages:  # generate the phantoms once, before the workers start
             if stage.data.collection is None:

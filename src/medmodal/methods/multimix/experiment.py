@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from medmodal.atomic import atomic_write_text, write_csv
-from medmodal.engine.parallel import default_jobs, run_jobs
+from medmodal.engine.parallel import default_jobs, run_jobs, threads_per_job
 from medmodal.engine.recipe import Recipe, builtin_recipe_path, load_recipe
 from medmodal.engine.run import RunError
 from medmodal.methods.multimix.config import VARIANT_TITLES
@@ -90,9 +90,8 @@ def run_multimix_experiment(out: Path, *, seeds: Sequence[int], variants: Sequen
     n_jobs = jobs or default_jobs(len(todo))
     threads = None
     if n_jobs > 1:
-        import os
 
-        threads = max(1, len(os.sched_getaffinity(0)) // n_jobs)
+        threads = threads_per_job(n_jobs)
         # build the phantom and its cache once here, so that the workers never race to write them
         from medmodal.methods.multimix import MultiMixPlugin
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from medmodal.atomic import atomic_write_text, write_csv
-from medmodal.engine.parallel import default_jobs, run_jobs
+from medmodal.engine.parallel import default_jobs, run_jobs, threads_per_job
 from medmodal.engine.recipe import Recipe, builtin_recipe_path, load_recipe
 from medmodal.engine.run import RunError
 
@@ -156,11 +156,10 @@ def run_pumit_experiment(out: Path, *, seeds: Sequence[int], fractions: Sequence
     n_jobs = jobs or default_jobs(len(todo))
     threads = None
     if n_jobs > 1:
-        import os
 
         from medmodal.engine.plugin import get_method
 
-        threads = max(1, len(os.sched_getaffinity(0)) // n_jobs)
+        threads = threads_per_job(n_jobs)
         # build the phantom and its caches once here, so that the workers never race to write them
         for task in tasks:
             first = next(j for j in todo if j.task == task)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import platform
 import time
 from collections import defaultdict
@@ -25,7 +24,7 @@ from medmodal.atomic import atomic_write_text
 from medmodal.data.case import BRATS_MODALITIES, BRATS_REGIONS
 from medmodal.engine.datamodule import phantom_dir
 from medmodal.engine.evaluate import write_evaluation
-from medmodal.engine.parallel import default_jobs, run_jobs, worker_setup
+from medmodal.engine.parallel import default_jobs, run_jobs, threads_per_job, worker_setup
 from medmodal.engine.plugin import get_method
 from medmodal.engine.recipe import Recipe, builtin_recipe_path, load_recipe
 from medmodal.engine.run import RunError
@@ -205,7 +204,7 @@ def run_quickstart(out: Path, *, fast: bool = False, overwrite: bool = False, jo
     if jobs < 1:
         raise RunError(f"--jobs must be at least 1, got {jobs}")
     t0 = time.perf_counter()
-    threads = max(1, len(os.sched_getaffinity(0)) // jobs) if jobs > 1 else None
+    threads = threads_per_job(jobs)
     todo = _jobs_for(MODELS, seeds, out=out, fast=fast, overrides=overrides, threads=threads, jobs=jobs)
     results = _run_jobs(todo, jobs=jobs, overwrite=overwrite, progress=not fast and jobs == 1, threads=threads)
     recipes = {job.model.name: job.recipe for job in todo}
