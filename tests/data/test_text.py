@@ -312,3 +312,31 @@ def test_mask_phantom_reports(tokenizer, phantom_texts) -> None:
                 in_word = enc.word_ids[row] == w
                 assert chosen[row][in_word].all() or not chosen[row][in_word].any()
     assert not chosen[enc.ids == specials.cls].any() and not chosen[enc.ids == specials.pad].any()
+
+
+def test_a_report_table_without_images_is_a_corpus(tmp_path: Path) -> None:
+    """A text-only corpus: MIMIC-style impression + findings joined in that order, empty sections left out, a row
+    with no text dropped and counted by collect_reports, ids from study_id, targets kept; bad tables named."""
+    from medmodal.data.text import read_report_table
+
+    table = tmp_path / "reports.csv"
+    table.write_text("study_id,findings,impression,target\n"
+                     "s1,Clear lungs.,No acute disease.,0\n"
+                     "s2,nan,Right lower lobe opacity.,1\n"
+                     "s3,,nan,\n", encoding="utf-8")
+    records = read_report_table(table)
+    assert [(r.case_id, r.report, r.target, r.images) for r in records] == [
+        ("s1", "No acute disease. Clear lungs.", 0, {}), ("s2", "Right lower lobe opacity.", 1, {}),
+        ("s3", None, None, {})]
+    corpus = collect_reports(records, dataset="reports")
+    assert corpus.case_ids == ("s1", "s2") and corpus.dropped_ids == ("s3",)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("case_id,notes\na,hello\n", encoding="utf-8")
+    with pytest.raises(DataError, match="bad.csv: a report table needs a column named one of report"):
+        read_report_table(bad)
+    bad.write_text("case_id,report\na,hello\na,again\n", encoding="utf-8")
+    with pytest.raises(DataError, match="line 3: case id 'a' appears twice"):
+        read_report_table(bad)
+    bad.write_text("report,target\nhello,high\n", encoding="utf-8")
+    with pytest.raises(DataError, match="line 2: target 'high' is not an integer class"):
+        read_report_table(bad)

@@ -342,3 +342,28 @@ def test_two_processes_pretrain_every_stage_in_step(tmp_path: Path) -> None:
     assert second["inference"]["buffers"] == ["report", "slices"]
     metrics = (tmp_path / "m" / "2_slices" / "metrics.csv").read_text(encoding="utf-8")
     assert "val/report_kd" in metrics  # both processes distilled the first stage's buffer
+
+
+def test_a_text_stage_reads_a_report_table_without_images(tmp_path: Path) -> None:
+    """A text stage's data may be a CSV of reports (an archive of report texts with no images)."""
+    import csv
+
+    from medmodal.data.phantom import generate_phantom_cases
+
+    cases = list(generate_phantom_cases(cases=12, spatial_dims=2, size=[20, 20], seed=3))
+    table = tmp_path / "reports.csv"
+    with table.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["study_id", "impression", "target"])
+        writer.writerows([c.case_id, c.report, c.target] for c in cases)
+    recipe = tiny_recipe()
+    recipe["method"]["stages"] = [{"name": "report", "kind": "text", "data": {"path": str(table)}}]
+    recipe["data"]["cache_dir"] = str(tmp_path / "cache")
+    recipe["train"].update(max_steps=2, val_every_steps=2)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    code, text = invoke("pretrain", tmp_path / "r.yaml", "--out", tmp_path / "m")
+    assert code == 0, text
+    index = json.loads((tmp_path / "m" / "1_report" / "buffers" / "buffers.json").read_text(encoding="utf-8"))
+    assert index["report"]["of"] == 9 and set(index["report"]["items"]) <= {c.case_id for c in cases}
+    probes = (tmp_path / "m" / "1_report" / "eval" / "probes.csv").read_text(encoding="utf-8")
+    assert "report,text,9,3," in probes  # the table's targets reached the probe

@@ -11,6 +11,8 @@ stage, as pure functions (the data layer names no method):
   of the case's image files is read instead. Empty reports (blank, or only ``nan`` / ``None`` / ``NA`` words, as
   a pandas-made CSV writes them) are dropped and counted, never fed to the tokenizer (spec §6, the ~9 000 empty
   MIMIC-CXR reports of HKU-MedAI/MGCA#42).
+* :func:`read_report_table`: a text-only corpus, a CSV of reports (``report``, or MIMIC's ``impression`` and
+  ``findings`` sections) without images.
 * :func:`train_text_tokenizer`, :func:`save_text_tokenizer`, :func:`load_text_tokenizer`: a byte-pair-encoding
   tokenizer (Hugging Face ``tokenizers``; the paper names a BPE tokenizer, spec §2.7 ``text_tokenizer``) with the
   special tokens ``[PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4``. Any ``tokenizer.json`` that has these five
@@ -35,7 +37,8 @@ from medmodal.atomic import atomic_write_text
 from medmodal.data.case import Case, CaseRecord, DataError
 
 __all__ = ["EMPTY_REPORT_WORDS", "SPECIAL_TOKENS", "EncodedText", "ReportCorpus", "SpecialTokenIds",
-           "collect_reports", "encode_texts", "is_empty_report", "load_text_tokenizer", "save_text_tokenizer",
+           "REPORT_COLUMNS", "REPORT_ID_COLUMNS", "collect_reports", "encode_texts", "is_empty_report",
+           "load_text_tokenizer", "read_report_table", "save_text_tokenizer",
            "special_token_ids", "train_text_tokenizer", "whole_word_mask"]
 
 #: The special tokens, in id order for a tokenizer trained by :func:`train_text_tokenizer` (``[PAD]`` is 0).
@@ -130,6 +133,61 @@ def _read_txt(record: CaseRecord | Case) -> str | None:
             except OSError as err:
                 raise DataError(f"{path}: cannot read the report ({err.strerror}); check its permissions") from err
     return None
+
+
+#: The columns of a report table that hold text, joined in this order when several are present (MIMIC-CXR's
+#: sections as MGCA's CSV has them: "impression + findings", spec §2.6).
+REPORT_COLUMNS: tuple[str, ...] = ("report", "impression", "findings", "text")
+#: The columns of a report table that name a case (the first present one; the row number otherwise).
+REPORT_ID_COLUMNS: tuple[str, ...] = ("case_id", "study_id", "id")
+
+
+def read_report_table(path: Path | str) -> list[CaseRecord]:
+    """The reports of a CSV table without images (a text-only corpus): one :class:`CaseRecord` per row, with no
+    images and the row's text as its ``report``.
+
+    The text is the row's :data:`REPORT_COLUMNS` that the header has, joined with a space in that order (empty or
+    ``nan`` sections left out, so a row whose sections are all empty has an empty report, which
+    :func:`collect_reports` drops and counts); the case id is its first :data:`REPORT_ID_COLUMNS` column, else
+    ``row<k>``; an optional ``target`` column (an integer class) is kept for probes.
+
+    Raises:
+        DataError: a missing or unreadable file, no text column, an empty or duplicate case id, a non-integer target.
+    """
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: report table not found")
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip().lower() for h in (reader.fieldnames or [])]
+            rows = [{(k or "").strip().lower(): v for k, v in row.items()} for row in reader]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{path}: not a UTF-8 CSV table ({err})") from None
+    text_cols = [c for c in REPORT_COLUMNS if c in header]
+    if not text_cols:
+        raise DataError(f"{path}: a report table needs a column named one of {', '.join(REPORT_COLUMNS)}; its "
+                        f"header is {', '.join(header) or 'empty'}")
+    id_col = next((c for c in REPORT_ID_COLUMNS if c in header), None)
+    records, seen = [], set()
+    for k, row in enumerate(rows, start=2):  # line numbers of the file (the header is line 1)
+        case_id = (row.get(id_col) or "").strip() if id_col else f"row{k - 1}"
+        if not case_id:
+            raise DataError(f"{path}, line {k}: empty {id_col}; give every report a case id")
+        if case_id in seen:
+            raise DataError(f"{path}, line {k}: case id {case_id!r} appears twice")
+        seen.add(case_id)
+        parts = [str(row.get(c) or "").strip() for c in text_cols]
+        text = " ".join(t for t in parts if t and not is_empty_report(t))
+        target = (row.get("target") or "").strip()
+        try:
+            value = int(target) if target else None
+        except ValueError:
+            raise DataError(f"{path}, line {k}: target {target!r} is not an integer class") from None
+        records.append(CaseRecord(case_id, {}, target=value, report=text or None))
+    return records
 
 
 def collect_reports(records: Iterable[CaseRecord | Case], *, dataset: str, read_txt: bool = True) -> ReportCorpus:

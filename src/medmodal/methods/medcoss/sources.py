@@ -9,6 +9,7 @@ evaluation. Items carry the case's class ``target`` where the data set has one (
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,9 +32,15 @@ def stage_data_config(stage: StageConfig) -> DataConfig:
 
 
 def stage_records(stage: StageConfig) -> list[Any]:
-    """The case records of a stage's data set (the phantom is generated on first use)."""
+    """The case records of a stage's data set (the phantom is generated on first use). A text stage's ``path`` may
+    be a CSV table of reports without images (``medmodal.data.text.read_report_table``)."""
     from medmodal.engine.datamodule import resolve_source
 
+    path = stage.data.path
+    if stage.kind == "text" and path is not None and Path(path).suffix.lower() == ".csv":
+        from medmodal.data.text import read_report_table
+
+        return read_report_table(path)
     return list(resolve_source(stage_data_config(stage)).records()[1])
 
 
