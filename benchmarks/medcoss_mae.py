@@ -39,21 +39,11 @@ import torch
 from medmodal.losses.medcoss import mae_loss, patchify, random_keep
 from medmodal.networks.medcoss import MAEDecoder, MedCoSSEncoder
 from multimix import Timed, paired, run_rounds  # this script's folder is on sys.path when run as a script
+from pumit import adamw_step  # the same timed AdamW step as the PUMIT ViT comparison
 
 MONAI_TARGET = 1.05
 INPUTS = {"2D 224², 196 tokens": (3, (224, 224)), "3D 192²x16, 144 tokens": (1, (192, 192, 16))}
 PATCH = 16
-
-
-def _adamw(params: list[torch.nn.Parameter], loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
-
-    def run() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss().backward()
-        opt.step()
-
-    return run
 
 
 def mae_steps(
@@ -98,7 +88,7 @@ def mae_steps(
 
     params = [*encoder.parameters(), *decoder.parameters()]
     n_ours, n_monai = sum(p.numel() for p in params), sum(p.numel() for p in monai.parameters())
-    return _adamw(params, ours), _adamw(list(monai.parameters()), theirs), n_ours, n_monai
+    return adamw_step(params, ours), adamw_step(list(monai.parameters()), theirs), n_ours, n_monai
 
 
 def verdict(a: Timed, b: Timed) -> str:
