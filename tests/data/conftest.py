@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -80,3 +84,16 @@ def assert_same_case(a: Case, b: Case) -> None:
 @pytest.fixture
 def io_assert_same_case() -> Callable[[Case, Case], None]:
     return assert_same_case
+
+
+@pytest.fixture(scope="session")
+def real_images() -> ModuleType:
+    """``benchmarks/real_images.py`` (a script, not a package; ``src/`` never imports it), loaded once."""
+    name = "benchmarks_real_images"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[2] / "benchmarks" / "real_images.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -3,9 +3,7 @@ on their own grids, read back with the spacing and DA each grid implies, and bat
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,24 +14,8 @@ from medmodal.data.collection_sampler import CollectionCrops, collate_crops
 from medmodal.data.collections import MAX_DA, read_collection_manifest
 from medmodal.data.phantom_xray import CHEST_FOV_MM, CHEST_SOURCES
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _load_fetcher():
-    """``benchmarks/real_images.py`` (not a package, never imported by ``src/``), loaded once per session."""
-    name = "benchmarks_real_images"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "real_images.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-real_images = _load_fetcher()
-
-
-def test_mixed_phantom_collection(tmp_path: Path) -> None:
+def test_mixed_phantom_collection(real_images, tmp_path: Path) -> None:
     images = real_images.write_mixed_phantom(tmp_path / "phantom", cases=2, xray_size=64)
     records = read_collection_manifest(tmp_path / "phantom" / real_images.MANIFEST)
     assert [r.path for r in records] == [im.path for im in images] and len(records) == 10

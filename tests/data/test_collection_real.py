@@ -5,10 +5,8 @@ found in the cache nor downloaded. Real images, 10 of them: a smoke test, not a 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,33 +17,18 @@ from medmodal.data.collection_cache import build_collection_cache
 from medmodal.data.collection_sampler import CollectionCrops, token_size
 from medmodal.data.collections import MAX_DA, degree_of_anisotropy, list_collection, read_collection_manifest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load_fetcher():
-    """``benchmarks/real_images.py`` (not a package, never imported by ``src/``), loaded once per session."""
-    name = "benchmarks_real_images"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "real_images.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-real_images = _load_fetcher()
-
 
 def tiny_patch_size() -> int:
     """The in-plane token size of the tiny PUMIT tokenizer recipe (its network's stride)."""
+    from medmodal.engine.recipe import builtin_recipe_path
     from medmodal.networks.pumit_tokenizer import PUMITTokenizer
 
-    recipe = yaml.safe_load((ROOT / "src/medmodal/recipes/pumit_tokenizer_tiny.yaml").read_text())
+    recipe = yaml.safe_load(builtin_recipe_path("pumit_tokenizer_tiny").read_text(encoding="utf-8"))
     return PUMITTokenizer(**recipe["model"]["kwargs"]).stride
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+def real(real_images, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
     dest = tmp_path_factory.mktemp("real")
     handler = logging.Handler()
     reasons: list[str] = []
@@ -61,7 +44,7 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
     return dest, images
 
 
-def test_real_images_collection(real: tuple[Path, list], tmp_path: Path) -> None:
+def test_real_images_collection(real_images, real: tuple[Path, list], tmp_path: Path) -> None:
     dest, images = real
     records = read_collection_manifest(dest / real_images.MANIFEST)
     assert [r.path for r in records] == [im.path for im in images]
